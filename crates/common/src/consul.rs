@@ -1,0 +1,320 @@
+//! Consul agent registration and deregistration, through the **agent** HTTP API.
+//!
+//! The catalog API (`/v1/catalog/register`) is wrong for this: the local agent's anti-entropy removes such
+//! entries within a minute. Instead (<https://developer.hashicorp.com/consul/api-docs/agent/service>):
+//! - `PUT /v1/agent/service/register` with a `GRPC` check against this server's `grpc.health.v1` service
+//!   (overall status, service name `""`), `DeregisterCriticalServiceAfter`, tags and meta (`version`,
+//!   `protocol=grpc`);
+//! - `PUT /v1/agent/service/deregister/:id` at shutdown.
+//!
+//! [`Registrar::run`] registers in the background, retrying with backoff while the agent is unreachable (the
+//! service serves anyway), and re-registers if the agent forgets the service (agent restart). Every request
+//! carries `X-Consul-Token` when `CONSUL_HTTP_TOKEN` is set and times out after 2 s, so a down agent is a fast,
+//! typed [`ConsulError`].
+
+use std::{collections::HashMap, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConsulSettings, Secret};
+
+/// A failed Consul call.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsulError {
+    /// The agent could not be reached or did not answer in time.
+    #[error("consul agent unreachable at {addr}: {source}")]
+    Unreachable {
+        /// Agent address.
+        addr: String,
+        /// Cause.
+        source: reqwest::Error,
+    },
+    /// The agent answered with an error status.
+    #[error("consul agent refused {what}: HTTP {status}: {body}")]
+    Refused {
+        /// The operation.
+        what: String,
+        /// HTTP status.
+        status: u16,
+        /// Response body, Consul's explanation.
+        body: String,
+    },
+}
+
+/// An agent API client.
+#[derive(Clone, Debug)]
+pub struct ConsulAgent {
+    http: reqwest::Client,
+    base: String,
+    token: Secret,
+}
+
+/// The agent's registration payload (`PUT /v1/agent/service/register`), in Consul's field names.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Registration {
+    /// Service ID, unique per instance.
+    #[serde(rename = "ID")]
+    pub id: String,
+    /// Service name (the DNS name: `<name>.service.consul`).
+    pub name: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Address clients should dial.
+    pub address: String,
+    /// gRPC port.
+    pub port: u16,
+    /// Meta: `version`, `protocol`.
+    pub meta: HashMap<String, String>,
+    /// Health checks.
+    pub checks: Vec<Check>,
+}
+
+/// One agent check definition.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Check {
+    /// Check ID.
+    #[serde(rename = "CheckID")]
+    pub check_id: String,
+    /// Human name.
+    pub name: String,
+    /// `host:port` of a `grpc.health.v1` server (optionally `/service`).
+    #[serde(rename = "GRPC")]
+    pub grpc: String,
+    /// Whether to dial with TLS.
+    #[serde(rename = "GRPCUseTLS")]
+    pub grpc_use_tls: bool,
+    /// Interval, Go duration string (`2s`).
+    pub interval: String,
+    /// Per-check timeout.
+    pub timeout: String,
+    /// Consul deregisters the service after the check is critical this long.
+    pub deregister_critical_service_after: String,
+}
+
+/// One entry of `GET /v1/health/service/:name`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct HealthEntry {
+    /// The service instance.
+    pub service: HealthService,
+    /// Its checks (node and service).
+    pub checks: Vec<HealthCheck>,
+}
+
+/// The service part of a [`HealthEntry`].
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct HealthService {
+    /// Service ID.
+    #[serde(rename = "ID")]
+    pub id: String,
+    /// Service name.
+    pub service: String,
+    /// Address.
+    pub address: String,
+    /// Port.
+    pub port: u16,
+    /// Tags.
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+    /// Meta.
+    #[serde(default)]
+    pub meta: Option<HashMap<String, String>>,
+}
+
+/// A check of a [`HealthEntry`].
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct HealthCheck {
+    /// Check ID.
+    #[serde(rename = "CheckID")]
+    pub check_id: String,
+    /// `passing`, `warning` or `critical`.
+    pub status: String,
+}
+
+fn go_duration(d: Duration) -> String {
+    format!("{}ms", d.as_millis().max(1))
+}
+
+impl ConsulAgent {
+    /// A client for the agent at `addr` (`host:port` or a `http(s)://` URL, as `CONSUL_HTTP_ADDR`).
+    pub fn new(addr: &str, token: Secret) -> Self {
+        let base = if addr.starts_with("http://") || addr.starts_with("https://") {
+            addr.trim_end_matches('/').to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .connect_timeout(Duration::from_secs(1))
+            .build()
+            .expect("static reqwest config");
+        Self { http, base, token }
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.base));
+        if self.token.expose().is_empty() { r } else { r.header("X-Consul-Token", self.token.expose()) }
+    }
+
+    async fn send(&self, what: &str, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, ConsulError> {
+        let resp = rb.send().await.map_err(|source| ConsulError::Unreachable { addr: self.base.clone(), source })?;
+        if resp.status().is_success() {
+            Ok(resp)
+        } else {
+            let status = resp.status().as_u16();
+            let body = resp.text().await.unwrap_or_default();
+            Err(ConsulError::Refused { what: what.to_owned(), status, body })
+        }
+    }
+
+    /// Registers (or updates) a service instance with the local agent.
+    ///
+    /// # Errors
+    /// [`ConsulError`] when the agent is unreachable or refuses the definition.
+    pub async fn register(&self, reg: &Registration) -> Result<(), ConsulError> {
+        self.send("register", self.req(reqwest::Method::PUT, "/v1/agent/service/register").json(reg)).await.map(drop)
+    }
+
+    /// Removes a service instance from the local agent.
+    ///
+    /// # Errors
+    /// [`ConsulError`] when the agent is unreachable or refuses.
+    pub async fn deregister(&self, id: &str) -> Result<(), ConsulError> {
+        self.send("deregister", self.req(reqwest::Method::PUT, &format!("/v1/agent/service/deregister/{id}"))).await.map(drop)
+    }
+
+    /// Whether the local agent knows service instance `id`.
+    ///
+    /// # Errors
+    /// [`ConsulError`] when the agent is unreachable.
+    pub async fn is_registered(&self, id: &str) -> Result<bool, ConsulError> {
+        match self.send("service lookup", self.req(reqwest::Method::GET, &format!("/v1/agent/service/{id}"))).await {
+            Ok(_) => Ok(true),
+            Err(ConsulError::Refused { status: 404, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The cluster-wide instances of `name` (`GET /v1/health/service/:name`), only those passing every check
+    /// when `passing_only`.
+    ///
+    /// # Errors
+    /// [`ConsulError`] when the agent is unreachable or refuses.
+    pub async fn health_service(&self, name: &str, passing_only: bool) -> Result<Vec<HealthEntry>, ConsulError> {
+        let path = format!("/v1/health/service/{name}{}", if passing_only { "?passing=true" } else { "" });
+        let resp = self.send("health query", self.req(reqwest::Method::GET, &path)).await?;
+        resp.json().await.map_err(|source| ConsulError::Unreachable { addr: self.base.clone(), source })
+    }
+}
+
+/// Keeps one instance registered for the life of the process.
+#[derive(Clone, Debug)]
+pub struct Registrar {
+    agent: ConsulAgent,
+    registration: Registration,
+}
+
+impl Registrar {
+    /// The registration of instance `id` of `name` at `address:port`, checked over gRPC health.
+    pub fn new(settings: &ConsulSettings, agent: ConsulAgent, name: &str, id: &str, address: &str, port: u16, version: &str, tags: &[String]) -> Self {
+        let registration = Registration {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            tags: tags.to_vec(),
+            address: address.to_owned(),
+            port,
+            meta: HashMap::from([("version".into(), version.to_owned()), ("protocol".into(), "grpc".into())]),
+            checks: vec![Check {
+                check_id: format!("{id}:grpc"),
+                name: format!("gRPC health of {name}"),
+                grpc: format!("{address}:{port}"),
+                grpc_use_tls: false,
+                interval: go_duration(settings.check_interval),
+                timeout: go_duration(settings.check_interval.min(Duration::from_secs(5))),
+                deregister_critical_service_after: go_duration(settings.deregister_critical_after),
+            }],
+        };
+        Self { agent, registration }
+    }
+
+    /// The service ID.
+    pub fn id(&self) -> &str {
+        &self.registration.id
+    }
+
+    /// Registers, retrying with backoff (250 ms doubling to 10 s) while the agent is unreachable; then checks
+    /// every `resync` that the agent still has the instance and registers it again if not. Ends on `cancel`.
+    pub async fn run(self, resync: Duration, cancel: CancellationToken) {
+        let mut backoff = Duration::from_millis(250);
+        let mut registered = false;
+        loop {
+            let wait = if registered {
+                match self.agent.is_registered(self.id()).await {
+                    Ok(true) => resync,
+                    Ok(false) => {
+                        tracing::warn!(service_id = %self.id(), "consul agent lost the registration; registering again");
+                        registered = false;
+                        Duration::ZERO
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "consul agent unreachable");
+                        resync
+                    }
+                }
+            } else {
+                match self.agent.register(&self.registration).await {
+                    Ok(()) => {
+                        tracing::info!(service_id = %self.id(), "registered with consul");
+                        registered = true;
+                        backoff = Duration::from_millis(250);
+                        resync
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "consul registration failed; serving anyway");
+                        let w = backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        w
+                    }
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Deregisters the instance (bounded by the client's 2 s timeout).
+    pub async fn deregister(&self) {
+        match self.agent.deregister(self.id()).await {
+            Ok(()) => tracing::info!(service_id = %self.id(), "deregistered from consul"),
+            Err(e) => tracing::warn!(error = %e, "consul deregistration failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_uses_consul_field_names() {
+        let s = crate::config::Settings::from_env("echo", &Default::default()).unwrap();
+        let agent = ConsulAgent::new("127.0.0.1:8500", Secret::default());
+        let r = Registrar::new(&s.consul, agent, "echo", "echo-1", "127.0.0.1", 5000, "1.0.0", &["a".into()]);
+        let json = serde_json::to_value(&r.registration).unwrap();
+        assert_eq!(json["ID"], "echo-1");
+        assert_eq!(json["Port"], 5000);
+        assert_eq!(json["Meta"]["protocol"], "grpc");
+        let check = &json["Checks"][0];
+        assert_eq!(check["GRPC"], "127.0.0.1:5000");
+        assert_eq!(check["Interval"], "2000ms");
+        assert_eq!(check["DeregisterCriticalServiceAfter"], "60000ms");
+        assert_eq!(check["GRPCUseTLS"], false);
+    }
+}

@@ -1,0 +1,138 @@
+//! The one place where errors become `tonic::Status`.
+//!
+//! Services return [`ServiceError`] (or their own `thiserror` enum converted into it); the gRPC adapter calls
+//! `.into()` at the edge. Every status carries `google.rpc.Status` details (`ErrorInfo` with a reason and the
+//! service's domain; `BadRequest` for invalid fields; `RetryInfo` for temporary failures), so a client can tell
+//! a temporary failure from a permanent one without parsing strings ([`is_retryable`]).
+//! Unexpected errors are logged in full, with their cause chain, and reach the client only as an opaque
+//! INTERNAL with the trace id to look for.
+
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// Domain of the `ErrorInfo` details this platform emits.
+pub const ERROR_DOMAIN: &str = "keel";
+
+/// What went wrong, in the small set of kinds clients act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// A request field is invalid: INVALID_ARGUMENT with a `BadRequest` field violation.
+    #[error("{field}: {description}")]
+    InvalidArgument {
+        /// Field path, e.g. `user_id`.
+        field: String,
+        /// What is wrong with it.
+        description: String,
+    },
+    /// NOT_FOUND.
+    #[error("{0}")]
+    NotFound(String),
+    /// ALREADY_EXISTS.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// FAILED_PRECONDITION.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// UNAUTHENTICATED.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// UNIMPLEMENTED.
+    #[error("{0}")]
+    Unimplemented(String),
+    /// A dependency is down or overloaded: UNAVAILABLE with `RetryInfo`.
+    #[error("{message}")]
+    Unavailable {
+        /// What is unavailable.
+        message: String,
+        /// Suggested wait before retrying.
+        retry_after: Duration,
+    },
+    /// Anything unexpected: logged in full, INTERNAL with an opaque message.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ServiceError {
+    /// Shorthand for [`ServiceError::InvalidArgument`].
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::InvalidArgument { field: field.into(), description: description.into() }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument { .. } => "INVALID_ARGUMENT",
+            Self::NotFound(_) => "NOT_FOUND",
+            Self::AlreadyExists(_) => "ALREADY_EXISTS",
+            Self::FailedPrecondition(_) => "FAILED_PRECONDITION",
+            Self::Unauthenticated(_) => "UNAUTHENTICATED",
+            Self::Unimplemented(_) => "UNIMPLEMENTED",
+            Self::Unavailable { .. } => "UNAVAILABLE",
+            Self::Internal(_) => "INTERNAL",
+        }
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(err: ServiceError) -> Status {
+        let mut details = ErrorDetails::new();
+        details.set_error_info(err.reason(), ERROR_DOMAIN, std::collections::HashMap::new());
+        let (code, message) = match &err {
+            ServiceError::InvalidArgument { field, description } => {
+                details.add_bad_request_violation(field.clone(), description.clone());
+                (Code::InvalidArgument, err.to_string())
+            }
+            ServiceError::NotFound(m) => (Code::NotFound, m.clone()),
+            ServiceError::AlreadyExists(m) => (Code::AlreadyExists, m.clone()),
+            ServiceError::FailedPrecondition(m) => (Code::FailedPrecondition, m.clone()),
+            ServiceError::Unauthenticated(m) => (Code::Unauthenticated, m.clone()),
+            ServiceError::Unimplemented(m) => (Code::Unimplemented, m.clone()),
+            ServiceError::Unavailable { message, retry_after } => {
+                details.set_retry_info(Some(*retry_after));
+                (Code::Unavailable, message.clone())
+            }
+            ServiceError::Internal(e) => {
+                let trace_id = crate::context::current().map(|c| c.trace_id).unwrap_or_default();
+                tracing::error!(error = ?e, "unexpected error");
+                (Code::Internal, format!("internal error (trace id {trace_id})"))
+            }
+        };
+        Status::with_error_details(code, message, details)
+    }
+}
+
+/// Whether a failed call may succeed if tried again: UNAVAILABLE, RESOURCE_EXHAUSTED or ABORTED, or any status
+/// whose details carry `RetryInfo`.
+pub fn is_retryable(status: &Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::ResourceExhausted | Code::Aborted)
+        || status.get_details_retry_info().is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_carries_bad_request_and_error_info() {
+        let status: Status = ServiceError::invalid("user_id", "must be a UUID").into();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "user_id: must be a UUID");
+        let d = status.get_error_details();
+        let v = &d.bad_request().unwrap().field_violations[0];
+        assert_eq!((v.field.as_str(), v.description.as_str()), ("user_id", "must be a UUID"));
+        assert_eq!(d.error_info().unwrap().domain, ERROR_DOMAIN);
+        assert!(!is_retryable(&status));
+    }
+
+    #[test]
+    fn internal_errors_are_opaque_and_unavailable_is_retryable() {
+        let status: Status = ServiceError::Internal(anyhow::anyhow!("db password is hunter2")).into();
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("hunter2"));
+        let status: Status =
+            ServiceError::Unavailable { message: "accounts down".into(), retry_after: Duration::from_millis(200) }.into();
+        assert!(is_retryable(&status));
+        assert_eq!(status.get_details_retry_info().unwrap().retry_delay, Some(Duration::from_millis(200)));
+    }
+}

@@ -1,0 +1,357 @@
+//! StatsD metrics for every RPC, recorded by a tower layer with no code in handlers.
+//!
+//! Names are dotted and Graphite-friendly (classic statsd→Graphite rejects DogStatsD tags), all under
+//! `<statsd.prefix>.<service>.`:
+//!
+//! | name | kind | meaning |
+//! |---|---|---|
+//! | `grpc.<side>.<Service>.<Method>.requests` | counter | calls finished |
+//! | `grpc.<side>.<Service>.<Method>.latency` | timer (ms) | time to the last byte of the response |
+//! | `grpc.<side>.<Service>.<Method>.status.<CODE>` | counter | calls by gRPC status code name, e.g. `NOT_FOUND` |
+//! | `grpc.<side>.inflight` | gauge | calls in progress |
+//! | `telemetry.metrics_dropped`, `telemetry.logs_dropped` | gauge | totals dropped since start |
+//!
+//! `<side>` is `server` or `client`; `<Service>` is the proto service name without its package. Paths the
+//! server does not serve are recorded as `unknown.unknown` so a scanner cannot blow up the metric namespace.
+//! Sending never blocks a request: metrics go through a bounded queue to a sender thread, and what does not fit
+//! is dropped and counted ([`Metrics::dropped`]). StatsD daemon (Etsy) then stores counters under
+//! `stats_counts.<name>` and timers under `stats.timers.<name>.*` in Graphite.
+
+use std::{
+    collections::HashSet,
+    future::Future,
+    net::UdpSocket,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use cadence::{BufferedUdpMetricSink, Counted, Gauged, NopMetricSink, QueuingMetricSink, StatsdClient, Timed};
+use http::{Request, Response};
+use http_body::{Body as HttpBody, Frame};
+use pin_project_lite::pin_project;
+use tonic::{Code, body::Body};
+use tower::{Layer, Service};
+
+use crate::config::Settings;
+
+/// Which end of a call a metric describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// This process served the call.
+    Server,
+    /// This process made the call.
+    Client,
+}
+
+impl Side {
+    fn as_str(self) -> &'static str {
+        match self {
+            Side::Server => "server",
+            Side::Client => "client",
+        }
+    }
+}
+
+struct Inner {
+    client: StatsdClient,
+    dropped: Arc<AtomicU64>,
+    inflight: [AtomicI64; 2],
+}
+
+/// A cheap-to-clone handle on this process's StatsD client.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").field("dropped", &self.dropped()).finish()
+    }
+}
+
+impl Metrics {
+    /// A client sending to `statsd.addr` under `<statsd.prefix>.<service>`; without an address, a client that
+    /// sends nothing.
+    ///
+    /// # Errors
+    /// The UDP socket cannot be made or the address does not resolve.
+    pub fn new(settings: &Settings) -> std::io::Result<Self> {
+        let prefix = format!("{}.{}", settings.statsd.prefix, sanitize(&settings.service.name));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let on_error = {
+            let dropped = dropped.clone();
+            move |_err: cadence::MetricError| {
+                dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        let client = match &settings.statsd.addr {
+            Some(addr) => {
+                let socket = UdpSocket::bind("0.0.0.0:0")?;
+                socket.set_nonblocking(true)?;
+                let udp = BufferedUdpMetricSink::from(addr.as_str(), socket).map_err(std::io::Error::other)?;
+                let sink = QueuingMetricSink::with_capacity(udp, settings.statsd.queue_capacity);
+                StatsdClient::builder(&prefix, sink).with_error_handler(on_error).build()
+            }
+            None => StatsdClient::builder(&prefix, NopMetricSink).with_error_handler(on_error).build(),
+        };
+        Ok(Self { inner: Arc::new(Inner { client, dropped, inflight: [AtomicI64::new(0), AtomicI64::new(0)] }) })
+    }
+
+    /// A client that sends nothing (tests, tools).
+    pub fn disabled() -> Self {
+        let client = StatsdClient::builder("keel", NopMetricSink).build();
+        Self {
+            inner: Arc::new(Inner {
+                client,
+                dropped: Arc::new(AtomicU64::new(0)),
+                inflight: [AtomicI64::new(0), AtomicI64::new(0)],
+            }),
+        }
+    }
+
+    /// The underlying client, for a service's own domain metrics.
+    pub fn client(&self) -> &StatsdClient {
+        &self.inner.client
+    }
+
+    /// Metrics dropped since start (queue full or send failed).
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Sends what is buffered now; called every second by [`Metrics::spawn_flusher`] and at shutdown.
+    pub fn flush(&self) {
+        let _ = self.inner.client.flush();
+    }
+
+    /// Flushes every `period` and reports the drop totals, until the runtime stops.
+    pub fn spawn_flusher(&self, period: Duration, logs_dropped: impl Fn() -> u64 + Send + 'static) {
+        let metrics = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let c = &metrics.inner.client;
+                let _ = c.gauge("telemetry.metrics_dropped", metrics.dropped());
+                let _ = c.gauge("telemetry.logs_dropped", logs_dropped());
+                metrics.flush();
+            }
+        });
+    }
+
+    fn inflight(&self, side: Side, delta: i64) {
+        let slot = &self.inner.inflight[side as usize];
+        let now = slot.fetch_add(delta, Ordering::Relaxed) + delta;
+        let _ = self.inner.client.gauge(&format!("grpc.{}.inflight", side.as_str()), now.max(0) as u64);
+    }
+
+    fn record(&self, side: Side, method: &str, code: Code, elapsed: Duration) {
+        let base = format!("grpc.{}.{}", side.as_str(), method);
+        let c = &self.inner.client;
+        let _ = c.count(&format!("{base}.requests"), 1);
+        let _ = c.time(&format!("{base}.latency"), elapsed);
+        let _ = c.count(&format!("{base}.status.{}", code_name(code)), 1);
+    }
+}
+
+/// `SCREAMING_SNAKE` name of a gRPC status code, as in the gRPC spec (`NOT_FOUND`).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Keeps a metric path segment to `[A-Za-z0-9_-]`.
+pub fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+}
+
+/// `/pkg.sub.Service/Method` → `Service.Method` when `Service` is one of `known` (full names), else
+/// `unknown.unknown`. An empty `known` accepts every well-formed path (client side).
+pub fn method_metric_name(path: &str, known: &HashSet<String>) -> String {
+    let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+        return "unknown.unknown".into();
+    };
+    if method.is_empty() || method.contains('/') || (!known.is_empty() && !known.contains(service)) {
+        return "unknown.unknown".into();
+    }
+    let short = service.rsplit('.').next().unwrap_or(service);
+    format!("{}.{}", sanitize(short), sanitize(method))
+}
+
+/// Records count, latency, status and in-flight for every call through it.
+#[derive(Clone, Debug)]
+pub struct GrpcMetricsLayer {
+    metrics: Metrics,
+    side: Side,
+    known: Arc<HashSet<String>>,
+}
+
+impl GrpcMetricsLayer {
+    /// `known`: full names of the services served (server side), so unknown paths fold into one name.
+    pub fn new(metrics: Metrics, side: Side, known: HashSet<String>) -> Self {
+        Self { metrics, side, known: Arc::new(known) }
+    }
+}
+
+impl<S> Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetrics<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetrics { inner, layer: self.clone() }
+    }
+}
+
+/// Service made by [`GrpcMetricsLayer`].
+#[derive(Clone, Debug)]
+pub struct GrpcMetrics<S> {
+    inner: S,
+    layer: GrpcMetricsLayer,
+}
+
+/// Records once, when the call ends however it ends (trailers, error, or the body dropped early: CANCELLED).
+struct CallRecord {
+    metrics: Metrics,
+    side: Side,
+    method: String,
+    start: Instant,
+    code: Option<Code>,
+}
+
+impl CallRecord {
+    fn finish(&mut self, code: Code) {
+        if self.code.is_none() {
+            self.code = Some(code);
+        }
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or(Code::Cancelled);
+        self.metrics.record(self.side, &self.method, code, self.start.elapsed());
+        self.metrics.inflight(self.side, -1);
+    }
+}
+
+fn status_of(headers: &http::HeaderMap) -> Option<Code> {
+    headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i32>().ok()).map(Code::from)
+}
+
+impl<S, B> Service<Request<B>> for GrpcMetrics<S>
+where
+    S: Service<Request<B>, Response = Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let method = method_metric_name(req.uri().path(), &self.layer.known);
+        let metrics = self.layer.metrics.clone();
+        metrics.inflight(self.layer.side, 1);
+        let mut record = CallRecord { metrics, side: self.layer.side, method, start: Instant::now(), code: None };
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            match fut.await {
+                Ok(resp) => {
+                    if let Some(code) = status_of(resp.headers()) {
+                        record.finish(code); // trailers-only response
+                    }
+                    let (parts, body) = resp.into_parts();
+                    Ok(Response::from_parts(parts, Body::new(MeteredBody { inner: body, record })))
+                }
+                Err(e) => {
+                    record.finish(Code::Unavailable);
+                    Err(e)
+                }
+            }
+        })
+    }
+}
+
+pin_project! {
+    /// A response body that reads `grpc-status` from the trailers as they pass.
+    struct MeteredBody {
+        #[pin]
+        inner: Body,
+        record: CallRecord,
+    }
+}
+
+impl HttpBody for MeteredBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(status_of) {
+                    this.record.finish(code);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.record.finish(Code::Unknown),
+            Poll::Ready(None) => this.record.finish(Code::Ok),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_names_are_dotted_and_bounded() {
+        let known: HashSet<String> = ["killrvideo.ratings.RatingsService".to_owned()].into();
+        assert_eq!(method_metric_name("/killrvideo.ratings.RatingsService/GetRating", &known), "RatingsService.GetRating");
+        assert_eq!(method_metric_name("/evil.Scanner/Probe", &known), "unknown.unknown");
+        assert_eq!(method_metric_name("/favicon.ico", &known), "unknown.unknown");
+        assert_eq!(method_metric_name("/a.B/C", &HashSet::new()), "B.C");
+    }
+
+    #[test]
+    fn code_names_follow_the_grpc_spec() {
+        assert_eq!(code_name(Code::NotFound), "NOT_FOUND");
+        assert_eq!(code_name(Code::from(14)), "UNAVAILABLE");
+    }
+}

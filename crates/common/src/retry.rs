@@ -1,0 +1,198 @@
+//! Retries of idempotent calls at the typed call site, with jittered exponential backoff inside the caller's
+//! deadline and a retry budget, so a retry storm cannot amplify an outage.
+//!
+//! tower's `Retry` cannot clone tonic request bodies, so retries wrap the typed call instead:
+//! `policy.call(Idempotent::Yes, || client.clone().get(req.clone())).await`.
+//!
+//! What is retried: UNAVAILABLE only (the request was not processed, or the server said it cannot take it now),
+//! and only for idempotent calls. The budget follows Linkerd's: retries may add at most 20% to the requests of
+//! the last 10 seconds, plus 10 retries per second of slack.
+
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use rand::Rng;
+use tonic::{Code, Status};
+
+/// Whether repeating a call is safe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Idempotent {
+    /// Safe to repeat (reads, puts of the same value).
+    Yes,
+    /// Not safe: never retried.
+    No,
+}
+
+#[derive(Debug)]
+struct Window {
+    started: Instant,
+    requests: u64,
+    retries: u64,
+}
+
+/// A shared allowance of retries: `ratio` × requests in the window + `min_per_sec` × window seconds.
+#[derive(Debug)]
+pub struct RetryBudget {
+    ratio: f64,
+    min_per_sec: f64,
+    window: Duration,
+    state: Mutex<Window>,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self::new(0.2, 10.0, Duration::from_secs(10))
+    }
+}
+
+impl RetryBudget {
+    /// A budget of `ratio` of requests plus `min_per_sec` retries per second, over a sliding `window`.
+    pub fn new(ratio: f64, min_per_sec: f64, window: Duration) -> Self {
+        Self { ratio, min_per_sec, window, state: Mutex::new(Window { started: Instant::now(), requests: 0, retries: 0 }) }
+    }
+
+    fn roll(&self, w: &mut Window) {
+        if w.started.elapsed() >= self.window {
+            *w = Window { started: Instant::now(), requests: 0, retries: 0 };
+        }
+    }
+
+    /// Records an original (first-attempt) request.
+    pub fn deposit(&self) {
+        let mut w = self.state.lock().expect("budget");
+        self.roll(&mut w);
+        w.requests += 1;
+    }
+
+    /// Takes one retry from the budget, if any is left.
+    pub fn withdraw(&self) -> bool {
+        let mut w = self.state.lock().expect("budget");
+        self.roll(&mut w);
+        let allowed = self.ratio * w.requests as f64 + self.min_per_sec * self.window.as_secs_f64();
+        if (w.retries as f64) < allowed {
+            w.retries += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Attempts, backoff and the shared budget.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    max_attempts: u32,
+    base: Duration,
+    cap: Duration,
+    budget: Arc<RetryBudget>,
+}
+
+impl RetryPolicy {
+    /// `max_attempts` counts the first try; backoff starts at 25 ms and doubles up to 1 s, full jitter.
+    pub fn new(max_attempts: u32, budget: Arc<RetryBudget>) -> Self {
+        Self { max_attempts: max_attempts.max(1), base: Duration::from_millis(25), cap: Duration::from_secs(1), budget }
+    }
+
+    fn backoff(&self, retry: u32) -> Duration {
+        let exp = self.base.saturating_mul(2u32.saturating_pow(retry.min(16))).min(self.cap);
+        rand::rng().random_range(Duration::ZERO..=exp)
+    }
+
+    /// Runs `attempt` until it succeeds, fails with a status that is not retried, runs out of attempts or
+    /// budget, or the next backoff would pass the deadline of the incoming request (when there is one).
+    pub async fn call<T, F, Fut>(&self, idempotent: Idempotent, mut attempt: F) -> Result<T, Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        self.budget.deposit();
+        let deadline = crate::context::current().and_then(|c| c.deadline);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let err = match attempt().await {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            if idempotent == Idempotent::No || err.code() != Code::Unavailable || tries >= self.max_attempts {
+                return Err(err);
+            }
+            let wait = self.backoff(tries - 1);
+            if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                return Err(err);
+            }
+            if !self.budget.withdraw() {
+                tracing::debug!("retry budget exhausted");
+                return Err(err);
+            }
+            tracing::debug!(attempt = tries, wait = ?wait, error = %err.message(), "retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn policy(attempts: u32, budget: RetryBudget) -> RetryPolicy {
+        RetryPolicy::new(attempts, Arc::new(budget))
+    }
+
+    #[tokio::test]
+    async fn retries_unavailable_for_idempotent_calls_only() {
+        let p = policy(3, RetryBudget::default());
+        let n = AtomicU32::new(0);
+        let r: Result<(), Status> = p
+            .call(Idempotent::Yes, || async {
+                n.fetch_add(1, Ordering::SeqCst);
+                Err(Status::unavailable("down"))
+            })
+            .await;
+        assert_eq!(r.unwrap_err().code(), Code::Unavailable);
+        assert_eq!(n.load(Ordering::SeqCst), 3);
+
+        n.store(0, Ordering::SeqCst);
+        let _ = p.call(Idempotent::No, || async { n.fetch_add(1, Ordering::SeqCst); Err::<(), _>(Status::unavailable("x")) }).await;
+        assert_eq!(n.load(Ordering::SeqCst), 1, "non-idempotent calls are never retried");
+
+        n.store(0, Ordering::SeqCst);
+        let _ = p.call(Idempotent::Yes, || async { n.fetch_add(1, Ordering::SeqCst); Err::<(), _>(Status::invalid_argument("x")) }).await;
+        assert_eq!(n.load(Ordering::SeqCst), 1, "permanent errors are not retried");
+
+        n.store(0, Ordering::SeqCst);
+        let ok = p
+            .call(Idempotent::Yes, || async {
+                if n.fetch_add(1, Ordering::SeqCst) == 0 { Err(Status::unavailable("blip")) } else { Ok(7) }
+            })
+            .await;
+        assert_eq!(ok.unwrap(), 7);
+    }
+
+    #[test]
+    fn budget_limits_retries_to_a_share_of_requests() {
+        let b = RetryBudget::new(0.2, 0.0, Duration::from_secs(60));
+        for _ in 0..100 {
+            b.deposit();
+        }
+        let granted = (0..100).filter(|_| b.withdraw()).count();
+        assert_eq!(granted, 20);
+    }
+
+    #[tokio::test]
+    async fn no_retry_past_the_incoming_deadline() {
+        let p = policy(10, RetryBudget::default());
+        let n = AtomicU32::new(0);
+        let ctx = crate::context::RequestContext { trace_id: "t".into(), deadline: Some(Instant::now() + Duration::from_millis(1)) };
+        let _ = crate::context::scope(ctx, async {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            p.call(Idempotent::Yes, || async { n.fetch_add(1, Ordering::SeqCst); Err::<(), _>(Status::unavailable("x")) }).await
+        })
+        .await;
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+    }
+}
