@@ -270,6 +270,11 @@ pattern = .*
 retentions = 1s:6h,1m:7d,10m:1y
 EOF
   cat >"$dir/conf/storage-aggregation.conf" <<EOF
+[counts]
+pattern = ^stats_counts\.
+xFilesFactor = 0
+aggregationMethod = sum
+
 [count]
 pattern = \.count$
 xFilesFactor = 0

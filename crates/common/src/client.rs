@@ -241,7 +241,7 @@ fn eject(state: &Mutex<EjectState>, addr: SocketAddr, why: &dyn std::fmt::Displa
 impl<S> Service<Request<Body>> for Ejecting<S>
 where
     S: Service<Request<Body>, Response = Response<Body>>,
-    S::Error: Into<BoxError> + std::fmt::Display,
+    S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
     type Response = Response<Body>;
@@ -267,7 +267,7 @@ where
             match self.inner.poll_ready(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
-                Poll::Ready(Err(e)) => eject(&self.state, self.addr, &e),
+                Poll::Ready(Err(e)) => eject(&self.state, self.addr, &e.into()),
             }
         }
     }
@@ -286,12 +286,29 @@ where
                     Ok(resp)
                 }
                 Err(e) => {
+                    let e: BoxError = e.into();
+                    // tonic's channel enforces `grpc-timeout` itself and reports expiry as an error: that is the
+                    // caller's deadline, not a broken endpoint.
+                    if is_timeout(&*e) {
+                        return Ok(Status::deadline_exceeded("deadline exceeded").into_http());
+                    }
                     eject(&state, addr, &e);
-                    Err(e.into())
+                    Err(e)
                 }
             }
         })
     }
+}
+
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 impl<S: Load> Load for Ejecting<S> {

@@ -103,13 +103,22 @@ pub fn format_grpc_timeout(d: Duration) -> String {
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// Server side: see the module docs.
-#[derive(Clone, Debug, Default)]
-pub struct ServerContextLayer;
+#[derive(Clone, Debug)]
+pub struct ServerContextLayer {
+    default_timeout: Duration,
+}
+
+impl ServerContextLayer {
+    /// `default_timeout` bounds calls whose caller sent no deadline (`grpc.request_timeout`).
+    pub fn new(default_timeout: Duration) -> Self {
+        Self { default_timeout }
+    }
+}
 
 impl<S> Layer<S> for ServerContextLayer {
     type Service = ServerContext<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        ServerContext { inner }
+        ServerContext { inner, default_timeout: self.default_timeout }
     }
 }
 
@@ -117,12 +126,14 @@ impl<S> Layer<S> for ServerContextLayer {
 #[derive(Clone, Debug)]
 pub struct ServerContext<S> {
     inner: S,
+    default_timeout: Duration,
 }
 
 impl<S, B> Service<Request<B>> for ServerContext<S>
 where
     S: Service<Request<B>, Response = Response<Body>> + Send + 'static,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
     B: Send + 'static,
 {
     type Response = Response<Body>;
@@ -152,8 +163,19 @@ where
             });
         }
         let ctx = RequestContext { trace_id, deadline: timeout.map(|t| Instant::now() + t) };
-        let fut = self.inner.call(req);
-        Box::pin(CONTEXT.scope(ctx, fut.instrument(span)))
+        // The handler is stopped when the deadline passes, answering DEADLINE_EXCEEDED as a proper gRPC status
+        // (not a reset stream, which a client would take for a broken endpoint).
+        let limit = timeout.unwrap_or(self.default_timeout);
+        let fut = CONTEXT.scope(ctx, self.inner.call(req).instrument(span.clone()));
+        Box::pin(async move {
+            match tokio::time::timeout(limit, fut).await {
+                Ok(r) => r,
+                Err(_) => {
+                    span.in_scope(|| tracing::info!(limit = ?limit, "deadline exceeded; handler stopped"));
+                    Ok(Status::deadline_exceeded(format!("deadline of {limit:?} exceeded on the server")).into_http())
+                }
+            }
+        })
     }
 }
 

@@ -114,7 +114,7 @@ impl Server {
         // so rejected calls are counted as RESOURCE_EXHAUSTED; shedding before the limit, so a call over the
         // limit is rejected at once instead of queueing.
         let stack = ServiceBuilder::new()
-            .layer(ServerContextLayer)
+            .layer(ServerContextLayer::new(g.request_timeout))
             .layer(GrpcMetricsLayer::new(platform.metrics.clone(), Side::Server, known))
             .layer_fn(|inner| ShedToStatus { inner })
             .layer(LoadShedLayer::new())
@@ -127,7 +127,6 @@ impl Server {
             .http2_keepalive_timeout(Some(g.keepalive_timeout))
             .max_connection_age(g.max_connection_age)
             .max_concurrent_streams(g.max_concurrent_streams)
-            .timeout(g.request_timeout)
             .layer(stack)
             .add_routes(routes.routes());
 
