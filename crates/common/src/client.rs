@@ -58,7 +58,9 @@ pub type Channel = BoxCloneSyncService<Request<Body>, Response<Body>, BoxError>;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Consul DNS is off and `client.static_endpoints` has no entry for the service.
-    #[error("no endpoints configured for service {0:?}: enable Consul DNS or set client.static_endpoints")]
+    #[error(
+        "no endpoints configured for service {0:?}: enable Consul DNS or set client.static_endpoints"
+    )]
     NoEndpoints(String),
 }
 
@@ -74,8 +76,16 @@ pub struct ClientFactory {
 impl ClientFactory {
     /// A factory using Consul DNS when `consul.dns_enabled`, else `client.static_endpoints`.
     pub fn new(settings: &Settings, metrics: Metrics) -> Self {
-        let resolver = settings.consul.dns_enabled.then(|| SrvResolver::new(settings.consul.dns_addr));
-        Self { settings: Arc::new(settings.clone()), metrics, resolver, budget: Arc::new(RetryBudget::default()) }
+        let resolver = settings
+            .consul
+            .dns_enabled
+            .then(|| SrvResolver::new(settings.consul.dns_addr));
+        Self {
+            settings: Arc::new(settings.clone()),
+            metrics,
+            resolver,
+            budget: Arc::new(RetryBudget::default()),
+        }
     }
 
     /// The retry policy for calls made through this factory's channels (one shared budget per process).
@@ -88,28 +98,43 @@ impl ClientFactory {
     /// # Errors
     /// [`ClientError::NoEndpoints`] when Consul DNS is off and no static list names the service.
     pub fn channel(&self, service: &str) -> Result<Channel, ClientError> {
-        let source = match (&self.resolver, self.settings.client.static_endpoints.get(service)) {
-            (Some(r), _) => Source::Consul(r.clone()),
+        let source = match (
+            &self.resolver,
+            self.settings.client.static_endpoints.get(service),
+        ) {
+            (Some(r), _) => Source::Consul(Box::new(r.clone())),
             (None, Some(list)) => Source::Static(list.clone()),
             (None, None) => return Err(ClientError::NoEndpoints(service.to_owned())),
         };
-        let endpoints = discovery::watch(service.to_owned(), source, self.settings.consul.discovery_interval);
+        let endpoints = discovery::watch(
+            service.to_owned(),
+            source,
+            self.settings.consul.discovery_interval,
+        );
         Ok(self.balanced(service, endpoints))
     }
 
     /// A channel over the endpoints published by `endpoints` (tests and custom discovery).
-    pub fn balanced(&self, service: &str, endpoints: watch::Receiver<Option<Vec<SocketAddr>>>) -> Channel {
+    pub fn balanced(
+        &self,
+        service: &str,
+        endpoints: watch::Receiver<Option<Vec<SocketAddr>>>,
+    ) -> Channel {
         let connect_timeout = self.settings.client.connect_timeout;
         let changes = WatchStream::new(endpoints.clone())
             .filter_map(|v| async move { v })
             .scan(BTreeSet::<SocketAddr>::new(), move |known, list| {
                 let next: BTreeSet<SocketAddr> = list.into_iter().collect();
-                let mut changes: Vec<Change<SocketAddr, Ejecting<tonic::transport::Channel>>> = Vec::new();
+                let mut changes: Vec<Change<SocketAddr, Ejecting<tonic::transport::Channel>>> =
+                    Vec::new();
                 for gone in known.difference(&next) {
                     changes.push(Change::Remove(*gone));
                 }
                 for new in next.difference(known) {
-                    changes.push(Change::Insert(*new, Ejecting::new(*new, connect(*new, connect_timeout))));
+                    changes.push(Change::Insert(
+                        *new,
+                        Ejecting::new(*new, connect(*new, connect_timeout)),
+                    ));
                 }
                 *known = next;
                 futures::future::ready(Some(stream::iter(changes)))
@@ -117,14 +142,29 @@ impl ClientFactory {
             .flatten()
             .map(Ok::<_, Infallible>)
             .boxed();
-        let discover = PeakEwmaDiscover::new(changes, Duration::from_millis(30), Duration::from_secs(10), CompleteOnResponse::default());
+        let discover = PeakEwmaDiscover::new(
+            changes,
+            Duration::from_millis(30),
+            Duration::from_secs(10),
+            CompleteOnResponse::default(),
+        );
         let balance = Balance::new(discover);
         let buffer = Buffer::new(balance, 1024);
         let svc = ServiceBuilder::new()
-            .layer(ClientContextLayer::new(self.settings.client.default_timeout))
-            .layer(GrpcMetricsLayer::new(self.metrics.clone(), Side::Client, HashSet::new()))
+            .layer(ClientContextLayer::new(
+                self.settings.client.default_timeout,
+            ))
+            .layer(GrpcMetricsLayer::new(
+                self.metrics.clone(),
+                Side::Client,
+                HashSet::new(),
+            ))
             .layer_fn(|inner| ErrorToStatus { inner })
-            .service(NoEndpointFastFail { inner: buffer, endpoints, service: Arc::from(service) });
+            .service(NoEndpointFastFail {
+                inner: buffer,
+                endpoints,
+                service: Arc::from(service),
+            });
         BoxCloneSyncService::new(svc.map_err(|e: Infallible| -> BoxError { match e {} }))
     }
 }
@@ -202,7 +242,8 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         if self.endpoints.borrow().as_ref().is_some_and(Vec::is_empty) {
-            let status = Status::unavailable(format!("no healthy instance of service {:?}", self.service));
+            let status =
+                Status::unavailable(format!("no healthy instance of service {:?}", self.service));
             return Box::pin(async move { Ok(status.into_http()) });
         }
         Box::pin(self.inner.call(req))
@@ -225,7 +266,12 @@ pub struct Ejecting<S> {
 
 impl<S> Ejecting<S> {
     fn new(addr: SocketAddr, inner: S) -> Self {
-        Self { inner, addr, state: Arc::default(), sleep: None }
+        Self {
+            inner,
+            addr,
+            state: Arc::default(),
+            sleep: None,
+        }
     }
 }
 
@@ -253,7 +299,9 @@ where
             let until = self.state.lock().expect("eject state").until;
             if let Some(until) = until {
                 let until = tokio::time::Instant::from_std(until);
-                let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                let sleep = self
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
                 if sleep.deadline() != until {
                     sleep.as_mut().reset(until);
                 }

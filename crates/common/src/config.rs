@@ -25,8 +25,15 @@ impl Env {
     }
 
     /// An environment made of the given pairs (for tests and embedding).
-    pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
-        Self(pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Self(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
     }
 
     /// Sets one variable, returning the environment (builder style).
@@ -54,7 +61,11 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"<redacted>\"" })
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "\"<redacted>\""
+        })
     }
 }
 
@@ -213,7 +224,10 @@ struct Reader {
 
 impl Reader {
     fn fail(&mut self, key: &str, message: impl Into<String>) {
-        self.errors.push(ConfigError { key: key.to_owned(), message: message.into() });
+        self.errors.push(ConfigError {
+            key: key.to_owned(),
+            message: message.into(),
+        });
     }
 
     fn get<T: DeserializeOwned>(&mut self, key: &str, default: T) -> T {
@@ -255,14 +269,21 @@ impl Reader {
             Some(s) => match humantime::parse_duration(s.trim()) {
                 Ok(d) => d,
                 Err(e) => {
-                    self.fail(key, format!("{s:?} is not a duration like 250ms, 5s or 1m: {e}"));
+                    self.fail(
+                        key,
+                        format!("{s:?} is not a duration like 250ms, 5s or 1m: {e}"),
+                    );
                     default
                 }
             },
         }
     }
 
-    fn positive<T: PartialOrd + Default + Copy + std::str::FromStr>(&mut self, key: &str, default: T) -> T
+    fn positive<T: PartialOrd + Default + Copy + std::str::FromStr>(
+        &mut self,
+        key: &str,
+        default: T,
+    ) -> T
     where
         T::Err: fmt::Display,
     {
@@ -275,7 +296,13 @@ impl Reader {
 
     fn list(&mut self, key: &str) -> Vec<String> {
         self.opt_string(key)
-            .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+            .map(|s| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -299,12 +326,22 @@ impl Settings {
         if let Some(path) = env.get("KEEL_CONFIG_FILE") {
             builder = builder.add_source(File::new(path, FileFormat::Toml).required(true));
         }
-        let keel_vars: HashMap<String, String> =
-            env.0.iter().filter(|(k, _)| k.starts_with("KEEL_") && *k != "KEEL_CONFIG_FILE").map(|(k, v)| (k.clone(), v.clone())).collect();
+        let keel_vars: HashMap<String, String> = env
+            .0
+            .iter()
+            .filter(|(k, _)| k.starts_with("KEEL_") && *k != "KEEL_CONFIG_FILE")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         builder = builder.add_source(
-            Environment::with_prefix("KEEL").prefix_separator("_").separator("__").source(Some(keel_vars)),
+            Environment::with_prefix("KEEL")
+                .prefix_separator("_")
+                .separator("__")
+                .source(Some(keel_vars)),
         );
-        for (var, key) in [("CONSUL_HTTP_ADDR", "consul.http_addr"), ("CONSUL_HTTP_TOKEN", "consul.token")] {
+        for (var, key) in [
+            ("CONSUL_HTTP_ADDR", "consul.http_addr"),
+            ("CONSUL_HTTP_TOKEN", "consul.token"),
+        ] {
             if let Some(v) = env.get(var) {
                 builder = builder.set_override(key, v).expect("static key");
             }
@@ -313,13 +350,26 @@ impl Settings {
             builder = builder.set_default("log.level", v).expect("static key");
         }
         let cfg = builder.build().map_err(|e| {
-            ConfigErrors(vec![ConfigError { key: "KEEL_CONFIG_FILE".into(), message: e.to_string() }])
+            ConfigErrors(vec![ConfigError {
+                key: "KEEL_CONFIG_FILE".into(),
+                message: e.to_string(),
+            }])
         })?;
-        let mut r = Reader { cfg, errors: Vec::new() };
+        let mut r = Reader {
+            cfg,
+            errors: Vec::new(),
+        };
 
         let service_name: String = r.get("service.name", name.to_owned());
-        if service_name.is_empty() || !service_name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            r.fail("service.name", format!("{service_name:?}: use letters, digits and '-' (a DNS label)"));
+        if service_name.is_empty()
+            || !service_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            r.fail(
+                "service.name",
+                format!("{service_name:?}: use letters, digits and '-' (a DNS label)"),
+            );
         }
         let service = ServiceSettings {
             name: service_name.clone(),
@@ -349,7 +399,8 @@ impl Settings {
             token: Secret(r.opt_string("consul.token").unwrap_or_default()),
             dns_addr: r.parsed("consul.dns_addr", SocketAddr::from(([127, 0, 0, 1], 8600))),
             check_interval: r.duration("consul.check_interval", Duration::from_secs(2)),
-            deregister_critical_after: r.duration("consul.deregister_critical_after", Duration::from_secs(60)),
+            deregister_critical_after: r
+                .duration("consul.deregister_critical_after", Duration::from_secs(60)),
             discovery_interval: r.duration("consul.discovery_interval", Duration::from_secs(2)),
         };
 
@@ -373,7 +424,11 @@ impl Settings {
 
         let static_raw = r.opt_string("client.static_endpoints").unwrap_or_default();
         let mut static_endpoints = HashMap::new();
-        for entry in static_raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        for entry in static_raw
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
             match parse_static_entry(entry) {
                 Ok((svc, addrs)) => {
                     static_endpoints.insert(svc, addrs);
@@ -389,7 +444,14 @@ impl Settings {
         };
 
         if r.errors.is_empty() {
-            Ok(Settings { service, grpc, consul, statsd, log, client })
+            Ok(Settings {
+                service,
+                grpc,
+                consul,
+                statsd,
+                log,
+                client,
+            })
         } else {
             Err(ConfigErrors(r.errors))
         }
@@ -397,7 +459,10 @@ impl Settings {
 
     /// The Kafka topic this service's logs go to: `log.topic`, or `logs.<service>`.
     pub fn log_topic(&self) -> String {
-        self.log.topic.clone().unwrap_or_else(|| format!("logs.{}", self.service.name))
+        self.log
+            .topic
+            .clone()
+            .unwrap_or_else(|| format!("logs.{}", self.service.name))
     }
 
     /// The effective settings as `key=value` pairs, secrets redacted, for the start-up log line.
@@ -405,16 +470,40 @@ impl Settings {
         vec![
             ("service.name", self.service.name.clone()),
             ("grpc.listen_addr", self.grpc.listen_addr.to_string()),
-            ("grpc.max_concurrent_requests", self.grpc.max_concurrent_requests.to_string()),
-            ("grpc.request_timeout", format!("{:?}", self.grpc.request_timeout)),
-            ("grpc.drain_timeout", format!("{:?}", self.grpc.drain_timeout)),
-            ("consul.http_addr", self.consul.http_addr.clone().unwrap_or_else(|| "(none)".into())),
+            (
+                "grpc.max_concurrent_requests",
+                self.grpc.max_concurrent_requests.to_string(),
+            ),
+            (
+                "grpc.request_timeout",
+                format!("{:?}", self.grpc.request_timeout),
+            ),
+            (
+                "grpc.drain_timeout",
+                format!("{:?}", self.grpc.drain_timeout),
+            ),
+            (
+                "consul.http_addr",
+                self.consul
+                    .http_addr
+                    .clone()
+                    .unwrap_or_else(|| "(none)".into()),
+            ),
             ("consul.token", format!("{:?}", self.consul.token)),
             ("consul.dns_addr", self.consul.dns_addr.to_string()),
             ("consul.dns_enabled", self.consul.dns_enabled.to_string()),
-            ("statsd.addr", self.statsd.addr.clone().unwrap_or_else(|| "(none)".into())),
+            (
+                "statsd.addr",
+                self.statsd.addr.clone().unwrap_or_else(|| "(none)".into()),
+            ),
             ("statsd.prefix", self.statsd.prefix.clone()),
-            ("kafka.brokers", self.log.kafka_brokers.clone().unwrap_or_else(|| "(none)".into())),
+            (
+                "kafka.brokers",
+                self.log
+                    .kafka_brokers
+                    .clone()
+                    .unwrap_or_else(|| "(none)".into()),
+            ),
             ("log.topic", self.log_topic()),
             ("log.level", self.log.level.clone()),
         ]
@@ -427,7 +516,11 @@ fn parse_static_entry(entry: &str) -> Result<(String, Vec<SocketAddr>), String> 
         .ok_or_else(|| format!("{entry:?}: expected service=host:port|host:port"))?;
     let addrs = addrs
         .split('|')
-        .map(|a| a.trim().parse::<SocketAddr>().map_err(|e| format!("{entry:?}: {a:?}: {e}")))
+        .map(|a| {
+            a.trim()
+                .parse::<SocketAddr>()
+                .map_err(|e| format!("{entry:?}: {a:?}: {e}"))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((svc.trim().to_owned(), addrs))
 }
@@ -453,14 +546,23 @@ mod tests {
             .with("KEEL_GRPC__DRAIN_TIMEOUT", "3s")
             .with("CONSUL_HTTP_ADDR", "127.0.0.1:18500")
             .with("CONSUL_HTTP_TOKEN", "s3cret")
-            .with("KEEL_CLIENT__STATIC_ENDPOINTS", "echo=127.0.0.1:1|127.0.0.1:2");
+            .with(
+                "KEEL_CLIENT__STATIC_ENDPOINTS",
+                "echo=127.0.0.1:1|127.0.0.1:2",
+            );
         let s = Settings::from_env("echo", &env).unwrap();
         assert_eq!(s.grpc.listen_addr, "0.0.0.0:50101".parse().unwrap());
         assert_eq!(s.grpc.drain_timeout, Duration::from_secs(3));
         assert_eq!(s.consul.http_addr.as_deref(), Some("127.0.0.1:18500"));
-        assert!(s.consul.dns_enabled, "DNS discovery defaults on with Consul");
+        assert!(
+            s.consul.dns_enabled,
+            "DNS discovery defaults on with Consul"
+        );
         assert_eq!(s.consul.token.expose(), "s3cret");
-        assert!(!format!("{s:?}").contains("s3cret"), "token must not show in Debug");
+        assert!(
+            !format!("{s:?}").contains("s3cret"),
+            "token must not show in Debug"
+        );
         assert_eq!(s.client.static_endpoints["echo"].len(), 2);
     }
 
@@ -476,7 +578,13 @@ mod tests {
         let keys: Vec<&str> = errs.0.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(
             keys,
-            ["grpc.listen_addr", "grpc.max_concurrent_requests", "grpc.drain_timeout", "log.level", "client.static_endpoints"]
+            [
+                "grpc.listen_addr",
+                "grpc.max_concurrent_requests",
+                "grpc.drain_timeout",
+                "log.level",
+                "client.static_endpoints"
+            ]
         );
         let text = errs.to_string();
         assert!(text.contains("5 invalid"), "{text}");
@@ -488,14 +596,25 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("keel-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("svc.toml");
-        std::fs::write(&path, "[grpc]\nlisten_addr = \"127.0.0.1:7000\"\nrequest_timeout = \"7s\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[grpc]\nlisten_addr = \"127.0.0.1:7000\"\nrequest_timeout = \"7s\"\n",
+        )
+        .unwrap();
         let env = Env::default()
             .with("KEEL_CONFIG_FILE", path.to_string_lossy())
             .with("KEEL_GRPC__REQUEST_TIMEOUT", "9s");
         let s = Settings::from_env("echo", &env).unwrap();
         assert_eq!(s.grpc.listen_addr.port(), 7000, "file beats default");
-        assert_eq!(s.grpc.request_timeout, Duration::from_secs(9), "environment beats file");
-        let missing = Settings::from_env("echo", &Env::default().with("KEEL_CONFIG_FILE", "/nonexistent.toml"));
+        assert_eq!(
+            s.grpc.request_timeout,
+            Duration::from_secs(9),
+            "environment beats file"
+        );
+        let missing = Settings::from_env(
+            "echo",
+            &Env::default().with("KEEL_CONFIG_FILE", "/nonexistent.toml"),
+        );
         assert_eq!(missing.unwrap_err().0[0].key, "KEEL_CONFIG_FILE");
     }
 

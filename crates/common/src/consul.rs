@@ -158,17 +158,32 @@ impl ConsulAgent {
 
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let r = self.http.request(method, format!("{}{path}", self.base));
-        if self.token.expose().is_empty() { r } else { r.header("X-Consul-Token", self.token.expose()) }
+        if self.token.expose().is_empty() {
+            r
+        } else {
+            r.header("X-Consul-Token", self.token.expose())
+        }
     }
 
-    async fn send(&self, what: &str, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, ConsulError> {
-        let resp = rb.send().await.map_err(|source| ConsulError::Unreachable { addr: self.base.clone(), source })?;
+    async fn send(
+        &self,
+        what: &str,
+        rb: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ConsulError> {
+        let resp = rb.send().await.map_err(|source| ConsulError::Unreachable {
+            addr: self.base.clone(),
+            source,
+        })?;
         if resp.status().is_success() {
             Ok(resp)
         } else {
             let status = resp.status().as_u16();
             let body = resp.text().await.unwrap_or_default();
-            Err(ConsulError::Refused { what: what.to_owned(), status, body })
+            Err(ConsulError::Refused {
+                what: what.to_owned(),
+                status,
+                body,
+            })
         }
     }
 
@@ -177,7 +192,13 @@ impl ConsulAgent {
     /// # Errors
     /// [`ConsulError`] when the agent is unreachable or refuses the definition.
     pub async fn register(&self, reg: &Registration) -> Result<(), ConsulError> {
-        self.send("register", self.req(reqwest::Method::PUT, "/v1/agent/service/register").json(reg)).await.map(drop)
+        self.send(
+            "register",
+            self.req(reqwest::Method::PUT, "/v1/agent/service/register")
+                .json(reg),
+        )
+        .await
+        .map(drop)
     }
 
     /// Removes a service instance from the local agent.
@@ -185,7 +206,15 @@ impl ConsulAgent {
     /// # Errors
     /// [`ConsulError`] when the agent is unreachable or refuses.
     pub async fn deregister(&self, id: &str) -> Result<(), ConsulError> {
-        self.send("deregister", self.req(reqwest::Method::PUT, &format!("/v1/agent/service/deregister/{id}"))).await.map(drop)
+        self.send(
+            "deregister",
+            self.req(
+                reqwest::Method::PUT,
+                &format!("/v1/agent/service/deregister/{id}"),
+            ),
+        )
+        .await
+        .map(drop)
     }
 
     /// Whether the local agent knows service instance `id`.
@@ -193,7 +222,13 @@ impl ConsulAgent {
     /// # Errors
     /// [`ConsulError`] when the agent is unreachable.
     pub async fn is_registered(&self, id: &str) -> Result<bool, ConsulError> {
-        match self.send("service lookup", self.req(reqwest::Method::GET, &format!("/v1/agent/service/{id}"))).await {
+        match self
+            .send(
+                "service lookup",
+                self.req(reqwest::Method::GET, &format!("/v1/agent/service/{id}")),
+            )
+            .await
+        {
             Ok(_) => Ok(true),
             Err(ConsulError::Refused { status: 404, .. }) => Ok(false),
             Err(e) => Err(e),
@@ -205,11 +240,42 @@ impl ConsulAgent {
     ///
     /// # Errors
     /// [`ConsulError`] when the agent is unreachable or refuses.
-    pub async fn health_service(&self, name: &str, passing_only: bool) -> Result<Vec<HealthEntry>, ConsulError> {
-        let path = format!("/v1/health/service/{name}{}", if passing_only { "?passing=true" } else { "" });
-        let resp = self.send("health query", self.req(reqwest::Method::GET, &path)).await?;
-        resp.json().await.map_err(|source| ConsulError::Unreachable { addr: self.base.clone(), source })
+    pub async fn health_service(
+        &self,
+        name: &str,
+        passing_only: bool,
+    ) -> Result<Vec<HealthEntry>, ConsulError> {
+        let path = format!(
+            "/v1/health/service/{name}{}",
+            if passing_only { "?passing=true" } else { "" }
+        );
+        let resp = self
+            .send("health query", self.req(reqwest::Method::GET, &path))
+            .await?;
+        resp.json()
+            .await
+            .map_err(|source| ConsulError::Unreachable {
+                addr: self.base.clone(),
+                source,
+            })
     }
+}
+
+/// One service instance as Consul should know it.
+#[derive(Clone, Debug)]
+pub struct Instance {
+    /// Service name.
+    pub name: String,
+    /// Service ID, unique per instance.
+    pub id: String,
+    /// Address clients dial.
+    pub address: String,
+    /// gRPC port.
+    pub port: u16,
+    /// Version, in service meta.
+    pub version: String,
+    /// Tags.
+    pub tags: Vec<String>,
 }
 
 /// Keeps one instance registered for the life of the process.
@@ -220,15 +286,26 @@ pub struct Registrar {
 }
 
 impl Registrar {
-    /// The registration of instance `id` of `name` at `address:port`, checked over gRPC health.
-    pub fn new(settings: &ConsulSettings, agent: ConsulAgent, name: &str, id: &str, address: &str, port: u16, version: &str, tags: &[String]) -> Self {
-        let registration = Registration {
-            id: id.to_owned(),
-            name: name.to_owned(),
-            tags: tags.to_vec(),
-            address: address.to_owned(),
+    /// The registration of `instance`, checked over gRPC health.
+    pub fn new(settings: &ConsulSettings, agent: ConsulAgent, instance: &Instance) -> Self {
+        let Instance {
+            name,
+            id,
+            address,
             port,
-            meta: HashMap::from([("version".into(), version.to_owned()), ("protocol".into(), "grpc".into())]),
+            version,
+            tags,
+        } = instance;
+        let registration = Registration {
+            id: id.clone(),
+            name: name.clone(),
+            tags: tags.clone(),
+            address: address.clone(),
+            port: *port,
+            meta: HashMap::from([
+                ("version".into(), version.clone()),
+                ("protocol".into(), "grpc".into()),
+            ]),
             checks: vec![Check {
                 check_id: format!("{id}:grpc"),
                 name: format!("gRPC health of {name}"),
@@ -239,7 +316,10 @@ impl Registrar {
                 deregister_critical_service_after: go_duration(settings.deregister_critical_after),
             }],
         };
-        Self { agent, registration }
+        Self {
+            agent,
+            registration,
+        }
     }
 
     /// The service ID.
@@ -306,7 +386,15 @@ mod tests {
     fn registration_uses_consul_field_names() {
         let s = crate::config::Settings::from_env("echo", &Default::default()).unwrap();
         let agent = ConsulAgent::new("127.0.0.1:8500", Secret::default());
-        let r = Registrar::new(&s.consul, agent, "echo", "echo-1", "127.0.0.1", 5000, "1.0.0", &["a".into()]);
+        let instance = Instance {
+            name: "echo".into(),
+            id: "echo-1".into(),
+            address: "127.0.0.1".into(),
+            port: 5000,
+            version: "1.0.0".into(),
+            tags: vec!["a".into()],
+        };
+        let r = Registrar::new(&s.consul, agent, &instance);
         let json = serde_json::to_value(&r.registration).unwrap();
         assert_eq!(json["ID"], "echo-1");
         assert_eq!(json["Port"], 5000);

@@ -39,7 +39,8 @@ pub struct RequestContext {
 impl RequestContext {
     /// Time left before the deadline (zero once passed); `None` without a deadline.
     pub fn remaining(&self) -> Option<Duration> {
-        self.deadline.map(|d| d.saturating_duration_since(Instant::now()))
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
     }
 }
 
@@ -118,7 +119,10 @@ impl ServerContextLayer {
 impl<S> Layer<S> for ServerContextLayer {
     type Service = ServerContext<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        ServerContext { inner, default_timeout: self.default_timeout }
+        ServerContext {
+            inner,
+            default_timeout: self.default_timeout,
+        }
     }
 }
 
@@ -152,17 +156,27 @@ where
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map(str::to_owned)
             .unwrap_or_else(new_trace_id);
-        let timeout = req.headers().get(GRPC_TIMEOUT).and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        let timeout = req
+            .headers()
+            .get(GRPC_TIMEOUT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
         let method = req.uri().path().to_owned();
         let span = tracing::info_span!("grpc.request", trace_id = %trace_id, method = %method);
         if timeout == Some(Duration::ZERO) {
             return Box::pin(async move {
                 let _g = span.enter();
                 tracing::debug!("deadline already passed; call not started");
-                Ok(Status::deadline_exceeded("deadline exceeded before the call started").into_http())
+                Ok(
+                    Status::deadline_exceeded("deadline exceeded before the call started")
+                        .into_http(),
+                )
             });
         }
-        let ctx = RequestContext { trace_id, deadline: timeout.map(|t| Instant::now() + t) };
+        let ctx = RequestContext {
+            trace_id,
+            deadline: timeout.map(|t| Instant::now() + t),
+        };
         // The handler is stopped when the deadline passes, answering DEADLINE_EXCEEDED as a proper gRPC status
         // (not a reset stream, which a client would take for a broken endpoint).
         let limit = timeout.unwrap_or(self.default_timeout);
@@ -171,8 +185,13 @@ where
             match tokio::time::timeout(limit, fut).await {
                 Ok(r) => r,
                 Err(_) => {
-                    span.in_scope(|| tracing::info!(limit = ?limit, "deadline exceeded; handler stopped"));
-                    Ok(Status::deadline_exceeded(format!("deadline of {limit:?} exceeded on the server")).into_http())
+                    span.in_scope(
+                        || tracing::info!(limit = ?limit, "deadline exceeded; handler stopped"),
+                    );
+                    Ok(Status::deadline_exceeded(format!(
+                        "deadline of {limit:?} exceeded on the server"
+                    ))
+                    .into_http())
                 }
             }
         })
@@ -195,7 +214,10 @@ impl ClientContextLayer {
 impl<S> Layer<S> for ClientContextLayer {
     type Service = ClientContext<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        ClientContext { inner, default_timeout: self.default_timeout }
+        ClientContext {
+            inner,
+            default_timeout: self.default_timeout,
+        }
     }
 }
 
@@ -208,7 +230,11 @@ pub struct ClientContext<S> {
 
 /// The time an outgoing call may take: the least of its own `grpc-timeout`, what is left of the incoming
 /// deadline, and the default.
-pub fn outgoing_timeout(own: Option<Duration>, incoming_remaining: Option<Duration>, default: Duration) -> Duration {
+pub fn outgoing_timeout(
+    own: Option<Duration>,
+    incoming_remaining: Option<Duration>,
+    default: Duration,
+) -> Duration {
     let base = own.unwrap_or(default);
     incoming_remaining.map_or(base, |left| left.min(base))
 }
@@ -229,8 +255,16 @@ where
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let incoming = current();
-        let own = req.headers().get(GRPC_TIMEOUT).and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
-        let timeout = outgoing_timeout(own, incoming.as_ref().and_then(RequestContext::remaining), self.default_timeout);
+        let own = req
+            .headers()
+            .get(GRPC_TIMEOUT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let timeout = outgoing_timeout(
+            own,
+            incoming.as_ref().and_then(RequestContext::remaining),
+            self.default_timeout,
+        );
         let trace_id = incoming.map(|c| c.trace_id).unwrap_or_else(new_trace_id);
         let headers = req.headers_mut();
         if !headers.contains_key(TRACE_ID_HEADER)
@@ -239,14 +273,25 @@ where
             headers.insert(TRACE_ID_HEADER, v);
         }
         if timeout.is_zero() {
-            return Box::pin(async { Ok(Status::deadline_exceeded("deadline exceeded before the call was sent").into_http()) });
+            return Box::pin(async {
+                Ok(
+                    Status::deadline_exceeded("deadline exceeded before the call was sent")
+                        .into_http(),
+                )
+            });
         }
-        headers.insert(GRPC_TIMEOUT, HeaderValue::from_str(&format_grpc_timeout(timeout)).expect("ascii"));
+        headers.insert(
+            GRPC_TIMEOUT,
+            HeaderValue::from_str(&format_grpc_timeout(timeout)).expect("ascii"),
+        );
         let fut = self.inner.call(req);
         Box::pin(async move {
             match tokio::time::timeout(timeout, fut).await {
                 Ok(r) => r,
-                Err(_) => Ok(Status::deadline_exceeded(format!("deadline of {timeout:?} exceeded")).into_http()),
+                Err(_) => Ok(Status::deadline_exceeded(format!(
+                    "deadline of {timeout:?} exceeded"
+                ))
+                .into_http()),
             }
         })
     }
@@ -258,11 +303,19 @@ mod tests {
 
     #[test]
     fn grpc_timeout_round_trips() {
-        for d in [Duration::from_millis(50), Duration::from_secs(30), Duration::from_nanos(7), Duration::from_secs(400_000)] {
+        for d in [
+            Duration::from_millis(50),
+            Duration::from_secs(30),
+            Duration::from_nanos(7),
+            Duration::from_secs(400_000),
+        ] {
             let s = format_grpc_timeout(d);
             assert!(s.len() <= 9, "{s}");
             let back = parse_grpc_timeout(&s).unwrap();
-            assert!(back <= d && d - back < Duration::from_secs(1), "{d:?} -> {s} -> {back:?}");
+            assert!(
+                back <= d && d - back < Duration::from_secs(1),
+                "{d:?} -> {s} -> {back:?}"
+            );
         }
         assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
         assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
@@ -278,6 +331,10 @@ mod tests {
         assert_eq!(outgoing_timeout(Some(s(3)), None, s(10)), s(3));
         assert_eq!(outgoing_timeout(None, Some(s(2)), s(10)), s(2));
         assert_eq!(outgoing_timeout(Some(s(5)), Some(s(1)), s(10)), s(1));
-        assert_eq!(outgoing_timeout(Some(s(20)), None, s(10)), s(20), "an explicit per-call timeout may exceed the default");
+        assert_eq!(
+            outgoing_timeout(Some(s(20)), None, s(10)),
+            s(20),
+            "an explicit per-call timeout may exceed the default"
+        );
     }
 }

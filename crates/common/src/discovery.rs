@@ -73,13 +73,21 @@ impl SrvResolver {
         let lookup = match self.resolver.lookup(fqdn.as_str(), RecordType::SRV).await {
             Ok(l) => l,
             Err(e) if e.is_no_records_found() || e.is_nx_domain() => return Ok(Vec::new()),
-            Err(e) => return Err(DiscoveryError { name: fqdn, message: e.to_string() }),
+            Err(e) => {
+                return Err(DiscoveryError {
+                    name: fqdn,
+                    message: e.to_string(),
+                });
+            }
         };
-        let (mut found, unresolved) = pair_srv_with_additionals(lookup.answers(), lookup.additionals());
+        let (mut found, unresolved) =
+            pair_srv_with_additionals(lookup.answers(), lookup.additionals());
         for (target, port) in unresolved {
             match self.resolver.lookup_ip(target.as_str()).await {
                 Ok(ips) => found.extend(ips.iter().map(|ip| SocketAddr::new(ip, port))),
-                Err(e) => tracing::warn!(target = %target, error = %e, "SRV target did not resolve"),
+                Err(e) => {
+                    tracing::warn!(target = %target, error = %e, "SRV target did not resolve")
+                }
             }
         }
         let set: BTreeSet<SocketAddr> = found.into_iter().collect();
@@ -89,7 +97,10 @@ impl SrvResolver {
 
 /// Pairs each SRV answer with the A/AAAA records of its target in the additional section, by name (never by
 /// position). Returns the addresses found and the `(target, port)` pairs that had no additional record.
-pub fn pair_srv_with_additionals(answers: &[Record], additionals: &[Record]) -> (Vec<SocketAddr>, Vec<(String, u16)>) {
+pub fn pair_srv_with_additionals(
+    answers: &[Record],
+    additionals: &[Record],
+) -> (Vec<SocketAddr>, Vec<(String, u16)>) {
     let mut ips: HashMap<String, Vec<IpAddr>> = HashMap::new();
     for r in additionals {
         let ip = match &r.data {
@@ -97,7 +108,9 @@ pub fn pair_srv_with_additionals(answers: &[Record], additionals: &[Record]) -> 
             RData::AAAA(a) => IpAddr::V6(a.0),
             _ => continue,
         };
-        ips.entry(r.name.to_ascii().to_ascii_lowercase()).or_default().push(ip);
+        ips.entry(r.name.to_ascii().to_ascii_lowercase())
+            .or_default()
+            .push(ip);
     }
     let mut found = Vec::new();
     let mut unresolved = Vec::new();
@@ -117,14 +130,18 @@ pub fn pair_srv_with_additionals(answers: &[Record], additionals: &[Record]) -> 
 #[derive(Clone, Debug)]
 pub enum Source {
     /// Consul DNS SRV.
-    Consul(SrvResolver),
+    Consul(Box<SrvResolver>),
     /// A fixed list.
     Static(Vec<SocketAddr>),
 }
 
 /// Publishes the current endpoints of `name`, re-resolving every `interval` until every receiver is gone.
 /// The first value is `None` until the first lookup finishes.
-pub fn watch(name: String, source: Source, interval: Duration) -> watch::Receiver<Option<Vec<SocketAddr>>> {
+pub fn watch(
+    name: String,
+    source: Source,
+    interval: Duration,
+) -> watch::Receiver<Option<Vec<SocketAddr>>> {
     let (tx, rx) = watch::channel(None);
     match source {
         Source::Static(list) => {
@@ -176,23 +193,47 @@ pub fn watch(name: String, source: Source, interval: Duration) -> watch::Receive
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hickory_resolver::proto::rr::{Name, rdata::{A, SRV}};
+    use hickory_resolver::proto::rr::{
+        Name,
+        rdata::{A, SRV},
+    };
     use std::str::FromStr;
 
     fn srv(target: &str, port: u16) -> Record {
-        Record::from_rdata(Name::from_str("echo.service.consul.").unwrap(), 0, RData::SRV(SRV::new(1, 1, port, Name::from_str(target).unwrap())))
+        Record::from_rdata(
+            Name::from_str("echo.service.consul.").unwrap(),
+            0,
+            RData::SRV(SRV::new(1, 1, port, Name::from_str(target).unwrap())),
+        )
     }
     fn a(name: &str, ip: [u8; 4]) -> Record {
-        Record::from_rdata(Name::from_str(name).unwrap(), 0, RData::A(A::new(ip[0], ip[1], ip[2], ip[3])))
+        Record::from_rdata(
+            Name::from_str(name).unwrap(),
+            0,
+            RData::A(A::new(ip[0], ip[1], ip[2], ip[3])),
+        )
     }
 
     #[test]
     fn srv_targets_are_paired_by_name_not_position() {
-        let answers = [srv("n1.node.dc1.consul.", 5001), srv("n2.node.dc1.consul.", 5002), srv("n3.node.dc1.consul.", 5003)];
+        let answers = [
+            srv("n1.node.dc1.consul.", 5001),
+            srv("n2.node.dc1.consul.", 5002),
+            srv("n3.node.dc1.consul.", 5003),
+        ];
         // Additional section in the other order, and n3 missing.
-        let additionals = [a("n2.node.dc1.consul.", [10, 0, 0, 2]), a("N1.node.dc1.consul.", [10, 0, 0, 1])];
+        let additionals = [
+            a("n2.node.dc1.consul.", [10, 0, 0, 2]),
+            a("N1.node.dc1.consul.", [10, 0, 0, 1]),
+        ];
         let (found, unresolved) = pair_srv_with_additionals(&answers, &additionals);
-        assert_eq!(found, vec!["10.0.0.1:5001".parse().unwrap(), "10.0.0.2:5002".parse().unwrap()]);
+        assert_eq!(
+            found,
+            vec![
+                "10.0.0.1:5001".parse().unwrap(),
+                "10.0.0.2:5002".parse().unwrap()
+            ]
+        );
         assert_eq!(unresolved, vec![("n3.node.dc1.consul.".to_owned(), 5003)]);
     }
 }

@@ -57,7 +57,10 @@ pub enum ServiceError {
 impl ServiceError {
     /// Shorthand for [`ServiceError::InvalidArgument`].
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Self::InvalidArgument { field: field.into(), description: description.into() }
+        Self::InvalidArgument {
+            field: field.into(),
+            description: description.into(),
+        }
     }
 
     fn reason(&self) -> &'static str {
@@ -88,14 +91,22 @@ impl From<ServiceError> for Status {
             ServiceError::FailedPrecondition(m) => (Code::FailedPrecondition, m.clone()),
             ServiceError::Unauthenticated(m) => (Code::Unauthenticated, m.clone()),
             ServiceError::Unimplemented(m) => (Code::Unimplemented, m.clone()),
-            ServiceError::Unavailable { message, retry_after } => {
+            ServiceError::Unavailable {
+                message,
+                retry_after,
+            } => {
                 details.set_retry_info(Some(*retry_after));
                 (Code::Unavailable, message.clone())
             }
             ServiceError::Internal(e) => {
-                let trace_id = crate::context::current().map(|c| c.trace_id).unwrap_or_default();
+                let trace_id = crate::context::current()
+                    .map(|c| c.trace_id)
+                    .unwrap_or_default();
                 tracing::error!(error = ?e, "unexpected error");
-                (Code::Internal, format!("internal error (trace id {trace_id})"))
+                (
+                    Code::Internal,
+                    format!("internal error (trace id {trace_id})"),
+                )
             }
         };
         Status::with_error_details(code, message, details)
@@ -105,8 +116,10 @@ impl From<ServiceError> for Status {
 /// Whether a failed call may succeed if tried again: UNAVAILABLE, RESOURCE_EXHAUSTED or ABORTED, or any status
 /// whose details carry `RetryInfo`.
 pub fn is_retryable(status: &Status) -> bool {
-    matches!(status.code(), Code::Unavailable | Code::ResourceExhausted | Code::Aborted)
-        || status.get_details_retry_info().is_some()
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::ResourceExhausted | Code::Aborted
+    ) || status.get_details_retry_info().is_some()
 }
 
 #[cfg(test)]
@@ -120,19 +133,29 @@ mod tests {
         assert_eq!(status.message(), "user_id: must be a UUID");
         let d = status.get_error_details();
         let v = &d.bad_request().unwrap().field_violations[0];
-        assert_eq!((v.field.as_str(), v.description.as_str()), ("user_id", "must be a UUID"));
+        assert_eq!(
+            (v.field.as_str(), v.description.as_str()),
+            ("user_id", "must be a UUID")
+        );
         assert_eq!(d.error_info().unwrap().domain, ERROR_DOMAIN);
         assert!(!is_retryable(&status));
     }
 
     #[test]
     fn internal_errors_are_opaque_and_unavailable_is_retryable() {
-        let status: Status = ServiceError::Internal(anyhow::anyhow!("db password is hunter2")).into();
+        let status: Status =
+            ServiceError::Internal(anyhow::anyhow!("db password is hunter2")).into();
         assert_eq!(status.code(), Code::Internal);
         assert!(!status.message().contains("hunter2"));
-        let status: Status =
-            ServiceError::Unavailable { message: "accounts down".into(), retry_after: Duration::from_millis(200) }.into();
+        let status: Status = ServiceError::Unavailable {
+            message: "accounts down".into(),
+            retry_after: Duration::from_millis(200),
+        }
+        .into();
         assert!(is_retryable(&status));
-        assert_eq!(status.get_details_retry_info().unwrap().retry_delay, Some(Duration::from_millis(200)));
+        assert_eq!(
+            status.get_details_retry_info().unwrap().retry_delay,
+            Some(Duration::from_millis(200))
+        );
     }
 }

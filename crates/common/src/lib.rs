@@ -5,7 +5,7 @@
 //! ```ignore
 //! #[tokio::main]
 //! async fn main() -> std::process::ExitCode {
-//!     keel_common::run("echo", |platform| Ok(Server::builder(platform).add(EchoServer::new(Echo::new(platform))))).await
+//!     keel_common::run("echo", |platform| Ok(Server::builder(platform).add_service(EchoServer::new(Echo::new(platform))))).await
 //! }
 //! ```
 //!
@@ -56,19 +56,30 @@ impl Platform {
     /// The platform of one instance listening on `port`. Creates the StatsD client (metrics fall back to a
     /// disabled client, with a warning, when the StatsD address does not resolve).
     pub fn new(settings: Settings, port: u16) -> Self {
-        let instance_id = settings.service.instance_id.clone().unwrap_or_else(|| default_instance_id(&settings.service.name, port));
+        let instance_id = settings
+            .service
+            .instance_id
+            .clone()
+            .unwrap_or_else(|| default_instance_id(&settings.service.name, port));
         let metrics = Metrics::new(&settings).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "statsd unavailable; metrics disabled");
             Metrics::disabled()
         });
         let clients = ClientFactory::new(&settings, metrics.clone());
-        Self { settings: Arc::new(settings), instance_id, metrics, clients }
+        Self {
+            settings: Arc::new(settings),
+            instance_id,
+            metrics,
+            clients,
+        }
     }
 }
 
 /// `<service>-<host>-<port>-<4 hex>`: unique per instance, readable in Consul's UI.
 pub fn default_instance_id(service: &str, port: u16) -> String {
-    let host = gethostname::gethostname().to_string_lossy().replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-");
+    let host = gethostname::gethostname()
+        .to_string_lossy()
+        .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-");
     let nonce = &uuid::Uuid::new_v4().simple().to_string()[..4];
     format!("{service}-{host}-{port}-{nonce}")
 }
@@ -96,12 +107,19 @@ where
     let listener = match tokio::net::TcpListener::bind(settings.grpc.listen_addr).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("{name}: cannot listen on {} (grpc.listen_addr): {e}", settings.grpc.listen_addr);
+            eprintln!(
+                "{name}: cannot listen on {} (grpc.listen_addr): {e}",
+                settings.grpc.listen_addr
+            );
             return ExitCode::from(2);
         }
     };
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-    let instance_id = settings.service.instance_id.clone().unwrap_or_else(|| default_instance_id(&settings.service.name, port));
+    let instance_id = settings
+        .service
+        .instance_id
+        .clone()
+        .unwrap_or_else(|| default_instance_id(&settings.service.name, port));
     let telemetry = match logs::Telemetry::init(&settings, &instance_id) {
         Ok(t) => t,
         Err(e) => {
@@ -116,7 +134,9 @@ where
     settings.service.instance_id = Some(instance_id);
     let platform = Platform::new(settings, port);
     let stats = telemetry.stats();
-    platform.metrics.spawn_flusher(Duration::from_secs(1), move || stats.dropped());
+    platform
+        .metrics
+        .spawn_flusher(Duration::from_secs(1), move || stats.dropped());
     logs::spawn_drop_reporter(telemetry.stats(), Duration::from_secs(1));
     let code = match build(&platform) {
         Ok(server) => match server.serve(listener, stop).await {

@@ -148,7 +148,9 @@ fn run_shipper(
     let _ = producer.flush(Duration::from_secs(5));
     let left = producer.in_flight_count();
     if left > 0 {
-        stats.delivery_failed.fetch_add(left as u64, Ordering::Relaxed);
+        stats
+            .delivery_failed
+            .fetch_add(left as u64, Ordering::Relaxed);
     }
 }
 
@@ -168,10 +170,12 @@ struct Visitor<'a>(&'a mut Map<String, Value>);
 
 impl tracing::field::Visit for Visitor<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0.insert(field.name().to_owned(), Value::String(format!("{value:?}")));
+        self.0
+            .insert(field.name().to_owned(), Value::String(format!("{value:?}")));
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_owned(), Value::String(value.to_owned()));
+        self.0
+            .insert(field.name().to_owned(), Value::String(value.to_owned()));
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
         self.0.insert(field.name().to_owned(), value.into());
@@ -221,9 +225,16 @@ where
         let meta = event.metadata();
         let mut fields = Map::new();
         event.record(&mut Visitor(&mut fields));
-        let message = fields.remove("message").unwrap_or(Value::String(String::new()));
+        let message = fields
+            .remove("message")
+            .unwrap_or(Value::String(String::new()));
         let mut line = BTreeMap::new();
-        line.insert("timestamp", Value::String(humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()));
+        line.insert(
+            "timestamp",
+            Value::String(
+                humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            ),
+        );
         line.insert("level", Value::String(meta.level().to_string()));
         line.insert("service", Value::String(self.service.clone()));
         line.insert("instance", Value::String(self.instance.clone()));
@@ -250,7 +261,9 @@ where
         if !fields.is_empty() {
             line.insert("fields", Value::Object(fields));
         }
-        let Ok(bytes) = serde_json::to_vec(&line) else { return };
+        let Ok(bytes) = serde_json::to_vec(&line) else {
+            return;
+        };
         if self.stdout {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(&bytes);
@@ -275,7 +288,9 @@ pub struct Telemetry {
 
 impl fmt::Debug for Telemetry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Telemetry").field("dropped", &self.stats.dropped()).finish()
+        f.debug_struct("Telemetry")
+            .field("dropped", &self.stats.dropped())
+            .finish()
     }
 }
 
@@ -296,19 +311,32 @@ impl Telemetry {
                     .set("bootstrap.servers", brokers)
                     .set("client.id", instance)
                     .set("linger.ms", "20")
-                    .set("message.timeout.ms", settings.log.delivery_timeout.as_millis().max(1).to_string())
+                    .set(
+                        "message.timeout.ms",
+                        settings.log.delivery_timeout.as_millis().max(1).to_string(),
+                    )
                     .set("queue.buffering.max.messages", "100000")
                     .set("socket.timeout.ms", "3000")
                     .set("reconnect.backoff.max.ms", "1000")
                     .set("log_level", "0")
-                    .create_with_context(DeliveryContext { stats: stats.clone(), stderr_fallback })?;
+                    .create_with_context(DeliveryContext {
+                        stats: stats.clone(),
+                        stderr_fallback,
+                    })?;
                 let (tx, rx) = mpsc::sync_channel(settings.log.buffer_lines);
                 let topic = settings.log_topic();
                 let (thread_stats, thread_stop) = (stats.clone(), stop.clone());
                 let handle = std::thread::Builder::new()
                     .name("log-shipper".into())
                     .spawn(move || run_shipper(rx, producer, topic, thread_stats, thread_stop))?;
-                (Some(Shipper { tx, stats: stats.clone(), stderr_fallback }), Some(handle))
+                (
+                    Some(Shipper {
+                        tx,
+                        stats: stats.clone(),
+                        stderr_fallback,
+                    }),
+                    Some(handle),
+                )
             }
             None => (None, None),
         };
@@ -318,9 +346,17 @@ impl Telemetry {
             stdout: settings.log.stdout,
             shipper,
         };
-        let filter = EnvFilter::try_new(&settings.log.level).unwrap_or_else(|_| EnvFilter::new("info"));
-        let _ = tracing_subscriber::registry().with(filter).with(layer).try_init();
-        Ok(Self { stats, stop, thread })
+        let filter =
+            EnvFilter::try_new(&settings.log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(layer)
+            .try_init();
+        Ok(Self {
+            stats,
+            stop,
+            thread,
+        })
     }
 
     /// Lines lost so far, all reasons.

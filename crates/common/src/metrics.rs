@@ -31,7 +31,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use cadence::{BufferedUdpMetricSink, Counted, Gauged, NopMetricSink, QueuingMetricSink, StatsdClient, Timed};
+use cadence::{
+    BufferedUdpMetricSink, Counted, Gauged, NopMetricSink, QueuingMetricSink, StatsdClient, Timed,
+};
 use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame};
 use pin_project_lite::pin_project;
@@ -72,7 +74,9 @@ pub struct Metrics {
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metrics").field("dropped", &self.dropped()).finish()
+        f.debug_struct("Metrics")
+            .field("dropped", &self.dropped())
+            .finish()
     }
 }
 
@@ -83,7 +87,11 @@ impl Metrics {
     /// # Errors
     /// The UDP socket cannot be made or the address does not resolve.
     pub fn new(settings: &Settings) -> std::io::Result<Self> {
-        let prefix = format!("{}.{}", settings.statsd.prefix, sanitize(&settings.service.name));
+        let prefix = format!(
+            "{}.{}",
+            settings.statsd.prefix,
+            sanitize(&settings.service.name)
+        );
         let dropped = Arc::new(AtomicU64::new(0));
         let on_error = {
             let dropped = dropped.clone();
@@ -95,13 +103,24 @@ impl Metrics {
             Some(addr) => {
                 let socket = UdpSocket::bind("0.0.0.0:0")?;
                 socket.set_nonblocking(true)?;
-                let udp = BufferedUdpMetricSink::from(addr.as_str(), socket).map_err(std::io::Error::other)?;
+                let udp = BufferedUdpMetricSink::from(addr.as_str(), socket)
+                    .map_err(std::io::Error::other)?;
                 let sink = QueuingMetricSink::with_capacity(udp, settings.statsd.queue_capacity);
-                StatsdClient::builder(&prefix, sink).with_error_handler(on_error).build()
+                StatsdClient::builder(&prefix, sink)
+                    .with_error_handler(on_error)
+                    .build()
             }
-            None => StatsdClient::builder(&prefix, NopMetricSink).with_error_handler(on_error).build(),
+            None => StatsdClient::builder(&prefix, NopMetricSink)
+                .with_error_handler(on_error)
+                .build(),
         };
-        Ok(Self { inner: Arc::new(Inner { client, dropped, inflight: [AtomicI64::new(0), AtomicI64::new(0)] }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                dropped,
+                inflight: [AtomicI64::new(0), AtomicI64::new(0)],
+            }),
+        })
     }
 
     /// A client that sends nothing (tests, tools).
@@ -149,7 +168,10 @@ impl Metrics {
     fn inflight(&self, side: Side, delta: i64) {
         let slot = &self.inner.inflight[side as usize];
         let now = slot.fetch_add(delta, Ordering::Relaxed) + delta;
-        let _ = self.inner.client.gauge(&format!("grpc.{}.inflight", side.as_str()), now.max(0) as u64);
+        let _ = self.inner.client.gauge(
+            &format!("grpc.{}.inflight", side.as_str()),
+            now.max(0) as u64,
+        );
     }
 
     fn record(&self, side: Side, method: &str, code: Code, elapsed: Duration) {
@@ -186,7 +208,15 @@ pub fn code_name(code: Code) -> &'static str {
 
 /// Keeps a metric path segment to `[A-Za-z0-9_-]`.
 pub fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// `/pkg.sub.Service/Method` → `Service.Method` when `Service` is one of `known` (full names), else
@@ -195,7 +225,8 @@ pub fn method_metric_name(path: &str, known: &HashSet<String>) -> String {
     let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
         return "unknown.unknown".into();
     };
-    if method.is_empty() || method.contains('/') || (!known.is_empty() && !known.contains(service)) {
+    if method.is_empty() || method.contains('/') || (!known.is_empty() && !known.contains(service))
+    {
         return "unknown.unknown".into();
     }
     let short = service.rsplit('.').next().unwrap_or(service);
@@ -213,14 +244,21 @@ pub struct GrpcMetricsLayer {
 impl GrpcMetricsLayer {
     /// `known`: full names of the services served (server side), so unknown paths fold into one name.
     pub fn new(metrics: Metrics, side: Side, known: HashSet<String>) -> Self {
-        Self { metrics, side, known: Arc::new(known) }
+        Self {
+            metrics,
+            side,
+            known: Arc::new(known),
+        }
     }
 }
 
 impl<S> Layer<S> for GrpcMetricsLayer {
     type Service = GrpcMetrics<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcMetrics { inner, layer: self.clone() }
+        GrpcMetrics {
+            inner,
+            layer: self.clone(),
+        }
     }
 }
 
@@ -251,13 +289,18 @@ impl CallRecord {
 impl Drop for CallRecord {
     fn drop(&mut self) {
         let code = self.code.unwrap_or(Code::Cancelled);
-        self.metrics.record(self.side, &self.method, code, self.start.elapsed());
+        self.metrics
+            .record(self.side, &self.method, code, self.start.elapsed());
         self.metrics.inflight(self.side, -1);
     }
 }
 
 fn status_of(headers: &http::HeaderMap) -> Option<Code> {
-    headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i32>().ok()).map(Code::from)
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(Code::from)
 }
 
 impl<S, B> Service<Request<B>> for GrpcMetrics<S>
@@ -278,7 +321,13 @@ where
         let method = method_metric_name(req.uri().path(), &self.layer.known);
         let metrics = self.layer.metrics.clone();
         metrics.inflight(self.layer.side, 1);
-        let mut record = CallRecord { metrics, side: self.layer.side, method, start: Instant::now(), code: None };
+        let mut record = CallRecord {
+            metrics,
+            side: self.layer.side,
+            method,
+            start: Instant::now(),
+            code: None,
+        };
         let fut = self.inner.call(req);
         Box::pin(async move {
             match fut.await {
@@ -287,7 +336,13 @@ where
                         record.finish(code); // trailers-only response
                     }
                     let (parts, body) = resp.into_parts();
-                    Ok(Response::from_parts(parts, Body::new(MeteredBody { inner: body, record })))
+                    Ok(Response::from_parts(
+                        parts,
+                        Body::new(MeteredBody {
+                            inner: body,
+                            record,
+                        }),
+                    ))
                 }
                 Err(e) => {
                     record.finish(Code::Unavailable);
@@ -311,7 +366,10 @@ impl HttpBody for MeteredBody {
     type Data = Bytes;
     type Error = tonic::Status;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
         match &polled {
@@ -343,9 +401,18 @@ mod tests {
     #[test]
     fn method_names_are_dotted_and_bounded() {
         let known: HashSet<String> = ["killrvideo.ratings.RatingsService".to_owned()].into();
-        assert_eq!(method_metric_name("/killrvideo.ratings.RatingsService/GetRating", &known), "RatingsService.GetRating");
-        assert_eq!(method_metric_name("/evil.Scanner/Probe", &known), "unknown.unknown");
-        assert_eq!(method_metric_name("/favicon.ico", &known), "unknown.unknown");
+        assert_eq!(
+            method_metric_name("/killrvideo.ratings.RatingsService/GetRating", &known),
+            "RatingsService.GetRating"
+        );
+        assert_eq!(
+            method_metric_name("/evil.Scanner/Probe", &known),
+            "unknown.unknown"
+        );
+        assert_eq!(
+            method_metric_name("/favicon.ico", &known),
+            "unknown.unknown"
+        );
         assert_eq!(method_metric_name("/a.B/C", &HashSet::new()), "B.C");
     }
 

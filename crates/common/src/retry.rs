@@ -51,12 +51,25 @@ impl Default for RetryBudget {
 impl RetryBudget {
     /// A budget of `ratio` of requests plus `min_per_sec` retries per second, over a sliding `window`.
     pub fn new(ratio: f64, min_per_sec: f64, window: Duration) -> Self {
-        Self { ratio, min_per_sec, window, state: Mutex::new(Window { started: Instant::now(), requests: 0, retries: 0 }) }
+        Self {
+            ratio,
+            min_per_sec,
+            window,
+            state: Mutex::new(Window {
+                started: Instant::now(),
+                requests: 0,
+                retries: 0,
+            }),
+        }
     }
 
     fn roll(&self, w: &mut Window) {
         if w.started.elapsed() >= self.window {
-            *w = Window { started: Instant::now(), requests: 0, retries: 0 };
+            *w = Window {
+                started: Instant::now(),
+                requests: 0,
+                retries: 0,
+            };
         }
     }
 
@@ -93,11 +106,19 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     /// `max_attempts` counts the first try; backoff starts at 25 ms and doubles up to 1 s, full jitter.
     pub fn new(max_attempts: u32, budget: Arc<RetryBudget>) -> Self {
-        Self { max_attempts: max_attempts.max(1), base: Duration::from_millis(25), cap: Duration::from_secs(1), budget }
+        Self {
+            max_attempts: max_attempts.max(1),
+            base: Duration::from_millis(25),
+            cap: Duration::from_secs(1),
+            budget,
+        }
     }
 
     fn backoff(&self, retry: u32) -> Duration {
-        let exp = self.base.saturating_mul(2u32.saturating_pow(retry.min(16))).min(self.cap);
+        let exp = self
+            .base
+            .saturating_mul(2u32.saturating_pow(retry.min(16)))
+            .min(self.cap);
         rand::rng().random_range(Duration::ZERO..=exp)
     }
 
@@ -117,7 +138,10 @@ impl RetryPolicy {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
-            if idempotent == Idempotent::No || err.code() != Code::Unavailable || tries >= self.max_attempts {
+            if idempotent == Idempotent::No
+                || err.code() != Code::Unavailable
+                || tries >= self.max_attempts
+            {
                 return Err(err);
             }
             let wait = self.backoff(tries - 1);
@@ -157,17 +181,39 @@ mod tests {
         assert_eq!(n.load(Ordering::SeqCst), 3);
 
         n.store(0, Ordering::SeqCst);
-        let _ = p.call(Idempotent::No, || async { n.fetch_add(1, Ordering::SeqCst); Err::<(), _>(Status::unavailable("x")) }).await;
-        assert_eq!(n.load(Ordering::SeqCst), 1, "non-idempotent calls are never retried");
+        let _ = p
+            .call(Idempotent::No, || async {
+                n.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(Status::unavailable("x"))
+            })
+            .await;
+        assert_eq!(
+            n.load(Ordering::SeqCst),
+            1,
+            "non-idempotent calls are never retried"
+        );
 
         n.store(0, Ordering::SeqCst);
-        let _ = p.call(Idempotent::Yes, || async { n.fetch_add(1, Ordering::SeqCst); Err::<(), _>(Status::invalid_argument("x")) }).await;
-        assert_eq!(n.load(Ordering::SeqCst), 1, "permanent errors are not retried");
+        let _ = p
+            .call(Idempotent::Yes, || async {
+                n.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(Status::invalid_argument("x"))
+            })
+            .await;
+        assert_eq!(
+            n.load(Ordering::SeqCst),
+            1,
+            "permanent errors are not retried"
+        );
 
         n.store(0, Ordering::SeqCst);
         let ok = p
             .call(Idempotent::Yes, || async {
-                if n.fetch_add(1, Ordering::SeqCst) == 0 { Err(Status::unavailable("blip")) } else { Ok(7) }
+                if n.fetch_add(1, Ordering::SeqCst) == 0 {
+                    Err(Status::unavailable("blip"))
+                } else {
+                    Ok(7)
+                }
             })
             .await;
         assert_eq!(ok.unwrap(), 7);
@@ -187,10 +233,17 @@ mod tests {
     async fn no_retry_past_the_incoming_deadline() {
         let p = policy(10, RetryBudget::default());
         let n = AtomicU32::new(0);
-        let ctx = crate::context::RequestContext { trace_id: "t".into(), deadline: Some(Instant::now() + Duration::from_millis(1)) };
+        let ctx = crate::context::RequestContext {
+            trace_id: "t".into(),
+            deadline: Some(Instant::now() + Duration::from_millis(1)),
+        };
         let _ = crate::context::scope(ctx, async {
             tokio::time::sleep(Duration::from_millis(2)).await;
-            p.call(Idempotent::Yes, || async { n.fetch_add(1, Ordering::SeqCst); Err::<(), _>(Status::unavailable("x")) }).await
+            p.call(Idempotent::Yes, || async {
+                n.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(Status::unavailable("x"))
+            })
+            .await
         })
         .await;
         assert_eq!(n.load(Ordering::SeqCst), 1);

@@ -1,7 +1,7 @@
 //! The gRPC server: the one place where the server stack is assembled, and the shutdown sequence.
 //!
 //! ```ignore
-//! Server::builder(&platform).add(EchoServer::new(handler)).serve(listener, shutdown::signal()).await
+//! Server::builder(&platform).add_service(EchoServer::new(handler)).serve(listener, shutdown::signal()).await
 //! ```
 //!
 //! Every service gets: `grpc.health.v1` (NOT_SERVING until the port is bound and every readiness check passes,
@@ -31,17 +31,20 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, body::Body, server::NamedService, service::RoutesBuilder};
 use tonic_health::{ServingStatus, server::HealthReporter};
-use tower::{BoxError, Service, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::LoadShedLayer};
+use tower::{
+    BoxError, Service, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::LoadShedLayer,
+};
 
 use crate::{
     Platform,
-    consul::{ConsulAgent, Registrar},
+    consul::{ConsulAgent, Instance, Registrar},
     context::ServerContextLayer,
     metrics::{GrpcMetricsLayer, Side},
 };
 
 /// A readiness check: `Ok` when a dependency answers, `Err(why)` when it does not.
-pub type ReadinessCheck = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+pub type ReadinessCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
 /// Collects a process's gRPC services, then serves them.
 pub struct Server {
@@ -53,19 +56,26 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("services", &self.names).finish()
+        f.debug_struct("Server")
+            .field("services", &self.names)
+            .finish()
     }
 }
 
 impl Server {
     /// A server for `platform`'s settings, with no services yet.
     pub fn builder(platform: &Platform) -> Self {
-        Self { platform: platform.clone(), routes: RoutesBuilder::default(), names: Vec::new(), checks: Vec::new() }
+        Self {
+            platform: platform.clone(),
+            routes: RoutesBuilder::default(),
+            names: Vec::new(),
+            checks: Vec::new(),
+        }
     }
 
     /// Adds a generated tonic server (`FooServer::new(handler)`); gzip and the configured size limits are applied
     /// here.
-    pub fn add<S>(mut self, svc: S) -> Self
+    pub fn add_service<S>(mut self, svc: S) -> Self
     where
         S: ServerCodec
             + Service<Request<Body>, Response = Response<Body>, Error = Infallible>
@@ -77,7 +87,8 @@ impl Server {
         S::Future: Send + 'static,
     {
         let g = &self.platform.settings.grpc;
-        self.routes.add_service(svc.gzip().limits(g.max_request_bytes, g.max_response_bytes));
+        self.routes
+            .add_service(svc.gzip().limits(g.max_request_bytes, g.max_response_bytes));
         self.names.push(S::NAME);
         self
     }
@@ -88,7 +99,8 @@ impl Server {
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), String>> + Send + 'static,
     {
-        self.checks.push((name.to_owned(), Arc::new(move || Box::pin(check()))));
+        self.checks
+            .push((name.to_owned(), Arc::new(move || Box::pin(check()))));
         self
     }
 
@@ -96,8 +108,17 @@ impl Server {
     ///
     /// # Errors
     /// The reflection service cannot be built, or the server fails while accepting.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Server { platform, mut routes, names, checks } = self;
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let Server {
+            platform,
+            mut routes,
+            names,
+            checks,
+        } = self;
         let settings = &platform.settings;
         let g = &settings.grpc;
         let local = listener.local_addr()?;
@@ -115,7 +136,11 @@ impl Server {
         // limit is rejected at once instead of queueing.
         let stack = ServiceBuilder::new()
             .layer(ServerContextLayer::new(g.request_timeout))
-            .layer(GrpcMetricsLayer::new(platform.metrics.clone(), Side::Server, known))
+            .layer(GrpcMetricsLayer::new(
+                platform.metrics.clone(),
+                Side::Server,
+                known,
+            ))
             .layer_fn(|inner| ShedToStatus { inner })
             .layer(LoadShedLayer::new())
             .layer(GlobalConcurrencyLimitLayer::new(g.max_concurrent_requests))
@@ -132,27 +157,37 @@ impl Server {
 
         let stop_accepting = CancellationToken::new();
         let stop = stop_accepting.clone();
-        let mut serving = tokio::spawn(server.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            stop.cancelled().await
-        }));
+        let mut serving = tokio::spawn(
+            server.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                stop.cancelled().await
+            }),
+        );
         tracing::info!(addr = %local, services = ?names, "grpc server listening");
 
         let background = CancellationToken::new();
-        tokio::spawn(readiness_loop(health.clone(), names.clone(), checks, background.clone()));
+        tokio::spawn(readiness_loop(
+            health.clone(),
+            names.clone(),
+            checks,
+            background.clone(),
+        ));
 
         let registrar = settings.consul.http_addr.as_ref().map(|addr| {
-            let advertise = settings.grpc.advertise_addr.clone().unwrap_or_else(|| advertise_ip(local));
+            let advertise = settings
+                .grpc
+                .advertise_addr
+                .clone()
+                .unwrap_or_else(|| advertise_ip(local));
             let agent = ConsulAgent::new(addr, settings.consul.token.clone());
-            let r = Registrar::new(
-                &settings.consul,
-                agent,
-                &settings.service.name,
-                &platform.instance_id,
-                &advertise,
-                local.port(),
-                &settings.service.version,
-                &settings.service.tags,
-            );
+            let instance = Instance {
+                name: settings.service.name.clone(),
+                id: platform.instance_id.clone(),
+                address: advertise,
+                port: local.port(),
+                version: settings.service.version.clone(),
+                tags: settings.service.tags.clone(),
+            };
+            let r = Registrar::new(&settings.consul, agent, &instance);
             tokio::spawn(r.clone().run(Duration::from_secs(30), background.clone()));
             r
         });
@@ -203,7 +238,11 @@ fn reflection(names: &[&'static str]) -> tonic_reflection::server::Builder<'stat
 }
 
 fn advertise_ip(local: SocketAddr) -> String {
-    if local.ip().is_unspecified() { "127.0.0.1".to_owned() } else { local.ip().to_string() }
+    if local.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        local.ip().to_string()
+    }
 }
 
 async fn set_all(health: &HealthReporter, names: &[&'static str], status: ServingStatus) {
@@ -214,7 +253,12 @@ async fn set_all(health: &HealthReporter, names: &[&'static str], status: Servin
 }
 
 /// SERVING once every check passes; re-checked every 5 s (every 500 ms until first ready).
-async fn readiness_loop(health: HealthReporter, names: Vec<&'static str>, checks: Vec<(String, ReadinessCheck)>, cancel: CancellationToken) {
+async fn readiness_loop(
+    health: HealthReporter,
+    names: Vec<&'static str>,
+    checks: Vec<(String, ReadinessCheck)>,
+    cancel: CancellationToken,
+) {
     let mut ready = false;
     loop {
         let mut failed = Vec::new();
@@ -233,10 +277,23 @@ async fn readiness_loop(health: HealthReporter, names: Vec<&'static str>, checks
             } else {
                 tracing::warn!(failed = ?failed, "health NOT_SERVING: dependency not ready");
             }
-            set_all(&health, &names, if now_ready { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+            set_all(
+                &health,
+                &names,
+                if now_ready {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                },
+            )
+            .await;
             ready = now_ready;
         }
-        let wait = if ready { Duration::from_secs(5) } else { Duration::from_millis(500) };
+        let wait = if ready {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_millis(500)
+        };
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
@@ -273,7 +330,10 @@ where
             Ok(match fut.await {
                 Ok(resp) => resp,
                 Err(e) if e.is::<tower::load_shed::error::Overloaded>() => {
-                    Status::resource_exhausted("server overloaded: concurrency limit reached; retry later").into_http()
+                    Status::resource_exhausted(
+                        "server overloaded: concurrency limit reached; retry later",
+                    )
+                    .into_http()
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "server stack error");

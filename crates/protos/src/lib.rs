@@ -28,7 +28,10 @@ pub mod killrvideo {
         include!(concat!(env!("OUT_DIR"), "/killrvideo.user_management.rs"));
         /// `killrvideo.user_management.events`, published on `topic-kv-userCreation`.
         pub mod events {
-            include!(concat!(env!("OUT_DIR"), "/killrvideo.user_management.events.rs"));
+            include!(concat!(
+                env!("OUT_DIR"),
+                "/killrvideo.user_management.events.rs"
+            ));
         }
     }
     /// `killrvideo.video_catalog`.
@@ -36,7 +39,10 @@ pub mod killrvideo {
         include!(concat!(env!("OUT_DIR"), "/killrvideo.video_catalog.rs"));
         /// `killrvideo.video_catalog.events`, `YouTubeVideoAdded` published on `topic-kv-videoCreation`.
         pub mod events {
-            include!(concat!(env!("OUT_DIR"), "/killrvideo.video_catalog.events.rs"));
+            include!(concat!(
+                env!("OUT_DIR"),
+                "/killrvideo.video_catalog.events.rs"
+            ));
         }
     }
     /// `killrvideo.comments`.

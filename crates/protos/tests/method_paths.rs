@@ -35,7 +35,11 @@ const SPEC_PATHS: &[&str] = &[
 
 /// The method paths listed in the spec's §2.1 code block, when the spec is available.
 fn spec_paths_from_shared() -> Option<Vec<String>> {
-    let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/spec/killrvideo-api.md")).ok()?;
+    let spec = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/spec/killrvideo-api.md"
+    ))
+    .ok()?;
     let paths: Vec<String> = spec
         .lines()
         .map(str::trim)
@@ -46,7 +50,8 @@ fn spec_paths_from_shared() -> Option<Vec<String>> {
 }
 
 fn descriptor_paths() -> Vec<String> {
-    let fds = FileDescriptorSet::decode(keel_protos::FILE_DESCRIPTOR_SET).expect("descriptor set decodes");
+    let fds = FileDescriptorSet::decode(keel_protos::FILE_DESCRIPTOR_SET)
+        .expect("descriptor set decodes");
     let mut out = Vec::new();
     for file in &fds.file {
         for svc in &file.service {
@@ -67,7 +72,10 @@ fn every_spec_method_path_is_in_the_descriptor_set() {
         want = from_spec;
     }
     for path in &want {
-        assert!(have.contains(path), "method path {path} missing from generated code");
+        assert!(
+            have.contains(path),
+            "method path {path} missing from generated code"
+        );
     }
 }
 
@@ -89,7 +97,10 @@ fn generated_clients_expose_the_spec_services() {
     ];
     for name in names {
         let prefix = format!("/{name}/");
-        assert!(SPEC_PATHS.iter().any(|p| p.starts_with(&prefix)), "service {name} not in the spec");
+        assert!(
+            SPEC_PATHS.iter().any(|p| p.starts_with(&prefix)),
+            "service {name} not in the spec"
+        );
     }
 }
 
@@ -102,21 +113,37 @@ fn field_numbers_match_the_spec_for_paging_state() {
         for msg in &file.message_type {
             for f in &msg.field {
                 if f.name() == "paging_state" && msg.name().ends_with("Request") {
-                    assert_eq!(f.number(), 16, "{}.{} must be field 16", msg.name(), f.name());
+                    assert_eq!(
+                        f.number(),
+                        16,
+                        "{}.{} must be field 16",
+                        msg.name(),
+                        f.name()
+                    );
                     seen += 1;
                 }
             }
         }
     }
-    assert_eq!(seen, 7, "seven request messages carry paging_state (spec §3)");
+    assert_eq!(
+        seen, 7,
+        "seven request messages carry paging_state (spec §3)"
+    );
 }
 
 #[test]
 fn empty_responses_encode_to_zero_bytes() {
     use keel_protos::killrvideo::*;
-    assert!(user_management::CreateUserResponse {}.encode_to_vec().is_empty());
+    assert!(
+        user_management::CreateUserResponse {}
+            .encode_to_vec()
+            .is_empty()
+    );
     assert!(ratings::RateVideoResponse {}.encode_to_vec().is_empty());
     // YOUTUBE is the proto3 default: a YouTube video carries no field 6 on the wire.
-    let v = video_catalog::GetVideoResponse { location_type: video_catalog::VideoLocationType::Youtube as i32, ..Default::default() };
+    let v = video_catalog::GetVideoResponse {
+        location_type: video_catalog::VideoLocationType::Youtube as i32,
+        ..Default::default()
+    };
     assert!(v.encode_to_vec().is_empty());
 }

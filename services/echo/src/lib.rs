@@ -23,7 +23,9 @@ pub struct EchoService {
 impl EchoService {
     /// A handler answering as instance `instance_id`.
     pub fn new(instance_id: impl Into<String>) -> Self {
-        Self { instance_id: instance_id.into() }
+        Self {
+            instance_id: instance_id.into(),
+        }
     }
 }
 
@@ -32,13 +34,23 @@ impl Echo for EchoService {
     async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
         let req = request.into_inner();
         if !(0..=16).contains(&req.fail_with_code) {
-            return Err(ServiceError::invalid("fail_with_code", format!("{} is not a gRPC status code (0..16)", req.fail_with_code)).into());
+            return Err(ServiceError::invalid(
+                "fail_with_code",
+                format!("{} is not a gRPC status code (0..16)", req.fail_with_code),
+            )
+            .into());
         }
         if req.fail_with_code != 0 {
-            return Err(Status::new(tonic::Code::from(req.fail_with_code), "failure requested by fail_with_code"));
+            return Err(Status::new(
+                tonic::Code::from(req.fail_with_code),
+                "failure requested by fail_with_code",
+            ));
         }
         let ctx = context::current();
-        let deadline_remaining_ms = ctx.as_ref().and_then(|c| c.remaining()).map_or(0, |d| d.as_millis() as u64);
+        let deadline_remaining_ms = ctx
+            .as_ref()
+            .and_then(|c| c.remaining())
+            .map_or(0, |d| d.as_millis() as u64);
         tracing::info!(text = %req.message, delay_ms = req.delay_ms, "echo");
         if req.delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(u64::from(req.delay_ms)).min(MAX_DELAY)).await;
@@ -54,5 +66,9 @@ impl Echo for EchoService {
 
 /// The echo server of `platform`.
 pub fn build(platform: &Platform) -> anyhow::Result<Server> {
-    Ok(Server::builder(platform).add(EchoServer::new(EchoService::new(platform.instance_id.clone()))))
+    Ok(
+        Server::builder(platform).add_service(EchoServer::new(EchoService::new(
+            platform.instance_id.clone(),
+        ))),
+    )
 }

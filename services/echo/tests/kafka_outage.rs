@@ -11,16 +11,31 @@ use keel_protos::keel::example::v1::{EchoRequest, echo_client::EchoClient};
 use support::*;
 
 fn infra_cmd(infra: &Infra, action: &str) {
-    let out = Command::new("bash").arg(&infra.infra_script).args([action, "kafka"]).output().expect("infra.sh");
-    assert!(out.status.success(), "infra.sh {action} kafka: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("bash")
+        .arg(&infra.infra_script)
+        .args([action, "kafka"])
+        .output()
+        .expect("infra.sh");
+    assert!(
+        out.status.success(),
+        "infra.sh {action} kafka: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 async fn traced_call(client: &mut EchoClient<tonic::transport::Channel>, trace_id: &str) {
-    let mut req = tonic::Request::new(EchoRequest { message: "kafka outage".into(), ..Default::default() });
-    req.metadata_mut().insert("x-trace-id", trace_id.parse().unwrap());
+    let mut req = tonic::Request::new(EchoRequest {
+        message: "kafka outage".into(),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("x-trace-id", trace_id.parse().unwrap());
     // A 2 s deadline: a logger that blocked on Kafka would make this DEADLINE_EXCEEDED.
     req.set_timeout(Duration::from_secs(2));
-    client.echo(req).await.expect("the service answers within the deadline");
+    client
+        .echo(req)
+        .await
+        .expect("the service answers within the deadline");
 }
 
 #[tokio::test]
@@ -38,7 +53,12 @@ async fn kafka_outage_drops_are_counted_calls_stay_prompt_and_shipping_recovers(
     let before = unique("before");
     traced_call(&mut client, &before).await;
     let want = before.clone();
-    let (_, c) = consume_until(consumer(&infra, &topic), Duration::from_secs(40), move |v| v["trace_id"] == want.as_str()).await;
+    let (_, c) = consume_until(
+        consumer(&infra, &topic),
+        Duration::from_secs(40),
+        move |v| v["trace_id"] == want.as_str(),
+    )
+    .await;
     drop(c);
 
     infra_cmd(&infra, "stop");
@@ -47,11 +67,17 @@ async fn kafka_outage_drops_are_counted_calls_stay_prompt_and_shipping_recovers(
             traced_call(&mut client, &format!("during-{i}")).await;
         }
         // Undeliverable lines are counted (and reported on stdout, never shipped).
-        eventually("dropped log lines are reported", Duration::from_secs(30), || async {
-            p.lines().iter().find_map(|l| {
-                (l["message"] == "log lines dropped" && l["fields"]["delivery_failed"].as_u64()? >= 20).then_some(())
-            })
-        })
+        eventually(
+            "dropped log lines are reported",
+            Duration::from_secs(30),
+            || async {
+                p.lines().iter().find_map(|l| {
+                    (l["message"] == "log lines dropped"
+                        && l["fields"]["delivery_failed"].as_u64()? >= 20)
+                        .then_some(())
+                })
+            },
+        )
         .await;
     });
     let outcome = futures_catch(result).await;
@@ -71,19 +97,34 @@ async fn kafka_outage_drops_are_counted_calls_stay_prompt_and_shipping_recovers(
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
-    let (line, _c) = consume_until(c, Duration::from_secs(60), move |v| v["trace_id"] == want.as_str()).await;
+    let (line, _c) = consume_until(c, Duration::from_secs(60), move |v| {
+        v["trace_id"] == want.as_str()
+    })
+    .await;
     caller.abort();
     assert_eq!(line["service"], name.as_str());
 
     p.signal("TERM");
     assert!(p.wait_exit(Duration::from_secs(20)).await.success());
-    let summary = p.lines().into_iter().find(|l| l["message"] == "log shipper stopping").expect("shipper summary line");
-    assert!(summary["fields"]["dropped"].as_u64().unwrap() >= 20, "{summary}");
-    assert!(summary["fields"]["shipped"].as_u64().unwrap() >= 2, "{summary}");
+    let summary = p
+        .lines()
+        .into_iter()
+        .find(|l| l["message"] == "log shipper stopping")
+        .expect("shipper summary line");
+    assert!(
+        summary["fields"]["dropped"].as_u64().unwrap() >= 20,
+        "{summary}"
+    );
+    assert!(
+        summary["fields"]["shipped"].as_u64().unwrap() >= 2,
+        "{summary}"
+    );
 }
 
 /// Runs a future, turning a panic into an `Err` so the broker is restarted whatever happens.
-async fn futures_catch<F: std::future::Future<Output = ()>>(f: std::panic::AssertUnwindSafe<F>) -> std::thread::Result<()> {
+async fn futures_catch<F: std::future::Future<Output = ()>>(
+    f: std::panic::AssertUnwindSafe<F>,
+) -> std::thread::Result<()> {
     use futures::FutureExt;
     f.catch_unwind().await
 }

@@ -9,10 +9,15 @@ use keel_common::{ClientFactory, Idempotent, Metrics, discovery::SrvResolver};
 use keel_protos::keel::example::v1::{EchoRequest, echo_client::EchoClient};
 use support::*;
 use tonic::Code;
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 fn echo(message: &str) -> EchoRequest {
-    EchoRequest { message: message.into(), ..Default::default() }
+    EchoRequest {
+        message: message.into(),
+        ..Default::default()
+    }
 }
 
 /// Proofs 1 and 6: registered with a passing GRPC check, found by SRV through Consul DNS (our resolver and
@@ -25,32 +30,89 @@ async fn registers_in_consul_resolves_by_srv_and_offers_reflection_and_health() 
     let ports = passing_ports(&infra, &name, 1).await;
     let port = ports[0];
 
-    let entry = infra.agent().health_service(&name, true).await.unwrap().remove(0);
-    assert!(entry.service.id.starts_with(&format!("{name}-")), "instance id {}", entry.service.id);
+    let entry = infra
+        .agent()
+        .health_service(&name, true)
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(
+        entry.service.id.starts_with(&format!("{name}-")),
+        "instance id {}",
+        entry.service.id
+    );
     assert_eq!(entry.service.meta.as_ref().unwrap()["protocol"], "grpc");
-    assert!(entry.checks.iter().any(|c| c.check_id.ends_with(":grpc") && c.status == "passing"));
+    assert!(
+        entry
+            .checks
+            .iter()
+            .any(|c| c.check_id.ends_with(":grpc") && c.status == "passing")
+    );
 
-    let resolved = SrvResolver::new(infra.consul_dns.parse().unwrap()).resolve(&name).await.unwrap();
+    let resolved = SrvResolver::new(infra.consul_dns.parse().unwrap())
+        .resolve(&name)
+        .await
+        .unwrap();
     assert_eq!(resolved, vec![format!("127.0.0.1:{port}").parse().unwrap()]);
     let (dns_host, dns_port) = infra.consul_dns.split_once(':').unwrap();
-    let dig = run(Command::new("dig").args(["+short", &format!("@{dns_host}"), "-p", dns_port, &format!("{name}.service.consul"), "SRV"]));
-    assert!(dig.split_whitespace().any(|w| w == port.to_string()), "dig SRV answer {dig:?} lacks port {port}");
+    let dig = run(Command::new("dig").args([
+        "+short",
+        &format!("@{dns_host}"),
+        "-p",
+        dns_port,
+        &format!("{name}.service.consul"),
+        "SRV",
+    ]));
+    assert!(
+        dig.split_whitespace().any(|w| w == port.to_string()),
+        "dig SRV answer {dig:?} lacks port {port}"
+    );
 
     let addr = format!("127.0.0.1:{port}");
     let list = run(Command::new(&infra.grpcurl).args(["-plaintext", &addr, "list"]));
     let services: Vec<&str> = list.lines().collect();
     assert!(services.contains(&"keel.example.v1.Echo"), "{list}");
     assert!(services.contains(&"grpc.health.v1.Health"), "{list}");
-    assert!(!services.contains(&"rpc.Cache"), "reflection advertises only served services: {list}");
-    let describe = run(Command::new(&infra.grpcurl).args(["-plaintext", &addr, "describe", "keel.example.v1.Echo"]));
-    assert!(describe.contains("rpc Echo ( .keel.example.v1.EchoRequest ) returns ( .keel.example.v1.EchoResponse )"), "{describe}");
-    let called = run(Command::new(&infra.grpcurl).args(["-plaintext", "-d", r#"{"message":"via grpcurl"}"#, &addr, "keel.example.v1.Echo/Echo"]));
+    assert!(
+        !services.contains(&"rpc.Cache"),
+        "reflection advertises only served services: {list}"
+    );
+    let describe = run(Command::new(&infra.grpcurl).args([
+        "-plaintext",
+        &addr,
+        "describe",
+        "keel.example.v1.Echo",
+    ]));
+    assert!(
+        describe.contains(
+            "rpc Echo ( .keel.example.v1.EchoRequest ) returns ( .keel.example.v1.EchoResponse )"
+        ),
+        "{describe}"
+    );
+    let called = run(Command::new(&infra.grpcurl).args([
+        "-plaintext",
+        "-d",
+        r#"{"message":"via grpcurl"}"#,
+        &addr,
+        "keel.example.v1.Echo/Echo",
+    ]));
     assert!(called.contains("via grpcurl"), "{called}");
 
     let mut health = HealthClient::new(direct(addr.parse().unwrap()));
     for service in ["", "keel.example.v1.Echo"] {
-        let status = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status;
-        assert_eq!(status, ServingStatus::Serving as i32, "health of {service:?}");
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            ServingStatus::Serving as i32,
+            "health of {service:?}"
+        );
     }
     p.signal("TERM");
     assert!(p.wait_exit(Duration::from_secs(20)).await.success());
@@ -72,16 +134,27 @@ async fn client_balances_over_consul_dns_and_survives_sigkill() {
     // Discovery may publish one instance before the other; call until both have answered (bounded).
     let mut client_a = client.clone();
     for _ in 0..100 {
-        let r = client_a.echo(echo("spread")).await.expect("call through consul dns");
+        let r = client_a
+            .echo(echo("spread"))
+            .await
+            .expect("call through consul dns");
         *by_instance.entry(r.into_inner().instance_id).or_default() += 1;
         if by_instance.len() == 2 && by_instance.values().all(|n| *n >= 3) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(by_instance.len(), 2, "calls spread over both instances: {by_instance:?}");
+    assert_eq!(
+        by_instance.len(),
+        2,
+        "calls spread over both instances: {by_instance:?}"
+    );
 
-    let a_id = a.lines().iter().find_map(|l| l["instance"].as_str().map(str::to_owned)).unwrap();
+    let a_id = a
+        .lines()
+        .iter()
+        .find_map(|l| l["instance"].as_str().map(str::to_owned))
+        .unwrap();
     a.child.kill().unwrap(); // SIGKILL: no deregistration, no goodbye
     a.child.wait().unwrap();
 
@@ -97,7 +170,10 @@ async fn client_balances_over_consul_dns_and_survives_sigkill() {
             .unwrap_or_else(|s| panic!("call {i} after SIGKILL failed: {s:?}"));
         *answered_by.entry(r.into_inner().instance_id).or_default() += 1;
     }
-    assert!(!answered_by.contains_key(&a_id), "the killed instance cannot answer: {answered_by:?}");
+    assert!(
+        !answered_by.contains_key(&a_id),
+        "the killed instance cannot answer: {answered_by:?}"
+    );
     assert_eq!(answered_by.values().sum::<usize>(), 40);
 }
 
@@ -114,12 +190,25 @@ async fn sigterm_goes_not_serving_deregisters_drains_and_exits_zero() {
 
     let mut client = EchoClient::new(direct(addr));
     let in_flight = tokio::spawn(async move {
-        client.echo(EchoRequest { message: "slow".into(), delay_ms: 3000, ..Default::default() }).await
+        client
+            .echo(EchoRequest {
+                message: "slow".into(),
+                delay_ms: 3000,
+                ..Default::default()
+            })
+            .await
     });
     // The call is in the handler once the server logged it.
-    eventually("the slow call reached the handler", Duration::from_secs(10), || async {
-        p.lines().iter().any(|l| l["fields"]["text"] == "slow").then_some(())
-    })
+    eventually(
+        "the slow call reached the handler",
+        Duration::from_secs(10),
+        || async {
+            p.lines()
+                .iter()
+                .any(|l| l["fields"]["text"] == "slow")
+                .then_some(())
+        },
+    )
     .await;
     p.signal("TERM");
 
@@ -127,26 +216,50 @@ async fn sigterm_goes_not_serving_deregisters_drains_and_exits_zero() {
     eventually("health turns NOT_SERVING", Duration::from_secs(5), || {
         let mut h = health.clone();
         async move {
-            let s = h.check(HealthCheckRequest { service: String::new() }).await.ok()?.into_inner().status;
+            let s = h
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .status;
             (s == ServingStatus::NotServing as i32).then_some(())
         }
     })
     .await;
     let agent = infra.agent();
-    eventually("instance deregistered from consul", Duration::from_secs(10), || async {
-        agent.health_service(&name, false).await.ok()?.is_empty().then_some(())
-    })
+    eventually(
+        "instance deregistered from consul",
+        Duration::from_secs(10),
+        || async {
+            agent
+                .health_service(&name, false)
+                .await
+                .ok()?
+                .is_empty()
+                .then_some(())
+        },
+    )
     .await;
     let _ = &mut health;
 
-    let answer = in_flight.await.unwrap().expect("in-flight call completes during shutdown");
+    let answer = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight call completes during shutdown");
     assert_eq!(answer.into_inner().message, "slow");
     let status = p.wait_exit(Duration::from_secs(20)).await;
     assert_eq!(status.code(), Some(0), "output:\n{}", p.output());
     let order: Vec<String> = p
         .lines()
         .iter()
-        .filter_map(|l| l["message"].as_str().filter(|m| m.starts_with("shutdown:") || m.starts_with("deregistered")).map(str::to_owned))
+        .filter_map(|l| {
+            l["message"]
+                .as_str()
+                .filter(|m| m.starts_with("shutdown:") || m.starts_with("deregistered"))
+                .map(str::to_owned)
+        })
         .collect();
     assert_eq!(
         order,
@@ -166,10 +279,22 @@ fn whisper_sum(path: &std::path::Path) -> Option<f64> {
     if !path.exists() {
         return None;
     }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
-    let out = Command::new("whisper-fetch").arg("--from").arg((now - 3600).to_string()).arg(path).output().ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    let out = Command::new("whisper-fetch")
+        .arg("--from")
+        .arg((now - 3600).to_string())
+        .arg(path)
+        .output()
+        .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    Some(text.lines().filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()).sum())
+    Some(
+        text.lines()
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .sum(),
+    )
 }
 
 /// Proof 4: after calls, the RPC's counters and timer are in Graphite's whisper files, via the StatsD daemon.
@@ -186,7 +311,13 @@ async fn rpc_metrics_reach_graphite_through_statsd() {
         client.echo(echo("counted")).await.unwrap();
     }
     for _ in 0..2 {
-        let err = client.echo(EchoRequest { fail_with_code: Code::NotFound as i32, ..Default::default() }).await.unwrap_err();
+        let err = client
+            .echo(EchoRequest {
+                fail_with_code: Code::NotFound as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::NotFound);
     }
 
@@ -195,14 +326,20 @@ async fn rpc_metrics_reach_graphite_through_statsd() {
     let requests = counts.join(format!("{base}/requests.wsp"));
     let not_found = counts.join(format!("{base}/status/NOT_FOUND.wsp"));
     let ok = counts.join(format!("{base}/status/OK.wsp"));
-    let latency = infra.whisper_dir.join(format!("stats/timers/{base}/latency/count.wsp"));
-    eventually("counters and timer in graphite", Duration::from_secs(40), || async {
-        let r = whisper_sum(&requests)?;
-        let nf = whisper_sum(&not_found)?;
-        let okc = whisper_sum(&ok)?;
-        let lat = whisper_sum(&latency)?;
-        (r == 7.0 && nf == 2.0 && okc == 5.0 && lat >= 7.0).then_some(())
-    })
+    let latency = infra
+        .whisper_dir
+        .join(format!("stats/timers/{base}/latency/count.wsp"));
+    eventually(
+        "counters and timer in graphite",
+        Duration::from_secs(40),
+        || async {
+            let r = whisper_sum(&requests)?;
+            let nf = whisper_sum(&not_found)?;
+            let okc = whisper_sum(&ok)?;
+            let lat = whisper_sum(&latency)?;
+            (r == 7.0 && nf == 2.0 && okc == 5.0 && lat >= 7.0).then_some(())
+        },
+    )
     .await;
     p.signal("TERM");
     assert!(p.wait_exit(Duration::from_secs(20)).await.success());
@@ -213,18 +350,27 @@ async fn rpc_metrics_reach_graphite_through_statsd() {
 async fn log_lines_with_trace_id_reach_the_service_kafka_topic() {
     let infra = Infra::get();
     let name = unique("echo-logs");
-    let mut p = EchoProcess::spawn(&[("KEEL_SERVICE__NAME", name.clone()), ("KEEL_KAFKA__BROKERS", infra.kafka.clone())]);
+    let mut p = EchoProcess::spawn(&[
+        ("KEEL_SERVICE__NAME", name.clone()),
+        ("KEEL_KAFKA__BROKERS", infra.kafka.clone()),
+    ]);
     let trace_id = unique("trace");
     let mut client = EchoClient::new(direct(p.addr().await));
     let mut req = tonic::Request::new(echo("logged"));
-    req.metadata_mut().insert("x-trace-id", trace_id.parse().unwrap());
+    req.metadata_mut()
+        .insert("x-trace-id", trace_id.parse().unwrap());
     let answer = client.echo(req).await.unwrap().into_inner();
-    assert_eq!(answer.trace_id, trace_id, "the handler sees the caller's trace id");
+    assert_eq!(
+        answer.trace_id, trace_id,
+        "the handler sees the caller's trace id"
+    );
 
     let want = trace_id.clone();
-    let (line, _c) = consume_until(consumer(&infra, &format!("logs.{name}")), Duration::from_secs(40), move |v| {
-        v["trace_id"] == want.as_str()
-    })
+    let (line, _c) = consume_until(
+        consumer(&infra, &format!("logs.{name}")),
+        Duration::from_secs(40),
+        move |v| v["trace_id"] == want.as_str(),
+    )
     .await;
     assert_eq!(line["service"], name.as_str());
     assert_eq!(line["level"], "INFO");
@@ -245,7 +391,8 @@ async fn deadline_propagates_and_is_enforced() {
     let addr = p.addr().await;
     let settings = keel_common::config::Settings::from_env(
         "test-client",
-        &keel_common::config::Env::default().with("KEEL_CLIENT__STATIC_ENDPOINTS", format!("echo={addr}")),
+        &keel_common::config::Env::default()
+            .with("KEEL_CLIENT__STATIC_ENDPOINTS", format!("echo={addr}")),
     )
     .unwrap();
     let factory = ClientFactory::new(&settings, Metrics::disabled());
@@ -254,14 +401,31 @@ async fn deadline_propagates_and_is_enforced() {
     let mut req = tonic::Request::new(echo("timed"));
     req.set_timeout(Duration::from_millis(1500));
     let r = client.echo(req).await.unwrap().into_inner();
-    assert!(r.deadline_remaining_ms > 0 && r.deadline_remaining_ms <= 1500, "{}", r.deadline_remaining_ms);
+    assert!(
+        r.deadline_remaining_ms > 0 && r.deadline_remaining_ms <= 1500,
+        "{}",
+        r.deadline_remaining_ms
+    );
 
-    let mut req = tonic::Request::new(EchoRequest { delay_ms: 2000, ..echo("too slow") });
+    let mut req = tonic::Request::new(EchoRequest {
+        delay_ms: 2000,
+        ..echo("too slow")
+    });
     req.set_timeout(Duration::from_millis(200));
     let err = client.echo(req).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
 
-    let err = client.echo(EchoRequest { fail_with_code: 99, ..echo("bad") }).await.unwrap_err();
+    let err = client
+        .echo(EchoRequest {
+            fail_with_code: 99,
+            ..echo("bad")
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("fail_with_code"), "{}", err.message());
+    assert!(
+        err.message().contains("fail_with_code"),
+        "{}",
+        err.message()
+    );
 }

@@ -63,7 +63,10 @@ impl Infra {
 
 /// A unique name for this test's service, so tests running in parallel never see each other.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 /// One echo process; killed (SIGKILL) on drop if still running.
@@ -88,7 +91,12 @@ impl EchoProcess {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out).spawn().expect("spawn echo");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn echo");
         Self { child, log }
     }
 
@@ -102,21 +110,35 @@ impl EchoProcess {
 
     /// JSON log lines printed so far.
     pub fn lines(&self) -> Vec<serde_json::Value> {
-        self.output().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        self.output()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// The address the server logged it listens on.
     pub async fn addr(&self) -> std::net::SocketAddr {
-        eventually("echo logs its listening address", Duration::from_secs(20), || async {
-            self.lines().iter().find_map(|l| {
-                (l["message"] == "grpc server listening").then(|| l["fields"]["addr"].as_str()?.parse().ok()).flatten()
-            })
-        })
+        eventually(
+            "echo logs its listening address",
+            Duration::from_secs(20),
+            || async {
+                self.lines().iter().find_map(|l| {
+                    (l["message"] == "grpc server listening")
+                        .then(|| l["fields"]["addr"].as_str()?.parse().ok())
+                        .flatten()
+                })
+            },
+        )
         .await
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("kill").success();
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill")
+            .success();
         assert!(ok, "kill -{sig} {}", self.pid());
     }
 
@@ -127,7 +149,11 @@ impl EchoProcess {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(start.elapsed() < limit, "echo did not exit within {limit:?}; output:\n{}", self.output());
+            assert!(
+                start.elapsed() < limit,
+                "echo did not exit within {limit:?}; output:\n{}",
+                self.output()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -165,7 +191,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for: {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -173,22 +202,32 @@ where
 /// Waits until Consul reports `count` instances of `name` with every check passing; returns their ports.
 pub async fn passing_ports(infra: &Infra, name: &str, count: usize) -> Vec<u16> {
     let agent = infra.agent();
-    eventually(&format!("{count} passing instance(s) of {name} in consul"), Duration::from_secs(30), || async {
-        let entries = agent.health_service(name, true).await.ok()?;
-        (entries.len() == count).then(|| entries.iter().map(|e| e.service.port).collect())
-    })
+    eventually(
+        &format!("{count} passing instance(s) of {name} in consul"),
+        Duration::from_secs(30),
+        || async {
+            let entries = agent.health_service(name, true).await.ok()?;
+            (entries.len() == count).then(|| entries.iter().map(|e| e.service.port).collect())
+        },
+    )
     .await
 }
 
 /// A direct (not discovered) channel to one address.
 pub fn direct(addr: std::net::SocketAddr) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy()
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy()
 }
 
 /// Runs a command, returning stdout; fails the test with stderr when it fails.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

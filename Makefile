@@ -1,0 +1,54 @@
+# The stack's tasks. `make` lists them.
+SHELL := /usr/bin/env bash
+INFRA := scripts/infra.sh
+# Exports pointing the services and tests at the servers started by scripts/infra.sh.
+WITH_INFRA = eval "$$($(INFRA) env)" &&
+
+.DEFAULT_GOAL := help
+.PHONY: help build run test test-unit lint fmt infra-install infra-up infra-down infra-status up down status
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+build: ## build every crate
+	cargo build --workspace
+
+run: ## the main job on the embedded default: echo on 127.0.0.1:50101, no Consul, Kafka or StatsD
+	KEEL_GRPC__LISTEN_ADDR=127.0.0.1:50101 cargo run -p echo
+
+test: infra-install infra-up ## every test, against the real Consul, Kafka, PostgreSQL and StatsD/Graphite
+	$(WITH_INFRA) cargo test --workspace
+
+test-unit: ## tests that need no server (pure logic and generated code)
+	cargo test --workspace --lib
+	cargo test -p keel-protos
+
+lint: ## rustfmt and clippy, as CI runs them
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt: ## format the code
+	cargo fmt --all
+
+infra-install: ## install Consul, Kafka, PostgreSQL+PostGIS, StatsD, Graphite (cached; skips what is there)
+	$(INFRA) install postgres consul kafka graphite statsd tools
+
+infra-up: ## start the real servers on 127.0.0.1 (idempotent)
+	$(INFRA) start
+
+infra-down: ## stop the servers started by infra-up
+	$(INFRA) stop
+
+infra-status: ## which servers are up, where
+	$(INFRA) status
+
+up: infra-install infra-up build ## local cluster: the servers plus every service as its own process, in Consul
+	$(WITH_INFRA) scripts/cluster.sh start
+
+down: ## stop the local cluster and the servers
+	scripts/cluster.sh stop
+	$(INFRA) stop
+
+status: ## the cluster's processes and servers
+	scripts/cluster.sh status
+	$(INFRA) status

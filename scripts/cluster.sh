@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Starts every service of the workspace as its own process against the servers of scripts/infra.sh, each
+# registered in Consul, logging to Kafka and sending metrics to StatsD. Run through `make up` / `make down`,
+# which set the environment (scripts/infra.sh env).
+#
+#   scripts/cluster.sh start | stop | status
+#
+# INSTANCES (default 2) instances of each service; logs and PID files under $KEEL_RUN_DIR/cluster.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${KEEL_RUN_DIR:-/var/tmp/keel}/cluster
+INSTANCES=${INSTANCES:-2}
+SERVICES=(echo)
+mkdir -p "$RUN"
+
+start() {
+  : "${CONSUL_HTTP_ADDR:?run through make up (the infra environment is not set)}"
+  for svc in "${SERVICES[@]}"; do
+    for i in $(seq 1 "$INSTANCES"); do
+      local pidf=$RUN/$svc-$i.pid
+      if [[ -f $pidf ]] && kill -0 "$(cat "$pidf")" 2>/dev/null; then echo "$svc #$i already running"; continue; fi
+      KEEL_CONSUL__DNS_ADDR=$KEEL_CONSUL_DNS_ADDR KEEL_KAFKA__BROKERS=$KEEL_KAFKA_BROKERS \
+        KEEL_STATSD__ADDR=$KEEL_STATSD_ADDR nohup "target/debug/$svc" >"$RUN/$svc-$i.log" 2>&1 &
+      echo $! >"$pidf"
+      echo "started $svc #$i (pid $!, log $RUN/$svc-$i.log)"
+    done
+  done
+  echo "consul: curl -s http://$CONSUL_HTTP_ADDR/v1/health/service/echo?passing"
+}
+
+stop() {
+  for pidf in "$RUN"/*.pid; do
+    [[ -f $pidf ]] || continue
+    local pid; pid=$(cat "$pidf")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid"
+      for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+      echo "stopped $(basename "$pidf" .pid)"
+    fi
+    rm -f "$pidf"
+  done
+}
+
+status() {
+  for pidf in "$RUN"/*.pid; do
+    [[ -f $pidf ]] || { echo "no service running"; return; }
+    local pid; pid=$(cat "$pidf")
+    printf '%-20s %s\n' "$(basename "$pidf" .pid)" "$(kill -0 "$pid" 2>/dev/null && echo "up (pid $pid)" || echo down)"
+  done
+}
+
+case ${1:-status} in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
