@@ -13,8 +13,8 @@ help: ## list the targets
 build: ## build every crate
 	cargo build --workspace
 
-run: ## the main job on the embedded default: echo on 127.0.0.1:50101, no Consul, Kafka or StatsD
-	KEEL_GRPC__LISTEN_ADDR=127.0.0.1:50101 cargo run -p echo
+run: ## the main job on the embedded default: all KillrVideo services on 127.0.0.1:50101, SQLite, no servers
+	cargo run -p killrvideo-server
 
 test: infra-install infra-up ## every test, against the real Consul, Kafka, PostgreSQL and StatsD/Graphite
 	$(WITH_INFRA) cargo test --workspace

@@ -6,26 +6,33 @@
 #   scripts/cluster.sh start | stop | status
 #
 # INSTANCES (default 2) instances of each service; logs and PID files under $KEEL_RUN_DIR/cluster.
+# Each KillrVideo service gets its own PostgreSQL database, kv_<service> (created here if missing); the
+# instances of one service share it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${KEEL_RUN_DIR:-/var/tmp/keel}/cluster
 INSTANCES=${INSTANCES:-2}
-SERVICES=(echo)
+SERVICES=(echo user-management video-catalog comments ratings statistics search suggested-videos uploads)
 mkdir -p "$RUN"
 
 start() {
   : "${CONSUL_HTTP_ADDR:?run through make up (the infra environment is not set)}"
+  local admin=${KEEL_DATABASE_URL:?run through make up}
   for svc in "${SERVICES[@]}"; do
+    local db=kv_${svc//-/_}
+    psql "$admin" -qtAc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1 \
+      || psql "$admin" -qc "CREATE DATABASE $db" >/dev/null
     for i in $(seq 1 "$INSTANCES"); do
       local pidf=$RUN/$svc-$i.pid
       if [[ -f $pidf ]] && kill -0 "$(cat "$pidf")" 2>/dev/null; then echo "$svc #$i already running"; continue; fi
       KEEL_CONSUL__DNS_ADDR=$KEEL_CONSUL_DNS_ADDR KEEL_KAFKA__BROKERS=$KEEL_KAFKA_BROKERS \
-        KEEL_STATSD__ADDR=$KEEL_STATSD_ADDR nohup "target/debug/$svc" >"$RUN/$svc-$i.log" 2>&1 &
+        KEEL_STATSD__ADDR=$KEEL_STATSD_ADDR KEEL_DATABASE__URL="${admin%/*}/$db" \
+        nohup "target/debug/$svc" >"$RUN/$svc-$i.log" 2>&1 &
       echo $! >"$pidf"
       echo "started $svc #$i (pid $!, log $RUN/$svc-$i.log)"
     done
   done
-  echo "consul: curl -s http://$CONSUL_HTTP_ADDR/v1/health/service/echo?passing"
+  echo "consul: curl -s http://$CONSUL_HTTP_ADDR/v1/health/service/video-catalog?passing"
 }
 
 stop() {

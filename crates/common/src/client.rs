@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Status, body::Body, transport::Endpoint};
 use tower::{
-    BoxError, Service, ServiceBuilder, ServiceExt,
+    BoxError, Service, ServiceBuilder,
     balance::p2c::Balance,
     buffer::Buffer,
     discover::Change,
@@ -52,7 +52,8 @@ use crate::{
 };
 
 /// A balanced, discovered channel to one service; give it to a generated client (`EchoClient::new(channel)`).
-pub type Channel = BoxCloneSyncService<Request<Body>, Response<Body>, BoxError>;
+/// It never fails as a service: every failure arrives as a gRPC status in the response.
+pub type Channel = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
 /// Why a channel could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +166,7 @@ impl ClientFactory {
                 endpoints,
                 service: Arc::from(service),
             });
-        BoxCloneSyncService::new(svc.map_err(|e: Infallible| -> BoxError { match e {} }))
+        BoxCloneSyncService::new(svc)
     }
 }
 

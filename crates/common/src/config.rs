@@ -120,7 +120,7 @@ pub struct ConsulSettings {
     pub http_addr: Option<String>,
     /// ACL token (`CONSUL_HTTP_TOKEN` or `consul.token`), sent as `X-Consul-Token`.
     pub token: Secret,
-    /// Consul DNS server (`consul.dns_addr`), default `127.0.0.1:8600`.
+    /// Consul DNS server (`consul.dns_addr`, `host:port`, resolved at start), default `127.0.0.1:8600`.
     pub dns_addr: SocketAddr,
     /// Use Consul DNS to find peers (`consul.dns_enabled`); default: on when `http_addr` is set.
     pub dns_enabled: bool,
@@ -176,6 +176,34 @@ pub struct ClientSettings {
     pub static_endpoints: HashMap<String, Vec<SocketAddr>>,
 }
 
+/// The service's own database.
+#[derive(Clone, Debug)]
+pub struct DatabaseSettings {
+    /// sqlx URL (`database.url`): `postgres://user:pass@host:port/db` in deployment, or
+    /// `sqlite://path/file.db?mode=rwc`; `{service}` in it is replaced by the service's name, so one setting
+    /// can give every service its own database. Default: `sqlite://<database.dir>/{service}.db?mode=rwc`,
+    /// the embedded default.
+    pub url: Option<Secret>,
+    /// Directory of the default SQLite files (`database.dir`), default `var`.
+    pub dir: String,
+    /// Connections in the pool (`database.max_connections`), default 8.
+    pub max_connections: u32,
+    /// Longest wait for a pooled connection before the call fails UNAVAILABLE (`database.acquire_timeout`).
+    pub acquire_timeout: Duration,
+}
+
+/// Domain events: Kafka when `kafka.brokers` is set, otherwise an in-process bus.
+#[derive(Clone, Debug)]
+pub struct EventSettings {
+    /// Kafka bootstrap servers for events (`events.brokers`), default `kafka.brokers`. Unset: in-process bus.
+    pub brokers: Option<String>,
+    /// Consumer group of this service's event handlers (`events.group`), default the service name, so
+    /// several instances share the partitions.
+    pub group: String,
+    /// Longest wait for Kafka to acknowledge one event before the outbox retries it (`events.delivery_timeout`).
+    pub delivery_timeout: Duration,
+}
+
 /// Everything a service process is configured with.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -191,6 +219,10 @@ pub struct Settings {
     pub log: LogSettings,
     /// Outgoing calls.
     pub client: ClientSettings,
+    /// Database.
+    pub database: DatabaseSettings,
+    /// Domain events.
+    pub events: EventSettings,
 }
 
 /// One bad configuration value.
@@ -257,6 +289,25 @@ impl Reader {
                 Ok(v) => v,
                 Err(e) => {
                     self.fail(key, format!("{s:?}: {e}"));
+                    default
+                }
+            },
+        }
+    }
+
+    /// A `host:port`, resolved once at start (a hostname such as `consul:8600` is fine).
+    fn socket_addr(&mut self, key: &str, default: SocketAddr) -> SocketAddr {
+        use std::net::ToSocketAddrs;
+        match self.opt_string(key) {
+            None => default,
+            Some(s) => match s.trim().to_socket_addrs().map(|mut a| a.next()) {
+                Ok(Some(addr)) => addr,
+                Ok(None) => {
+                    self.fail(key, format!("{s:?} resolves to no address"));
+                    default
+                }
+                Err(e) => {
+                    self.fail(key, format!("{s:?} is not a resolvable host:port: {e}"));
                     default
                 }
             },
@@ -397,7 +448,7 @@ impl Settings {
             dns_enabled: r.get("consul.dns_enabled", http_addr.is_some()),
             http_addr,
             token: Secret(r.opt_string("consul.token").unwrap_or_default()),
-            dns_addr: r.parsed("consul.dns_addr", SocketAddr::from(([127, 0, 0, 1], 8600))),
+            dns_addr: r.socket_addr("consul.dns_addr", SocketAddr::from(([127, 0, 0, 1], 8600))),
             check_interval: r.duration("consul.check_interval", Duration::from_secs(2)),
             deregister_critical_after: r
                 .duration("consul.deregister_critical_after", Duration::from_secs(60)),
@@ -443,6 +494,20 @@ impl Settings {
             static_endpoints,
         };
 
+        let database = DatabaseSettings {
+            url: r.opt_string("database.url").map(Secret),
+            dir: r.get("database.dir", "var".to_owned()),
+            max_connections: r.positive("database.max_connections", 8u32),
+            acquire_timeout: r.duration("database.acquire_timeout", Duration::from_secs(3)),
+        };
+        let events = EventSettings {
+            brokers: r
+                .opt_string("events.brokers")
+                .or_else(|| log.kafka_brokers.clone()),
+            group: r.get("events.group", service_name.clone()),
+            delivery_timeout: r.duration("events.delivery_timeout", Duration::from_secs(5)),
+        };
+
         if r.errors.is_empty() {
             Ok(Settings {
                 service,
@@ -451,6 +516,8 @@ impl Settings {
                 statsd,
                 log,
                 client,
+                database,
+                events,
             })
         } else {
             Err(ConfigErrors(r.errors))
@@ -465,6 +532,50 @@ impl Settings {
             .unwrap_or_else(|| format!("logs.{}", self.service.name))
     }
 
+    /// This service's database URL (see [`DatabaseSettings::url`]).
+    pub fn database_url(&self) -> String {
+        self.database_url_of(&self.service.name)
+    }
+
+    /// The database URL of service `service` in this process (the all-in-one process hosts several, each with
+    /// its own database).
+    pub fn database_url_of(&self, service: &str) -> String {
+        let pattern = match &self.database.url {
+            Some(url) => url.expose().to_owned(),
+            None => format!(
+                "sqlite://{}/{{service}}.db?mode=rwc",
+                self.database.dir.trim_end_matches('/')
+            ),
+        };
+        pattern.replace("{service}", service)
+    }
+
+    /// [`Self::database_url`] with any password replaced by `***`, for logs.
+    pub fn database_url_redacted(&self) -> String {
+        redact_url(&self.database_url())
+    }
+}
+
+/// `url` with the password of its user info replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &creds[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl Settings {
     /// The effective settings as `key=value` pairs, secrets redacted, for the start-up log line.
     pub fn effective(&self) -> Vec<(&'static str, String)> {
         vec![
@@ -506,6 +617,15 @@ impl Settings {
             ),
             ("log.topic", self.log_topic()),
             ("log.level", self.log.level.clone()),
+            ("database.url", self.database_url_redacted()),
+            (
+                "events.brokers",
+                self.events
+                    .brokers
+                    .clone()
+                    .unwrap_or_else(|| "(none: in-process bus)".into()),
+            ),
+            ("events.group", self.events.group.clone()),
         ]
     }
 }
@@ -537,6 +657,34 @@ mod tests {
         assert!(!s.consul.dns_enabled);
         assert_eq!(s.consul.dns_addr, "127.0.0.1:8600".parse().unwrap());
         assert_eq!(s.log_topic(), "logs.echo");
+    }
+
+    #[test]
+    fn database_defaults_to_an_sqlite_file_per_service_and_events_follow_kafka() {
+        let s = Settings::from_env("comments", &Env::default()).unwrap();
+        assert_eq!(s.database_url(), "sqlite://var/comments.db?mode=rwc");
+        assert_eq!(
+            s.database_url_of("ratings"),
+            "sqlite://var/ratings.db?mode=rwc"
+        );
+        assert_eq!(s.events.brokers, None);
+        assert_eq!(s.events.group, "comments");
+        let s = Settings::from_env(
+            "comments",
+            &Env::default()
+                .with(
+                    "KEEL_DATABASE__URL",
+                    "postgres://kv:hunter2@127.0.0.1:15432/comments",
+                )
+                .with("KEEL_KAFKA__BROKERS", "127.0.0.1:19092"),
+        )
+        .unwrap();
+        assert_eq!(
+            s.database_url_redacted(),
+            "postgres://kv:***@127.0.0.1:15432/comments"
+        );
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(s.events.brokers.as_deref(), Some("127.0.0.1:19092"));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! ```ignore
 //! #[tokio::main]
 //! async fn main() -> std::process::ExitCode {
-//!     keel_common::run("echo", |platform| Ok(Server::builder(platform).add_service(EchoServer::new(Echo::new(platform))))).await
+//!     keel_common::run("echo", echo::build).await // async fn build(&Platform) -> anyhow::Result<Server>
 //! }
 //! ```
 //!
@@ -22,10 +22,13 @@ pub mod client;
 pub mod config;
 pub mod consul;
 pub mod context;
+pub mod db;
 pub mod discovery;
 pub mod error;
+pub mod events;
 pub mod logs;
 pub mod metrics;
+pub mod outbox;
 pub mod retry;
 pub mod server;
 pub mod shutdown;
@@ -35,6 +38,7 @@ use std::{future::Future, process::ExitCode, sync::Arc, time::Duration};
 pub use client::{Channel, ClientFactory};
 pub use config::Settings;
 pub use error::ServiceError;
+pub use events::EventBus;
 pub use metrics::Metrics;
 pub use retry::{Idempotent, RetryPolicy};
 pub use server::Server;
@@ -50,12 +54,17 @@ pub struct Platform {
     pub metrics: Metrics,
     /// Channels to other services.
     pub clients: ClientFactory,
+    /// Domain events (Kafka, or in-process when no brokers are configured).
+    pub events: EventBus,
 }
 
 impl Platform {
     /// The platform of one instance listening on `port`. Creates the StatsD client (metrics fall back to a
-    /// disabled client, with a warning, when the StatsD address does not resolve).
-    pub fn new(settings: Settings, port: u16) -> Self {
+    /// disabled client, with a warning, when the StatsD address does not resolve) and the event bus.
+    ///
+    /// # Errors
+    /// The Kafka producer of the event bus cannot be configured.
+    pub fn new(settings: Settings, port: u16) -> anyhow::Result<Self> {
         let instance_id = settings
             .service
             .instance_id
@@ -66,12 +75,14 @@ impl Platform {
             Metrics::disabled()
         });
         let clients = ClientFactory::new(&settings, metrics.clone());
-        Self {
+        let events = EventBus::new(&settings)?;
+        Ok(Self {
             settings: Arc::new(settings),
             instance_id,
             metrics,
             clients,
-        }
+            events,
+        })
     }
 }
 
@@ -84,20 +95,54 @@ pub fn default_instance_id(service: &str, port: u16) -> String {
     format!("{service}-{host}-{port}-{nonce}")
 }
 
-/// Runs service `name` as a process: see the crate docs. `build` adds the service's gRPC services.
+/// Runs service `name` as a process: see the crate docs. `build` (an `async fn(&Platform)`) opens the service's
+/// database, starts its background tasks and adds its gRPC services.
 pub async fn run<F>(name: &str, build: F) -> ExitCode
 where
-    F: FnOnce(&Platform) -> anyhow::Result<Server>,
+    F: AsyncFnOnce(&Platform) -> anyhow::Result<Server>,
 {
     run_until(name, build, shutdown::signal()).await
+}
+
+/// [`run`], with environment defaults for variables the process environment does not set (e.g.
+/// `[("KEEL_GRPC__LISTEN_ADDR", "127.0.0.1:50101")]` for a process that has a well-known address).
+pub async fn run_with_defaults<F>(name: &str, defaults: &[(&str, &str)], build: F) -> ExitCode
+where
+    F: AsyncFnOnce(&Platform) -> anyhow::Result<Server>,
+{
+    let mut env = config::Env::from_process();
+    for (key, value) in defaults {
+        if env.get(key).is_none() {
+            env = env.with(*key, *value);
+        }
+    }
+    run_in(
+        name,
+        Settings::from_env(name, &env),
+        build,
+        shutdown::signal(),
+    )
+    .await
 }
 
 /// [`run`], stopping when `stop` resolves instead of on a signal.
 pub async fn run_until<F>(name: &str, build: F, stop: impl Future<Output = ()>) -> ExitCode
 where
-    F: FnOnce(&Platform) -> anyhow::Result<Server>,
+    F: AsyncFnOnce(&Platform) -> anyhow::Result<Server>,
 {
-    let settings = match Settings::load(name) {
+    run_in(name, Settings::load(name), build, stop).await
+}
+
+async fn run_in<F>(
+    name: &str,
+    settings: Result<Settings, config::ConfigErrors>,
+    build: F,
+    stop: impl Future<Output = ()>,
+) -> ExitCode
+where
+    F: AsyncFnOnce(&Platform) -> anyhow::Result<Server>,
+{
+    let settings = match settings {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{name}: {e}");
@@ -132,13 +177,20 @@ where
     }
     let mut settings = settings;
     settings.service.instance_id = Some(instance_id);
-    let platform = Platform::new(settings, port);
+    let platform = match Platform::new(settings, port) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = ?e, "platform set-up failed");
+            telemetry.shutdown();
+            return ExitCode::from(2);
+        }
+    };
     let stats = telemetry.stats();
     platform
         .metrics
         .spawn_flusher(Duration::from_secs(1), move || stats.dropped());
     logs::spawn_drop_reporter(telemetry.stats(), Duration::from_secs(1));
-    let code = match build(&platform) {
+    let code = match build(&platform).await {
         Ok(server) => match server.serve(listener, stop).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -1,12 +1,17 @@
 //! The echo service: the smallest service on the platform, used to prove `crates/common` end to end against
 //! real Consul, Kafka and StatsD/Graphite. It answers `keel.example.v1.Echo/Echo` with its instance id, the
-//! trace id it saw and the deadline it was given.
+//! trace id it saw and the deadline it was given, and can forward the call to another service by name.
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use keel_common::{Platform, Server, ServiceError, context};
+use keel_common::{Channel, ClientFactory, Idempotent, Platform, Server, ServiceError, context};
 use keel_protos::keel::example::v1::{
     EchoRequest, EchoResponse,
+    echo_client::EchoClient,
     echo_server::{Echo, EchoServer},
 };
 use tonic::{Request, Response, Status};
@@ -18,14 +23,50 @@ pub const MAX_DELAY: Duration = Duration::from_secs(60);
 #[derive(Clone, Debug)]
 pub struct EchoService {
     instance_id: String,
+    clients: ClientFactory,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl EchoService {
-    /// A handler answering as instance `instance_id`.
-    pub fn new(instance_id: impl Into<String>) -> Self {
+    /// A handler answering as instance `instance_id`, forwarding through `clients`.
+    pub fn new(instance_id: impl Into<String>, clients: ClientFactory) -> Self {
         Self {
             instance_id: instance_id.into(),
+            clients,
+            channels: Arc::default(),
         }
+    }
+
+    /// One channel per downstream service, made on first use.
+    fn channel(&self, service: &str) -> Result<Channel, ServiceError> {
+        let mut channels = self.channels.lock().expect("channels");
+        if let Some(c) = channels.get(service) {
+            return Ok(c.clone());
+        }
+        let c = self
+            .clients
+            .channel(service)
+            .map_err(|e| ServiceError::invalid("forward_to", e.to_string()))?;
+        channels.insert(service.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    async fn forward(&self, service: &str, req: EchoRequest) -> Result<EchoResponse, Status> {
+        let client = EchoClient::new(self.channel(service)?);
+        let req = EchoRequest {
+            forward_to: String::new(),
+            ..req
+        };
+        let answer = self
+            .clients
+            .retry_policy()
+            .call(Idempotent::Yes, || {
+                let mut c = client.clone();
+                let r = req.clone();
+                async move { c.echo(r).await }
+            })
+            .await?;
+        Ok(answer.into_inner())
     }
 }
 
@@ -34,11 +75,8 @@ impl Echo for EchoService {
     async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
         let req = request.into_inner();
         if !(0..=16).contains(&req.fail_with_code) {
-            return Err(ServiceError::invalid(
-                "fail_with_code",
-                format!("{} is not a gRPC status code (0..16)", req.fail_with_code),
-            )
-            .into());
+            let why = format!("{} is not a gRPC status code (0..16)", req.fail_with_code);
+            return Err(ServiceError::invalid("fail_with_code", why).into());
         }
         if req.fail_with_code != 0 {
             return Err(Status::new(
@@ -51,24 +89,29 @@ impl Echo for EchoService {
             .as_ref()
             .and_then(|c| c.remaining())
             .map_or(0, |d| d.as_millis() as u64);
-        tracing::info!(text = %req.message, delay_ms = req.delay_ms, "echo");
+        tracing::info!(text = %req.message, delay_ms = req.delay_ms, forward_to = %req.forward_to, "echo");
         if req.delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(u64::from(req.delay_ms)).min(MAX_DELAY)).await;
         }
+        let downstream = if req.forward_to.is_empty() {
+            None
+        } else {
+            Some(Box::new(
+                self.forward(&req.forward_to.clone(), req.clone()).await?,
+            ))
+        };
         Ok(Response::new(EchoResponse {
             message: req.message,
             instance_id: self.instance_id.clone(),
             trace_id: ctx.map(|c| c.trace_id).unwrap_or_default(),
             deadline_remaining_ms,
+            downstream,
         }))
     }
 }
 
 /// The echo server of `platform`.
-pub fn build(platform: &Platform) -> anyhow::Result<Server> {
-    Ok(
-        Server::builder(platform).add_service(EchoServer::new(EchoService::new(
-            platform.instance_id.clone(),
-        ))),
-    )
+pub async fn build(platform: &Platform) -> anyhow::Result<Server> {
+    let handler = EchoService::new(platform.instance_id.clone(), platform.clients.clone());
+    Ok(Server::builder(platform).add_service(EchoServer::new(handler)))
 }

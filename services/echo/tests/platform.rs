@@ -321,6 +321,30 @@ async fn rpc_metrics_reach_graphite_through_statsd() {
         assert_eq!(err.code(), Code::NotFound);
     }
 
+    // The same layer on the client side: calls through a factory channel are timed as the caller sees them.
+    let addr = p.addr().await;
+    let client_settings = keel_common::config::Settings::from_env(
+        "metrics-client",
+        &keel_common::config::Env::default()
+            .with("KEEL_STATSD__ADDR", &infra.statsd)
+            .with("KEEL_STATSD__PREFIX", &prefix)
+            .with("KEEL_CLIENT__STATIC_ENDPOINTS", format!("echo={addr}")),
+    )
+    .unwrap();
+    let metrics = Metrics::new(&client_settings).unwrap();
+    let mut via_factory = EchoClient::new(
+        ClientFactory::new(&client_settings, metrics.clone())
+            .channel("echo")
+            .unwrap(),
+    );
+    for _ in 0..3 {
+        via_factory.echo(echo("client side")).await.unwrap();
+    }
+    metrics.flush();
+    let client_requests = infra.whisper_dir.join(format!(
+        "stats_counts/{prefix}/metrics-client/grpc/client/Echo/Echo/requests.wsp"
+    ));
+
     let base = format!("{prefix}/echo/grpc/server/Echo/Echo");
     let counts = infra.whisper_dir.join("stats_counts");
     let requests = counts.join(format!("{base}/requests.wsp"));
@@ -337,7 +361,8 @@ async fn rpc_metrics_reach_graphite_through_statsd() {
             let nf = whisper_sum(&not_found)?;
             let okc = whisper_sum(&ok)?;
             let lat = whisper_sum(&latency)?;
-            (r == 7.0 && nf == 2.0 && okc == 5.0 && lat >= 7.0).then_some(())
+            let client = whisper_sum(&client_requests)?;
+            (r == 10.0 && nf == 2.0 && okc == 8.0 && lat >= 10.0 && client == 3.0).then_some(())
         },
     )
     .await;
@@ -380,6 +405,94 @@ async fn log_lines_with_trace_id_reach_the_service_kafka_topic() {
     assert!(line["timestamp"].as_str().unwrap().ends_with('Z'));
     p.signal("TERM");
     assert!(p.wait_exit(Duration::from_secs(20)).await.success());
+}
+
+/// Deadlines and trace ids cross service boundaries: A, called with a 3 s deadline and a trace id, forwards to
+/// B (found through Consul DNS); B sees the same trace id and only what is left of the deadline.
+#[tokio::test]
+async fn deadline_and_trace_id_propagate_to_downstream_services() {
+    let infra = Infra::get();
+    let (a_name, b_name) = (unique("echo-up"), unique("echo-down"));
+    let _a = EchoProcess::spawn(&consul_env(&infra, &a_name));
+    let _b = EchoProcess::spawn(&consul_env(&infra, &b_name));
+    passing_ports(&infra, &a_name, 1).await;
+    passing_ports(&infra, &b_name, 1).await;
+
+    let factory = ClientFactory::new(&infra.client_settings(), Metrics::disabled());
+    let mut client = EchoClient::new(factory.channel(&a_name).unwrap());
+    let trace_id = unique("trace");
+    // A waits 300 ms before forwarding, so B must see at least that much less.
+    let mut req = tonic::Request::new(EchoRequest {
+        forward_to: b_name.clone(),
+        delay_ms: 300,
+        ..echo("hop")
+    });
+    req.set_timeout(Duration::from_secs(3));
+    req.metadata_mut()
+        .insert("x-trace-id", trace_id.parse().unwrap());
+    let a = eventually(
+        "A reaches B through consul dns",
+        Duration::from_secs(20),
+        || {
+            let mut c = client.clone();
+            let mut r = tonic::Request::new(req.get_ref().clone());
+            *r.metadata_mut() = req.metadata().clone();
+            r.set_timeout(Duration::from_secs(3));
+            async move { c.echo(r).await.ok().map(|r| r.into_inner()) }
+        },
+    )
+    .await;
+    let b = a.downstream.expect("B's answer");
+    assert!(b.instance_id.starts_with(&b_name));
+    assert_eq!(a.trace_id, trace_id);
+    assert_eq!(b.trace_id, trace_id, "trace id propagated");
+    assert!(
+        a.deadline_remaining_ms > 0 && a.deadline_remaining_ms <= 3000,
+        "A saw {}",
+        a.deadline_remaining_ms
+    );
+    assert!(b.deadline_remaining_ms > 0, "B saw a deadline");
+    assert!(
+        b.deadline_remaining_ms + 300 <= a.deadline_remaining_ms,
+        "B sees the remaining time: A {} B {}",
+        a.deadline_remaining_ms,
+        b.deadline_remaining_ms
+    );
+
+    // A forwards delay_ms too: with 250 ms spent in A, B gets ~150 ms of a 400 ms deadline, cannot sleep
+    // 250 ms, and stops; the caller sees DEADLINE_EXCEEDED, and B logged the shortened deadline it enforced.
+    let mut req = tonic::Request::new(EchoRequest {
+        forward_to: b_name.clone(),
+        delay_ms: 250,
+        ..echo("slow hop")
+    });
+    req.set_timeout(Duration::from_millis(400));
+    let err = client.echo(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    let b_limit_ms = eventually(
+        "B stops the forwarded call at its deadline",
+        Duration::from_secs(5),
+        || async {
+            _b.lines().iter().find_map(|l| {
+                (l["message"] == "deadline exceeded; handler stopped")
+                    .then(|| l["fields"]["limit"].as_str().map(str::to_owned))
+                    .flatten()
+            })
+        },
+    )
+    .await;
+    assert!(
+        b_limit_ms.ends_with("ms"),
+        "a sub-second limit, printed in ms: {b_limit_ms}"
+    );
+    let ms: f64 = b_limit_ms
+        .trim_end_matches("ms")
+        .parse()
+        .unwrap_or(f64::MAX);
+    assert!(
+        ms < 250.0,
+        "B enforced the remaining {ms} ms, not the caller's full 400 ms"
+    );
 }
 
 /// Deadlines: the caller's deadline reaches the server as the remaining time, and an exceeded one is

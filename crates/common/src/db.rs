@@ -1,0 +1,144 @@
+//! The service's own database: PostgreSQL in deployment, an SQLite file as the embedded default, behind one
+//! sqlx `AnyPool` so a service's storage code and its test suite are the same for both.
+//!
+//! Portable SQL only: `$1`-style parameters (in ascending order of first use), `TEXT` and `BIGINT` columns
+//! (UUIDs as canonical lowercase text, times as milliseconds since the Unix epoch), row-value comparisons,
+//! `INSERT … ON CONFLICT`. Each service embeds its migrations with `sqlx::migrate!` and [`connect`] applies
+//! them at start. A service never reads another service's tables: each has its own database (or file).
+
+use std::time::Duration;
+
+use sqlx::{AnyPool, any::AnyPoolOptions, migrate::Migrator};
+
+use crate::{ServiceError, config::Settings};
+
+pub use sqlx;
+
+/// Which engine a pool talks to, for the few statements that differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// PostgreSQL.
+    Postgres,
+    /// SQLite.
+    Sqlite,
+}
+
+impl Backend {
+    /// The backend a sqlx URL names.
+    pub fn of_url(url: &str) -> Self {
+        if url.starts_with("sqlite:") {
+            Self::Sqlite
+        } else {
+            Self::Postgres
+        }
+    }
+}
+
+/// Opens the pool of service `service`'s database (`settings.database_url_of(service)`), creating the SQLite
+/// file's directory when needed, and applies `migrations` (plus the platform's own outbox table).
+///
+/// # Errors
+/// The database cannot be reached or a migration fails; the message names the (redacted) URL.
+pub async fn connect(
+    settings: &Settings,
+    service: &str,
+    migrations: &Migrator,
+) -> anyhow::Result<AnyPool> {
+    let url = settings.database_url_of(service);
+    connect_url(
+        &url,
+        settings.database.max_connections,
+        settings.database.acquire_timeout,
+        migrations,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("database {}: {e:#}", crate::config::redact_url(&url)))
+}
+
+/// [`connect`] with explicit parameters.
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_url(
+    url: &str,
+    max_connections: u32,
+    acquire_timeout: Duration,
+    migrations: &Migrator,
+) -> anyhow::Result<AnyPool> {
+    sqlx::any::install_default_drivers();
+    let backend = Backend::of_url(url);
+    if backend == Backend::Sqlite {
+        let path = url
+            .trim_start_matches("sqlite://")
+            .trim_start_matches("sqlite:");
+        let path = path.split('?').next().unwrap_or_default();
+        if let Some(dir) = std::path::Path::new(path).parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir)?;
+            }
+        }
+    }
+    let pool = AnyPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(acquire_timeout)
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if backend == Backend::Sqlite {
+                    // WAL lets readers run beside the one writer; the busy timeout queues writers instead of
+                    // failing them with SQLITE_BUSY.
+                    sqlx::query("PRAGMA journal_mode = WAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA busy_timeout = 5000")
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await?;
+    migrations.run(&pool).await?;
+    crate::outbox::create_table(&pool).await?;
+    Ok(pool)
+}
+
+/// A readiness check for [`crate::Server::readiness`]: `SELECT 1`.
+pub fn ping(
+    pool: &AnyPool,
+) -> impl Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + use<> {
+    let pool = pool.clone();
+    move || {
+        let pool = pool.clone();
+        Box::pin(async move {
+            sqlx::query("SELECT 1")
+                .execute(&pool)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+impl From<sqlx::Error> for ServiceError {
+    /// A pool timeout or a lost connection is UNAVAILABLE (the caller may retry); anything else is INTERNAL.
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                ServiceError::Unavailable {
+                    message: "database unavailable".into(),
+                    retry_after: Duration::from_millis(500),
+                }
+            }
+            other => ServiceError::Internal(other.into()),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}

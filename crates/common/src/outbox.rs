@@ -1,0 +1,148 @@
+//! Transactional outbox: an event is written in the same database transaction as the state change it
+//! announces, then relayed to the [`EventBus`] by a background task, so no event is lost when Kafka is down or
+//! the process dies between the write and the publish.
+//!
+//! ```ignore
+//! let mut tx = pool.begin().await?;
+//! sqlx::query("INSERT INTO users …").execute(&mut *tx).await?;
+//! outbox::enqueue(&mut tx, "topic-kv-userCreation", &event.encode_to_vec()).await?;
+//! tx.commit().await?;
+//! outbox.wake();
+//! ```
+//!
+//! The relay publishes pending rows oldest first (ids are UUIDv7, time-ordered) and deletes each once the bus
+//! acknowledged it; on a failed publish it stops the batch (keeping the order) and retries with backoff
+//! (100 ms doubling to 5 s), so delivery resumes by itself when Kafka returns. Delivery is at least once:
+//! a crash between the acknowledgement and the delete, or two instances sharing one database, can publish an
+//! event twice, which is why consumers are idempotent.
+
+use std::{sync::Arc, time::Duration};
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use sqlx::{AnyConnection, AnyPool, Row};
+use tokio::sync::Notify;
+
+use crate::events::EventBus;
+
+/// Creates the outbox table if missing; [`crate::db::connect`] calls it.
+///
+/// # Errors
+/// The statement fails.
+pub async fn create_table(pool: &AnyPool) -> sqlx::Result<()> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS keel_outbox (\
+           id TEXT PRIMARY KEY, topic TEXT NOT NULL, payload TEXT NOT NULL, created_ms BIGINT NOT NULL)",
+    )
+    .execute(pool)
+    .await
+    .map(drop)
+}
+
+/// Queues `payload` for `topic` inside the caller's transaction.
+///
+/// # Errors
+/// The insert fails (the caller's transaction should then be rolled back).
+pub async fn enqueue(conn: &mut AnyConnection, topic: &str, payload: &[u8]) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO keel_outbox (id, topic, payload, created_ms) VALUES ($1, $2, $3, $4)")
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(topic)
+        .bind(STANDARD.encode(payload))
+        .bind(crate::db::now_ms())
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// The relay of one service's outbox; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    pool: AnyPool,
+    bus: EventBus,
+    wake: Arc<Notify>,
+}
+
+impl Outbox {
+    /// The outbox in `pool`, relayed to `bus`.
+    pub fn new(pool: AnyPool, bus: EventBus) -> Self {
+        Self {
+            pool,
+            bus,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Tells the relay a transaction with events committed (it also polls every second).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Events written but not yet acknowledged by the bus.
+    ///
+    /// # Errors
+    /// The query fails.
+    pub async fn pending(&self) -> sqlx::Result<i64> {
+        sqlx::query("SELECT COUNT(*) FROM keel_outbox")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get::<i64, _>(0)
+    }
+
+    /// Publishes up to 100 pending events, oldest first; returns how many were published.
+    ///
+    /// # Errors
+    /// The database or the bus failed; what was published before the failure stays published.
+    pub async fn relay_once(&self) -> anyhow::Result<usize> {
+        let rows = sqlx::query("SELECT id, topic, payload FROM keel_outbox ORDER BY id LIMIT 100")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut sent = 0;
+        for row in rows {
+            let id: String = row.try_get(0)?;
+            let topic: String = row.try_get(1)?;
+            let payload: String = row.try_get(2)?;
+            let bytes = STANDARD.decode(payload.as_bytes())?;
+            self.bus.publish(&topic, &bytes).await?;
+            sqlx::query("DELETE FROM keel_outbox WHERE id = $1")
+                .bind(&id)
+                .execute(&self.pool)
+                .await?;
+            sent += 1;
+        }
+        Ok(sent)
+    }
+
+    /// Starts the relay task: runs until the process ends.
+    pub fn spawn_relay(&self) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            let mut failing = false;
+            loop {
+                match this.relay_once().await {
+                    Ok(n) => {
+                        if failing {
+                            tracing::info!("outbox relay recovered");
+                            failing = false;
+                        }
+                        backoff = Duration::from_millis(100);
+                        if n == 100 {
+                            continue;
+                        }
+                        tokio::select! {
+                            _ = this.wake.notified() => {}
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                    Err(e) => {
+                        if !failing {
+                            tracing::warn!(error = %e, "outbox relay failed; events stay queued and are retried");
+                            failing = true;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,244 @@
+//! Every RPC of the user-management service, in process, on SQLite and on the real PostgreSQL.
+
+use keel_protos::killrvideo::{
+    common::Uuid as PbUuid,
+    user_management::{
+        CreateUserRequest, GetUserProfileRequest, VerifyCredentialsRequest, events::UserCreated,
+        user_management_service_server::UserManagementService,
+    },
+};
+use killrvideo::testsuite::{self, TestDatabase};
+use prost::Message;
+use tonic::{Code, Request};
+use user_management::{BAD_CREDENTIALS, MIGRATIONS, UserManagement};
+use uuid::Uuid;
+
+async fn service(db: &TestDatabase) -> (UserManagement, sqlx::AnyPool) {
+    let (pool, outbox) = testsuite::open(db, &MIGRATIONS).await;
+    (UserManagement::new(pool.clone(), outbox), pool)
+}
+
+fn pb(id: Uuid) -> Option<PbUuid> {
+    Some(PbUuid {
+        value: id.to_string(),
+    })
+}
+
+fn create(id: Uuid, email: &str, password: &str) -> Request<CreateUserRequest> {
+    Request::new(CreateUserRequest {
+        user_id: pb(id),
+        first_name: "Ada".into(),
+        last_name: "Lovelace".into(),
+        email: email.into(),
+        password: password.into(),
+    })
+}
+
+#[tokio::test]
+async fn create_verify_and_profiles() {
+    for db in testsuite::databases().await {
+        let (svc, pool) = service(&db).await;
+        let b = db.backend;
+        let id = Uuid::new_v4();
+        svc.create_user(create(id, "ada@example.com", "s3cret pass"))
+            .await
+            .unwrap();
+
+        // The UserCreated event was queued in the same transaction.
+        let events = testsuite::queued_events(&pool, "topic-kv-userCreation").await;
+        assert_eq!(events.len(), 1, "{b}");
+        let e = UserCreated::decode(events[0].as_slice()).unwrap();
+        assert_eq!(
+            (e.user_id.unwrap().value, e.email.as_str()),
+            (id.to_string(), "ada@example.com"),
+            "{b}"
+        );
+        assert!(e.timestamp.is_some(), "{b}");
+
+        let ok = svc
+            .verify_credentials(Request::new(VerifyCredentialsRequest {
+                email: "ada@example.com".into(),
+                password: "s3cret pass".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(ok.user_id.unwrap().value, id.to_string(), "{b}");
+
+        for (email, password) in [
+            ("ada@example.com", "wrong"),
+            ("nobody@example.com", "s3cret pass"),
+        ] {
+            let err = svc
+                .verify_credentials(Request::new(VerifyCredentialsRequest {
+                    email: email.into(),
+                    password: password.into(),
+                }))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                (err.code(), err.message()),
+                (Code::Unauthenticated, BAD_CREDENTIALS),
+                "{b} {email}"
+            );
+        }
+        let err = svc
+            .verify_credentials(Request::new(VerifyCredentialsRequest {
+                email: "".into(),
+                password: "x".into(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{b}");
+
+        let other = Uuid::new_v4();
+        svc.create_user(create(other, "bob@example.com", "pw"))
+            .await
+            .unwrap();
+        let profiles = svc
+            .get_user_profile(Request::new(GetUserProfileRequest {
+                user_ids: vec![
+                    pb(other).unwrap(),
+                    pb(Uuid::new_v4()).unwrap(),
+                    pb(id).unwrap(),
+                ],
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .profiles;
+        let got: Vec<_> = profiles
+            .iter()
+            .map(|p| (p.user_id.clone().unwrap().value, p.email.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (other.to_string(), "bob@example.com".into()),
+                (id.to_string(), "ada@example.com".into())
+            ],
+            "{b}: found users only, in request order"
+        );
+        assert_eq!(profiles[1].first_name, "Ada");
+
+        let none = svc
+            .get_user_profile(Request::new(GetUserProfileRequest::default()))
+            .await
+            .unwrap();
+        assert!(none.into_inner().profiles.is_empty(), "{b}");
+        let err = svc
+            .get_user_profile(Request::new(GetUserProfileRequest {
+                user_ids: (0..21).map(|_| pb(Uuid::new_v4()).unwrap()).collect(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{b}");
+        assert!(
+            err.message()
+                .contains("Cannot get more than 20 user profiles at once"),
+            "{b}"
+        );
+
+        // Passwords are stored as argon2id hashes, never in clear.
+        let stored: String = sqlx::query_scalar(
+            "SELECT password FROM user_credentials WHERE email = 'ada@example.com'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert!(stored.starts_with("$argon2id$"), "{b}: {stored}");
+    }
+}
+
+#[tokio::test]
+async fn duplicate_email_is_already_exists_even_under_concurrent_creates() {
+    for db in testsuite::databases().await {
+        let (svc, pool) = service(&db).await;
+        let b = db.backend;
+        let results = futures::future::join_all((0..4).map(|_| {
+            let svc = svc.clone();
+            async move {
+                svc.create_user(create(Uuid::new_v4(), "twin@example.com", "pw"))
+                    .await
+            }
+        }))
+        .await;
+        assert_eq!(
+            results.iter().filter(|r| r.is_ok()).count(),
+            1,
+            "{b}: exactly one create wins"
+        );
+        for err in results.into_iter().filter_map(Result::err) {
+            assert_eq!(err.code(), Code::AlreadyExists, "{b}");
+            assert!(
+                err.message()
+                    .contains("Exception creating user because it already exists"),
+                "{b}: {}",
+                err.message()
+            );
+        }
+        assert_eq!(
+            testsuite::queued_events(&pool, "topic-kv-userCreation")
+                .await
+                .len(),
+            1,
+            "{b}"
+        );
+
+        // The same user id with another email is refused too, and leaves no orphan credentials.
+        let id = Uuid::new_v4();
+        svc.create_user(create(id, "first@example.com", "pw"))
+            .await
+            .unwrap();
+        let err = svc
+            .create_user(create(id, "second@example.com", "pw"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "{b}");
+        let orphans: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM user_credentials WHERE email = 'second@example.com'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(orphans, 0, "{b}");
+    }
+}
+
+#[tokio::test]
+async fn create_user_validates_its_fields() {
+    let db = testsuite::sqlite().await;
+    let (svc, _) = service(&db).await;
+    for (req, field) in [
+        (
+            CreateUserRequest {
+                user_id: None,
+                ..create(Uuid::new_v4(), "a@b.c", "pw").into_inner()
+            },
+            "user_id",
+        ),
+        (
+            CreateUserRequest {
+                email: " ".into(),
+                ..create(Uuid::new_v4(), "a@b.c", "pw").into_inner()
+            },
+            "email",
+        ),
+        (
+            CreateUserRequest {
+                password: "".into(),
+                ..create(Uuid::new_v4(), "a@b.c", "pw").into_inner()
+            },
+            "password",
+        ),
+    ] {
+        let err = svc.create_user(Request::new(req)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message()
+                .contains(&format!("{field} should be provided")),
+            "{}",
+            err.message()
+        );
+    }
+}

@@ -1,0 +1,287 @@
+//! Videos, user video lists and the latest-videos window in the service's own database.
+
+use keel_common::{outbox, outbox::Outbox};
+use keel_protos::killrvideo::video_catalog::events::YouTubeVideoAdded;
+use killrvideo::{ids, sql::Sql, time, topics};
+use prost::Message;
+use sqlx::{AnyPool, Row, any::AnyRow};
+use uuid::Uuid;
+
+/// A video as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Video {
+    /// Canonical UUID text.
+    pub video_id: String,
+    /// Uploader.
+    pub user_id: String,
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// The YouTube id as submitted (YOUTUBE) or the video URL (UPLOAD).
+    pub location: String,
+    /// 0 YOUTUBE, 1 UPLOAD.
+    pub location_type: i32,
+    /// Thumbnail URL.
+    pub preview_image_location: String,
+    /// Tags, sorted and unique.
+    pub tags: Vec<String>,
+    /// Milliseconds since the epoch.
+    pub added_ms: i64,
+}
+
+/// What lists show of a video.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Preview {
+    /// Canonical UUID text.
+    pub video_id: String,
+    /// Milliseconds since the epoch.
+    pub added_ms: i64,
+    /// Name.
+    pub name: String,
+    /// Thumbnail URL.
+    pub preview_image_location: String,
+    /// Uploader.
+    pub user_id: String,
+}
+
+/// A position in a list ordered by `added DESC, videoid ASC`: a start point (inclusive) or a paging cursor
+/// (exclusive).
+pub type Position = (i64, String);
+
+/// Milliseconds in a day.
+pub const DAY_MS: i64 = 86_400_000;
+
+/// How many UTC days "latest videos" covers: today and the 7 before it (spec §4.6, 8 buckets).
+pub const LATEST_DAYS: i64 = 8;
+
+/// Start of the oldest UTC day in the latest-videos window at `now_ms`.
+pub fn latest_window_start(now_ms: i64) -> i64 {
+    now_ms.div_euclid(DAY_MS) * DAY_MS - (LATEST_DAYS - 1) * DAY_MS
+}
+
+/// The video-catalog tables.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    outbox: Outbox,
+}
+
+impl Store {
+    /// The store over a migrated `pool`.
+    pub fn new(pool: AnyPool, outbox: Outbox) -> Self {
+        Self { pool, outbox }
+    }
+
+    /// The pool (for readiness checks).
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Writes the video, its user-list and latest-list rows and the YouTubeVideoAdded event in one transaction.
+    /// Returns false (and writes nothing) when a video with this id exists.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn submit(&self, v: &Video) -> Result<bool, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO videos (videoid, userid, name, description, location, location_type, \
+             preview_image_location, tags, added_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (videoid) DO NOTHING",
+        )
+        .bind(&v.video_id)
+        .bind(&v.user_id)
+        .bind(&v.name)
+        .bind(&v.description)
+        .bind(&v.location)
+        .bind(i64::from(v.location_type))
+        .bind(&v.preview_image_location)
+        .bind(serde_json::to_string(&v.tags).unwrap_or_else(|_| "[]".into()))
+        .bind(v.added_ms)
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO user_videos (userid, added_ms, videoid, name, preview_image_location) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&v.user_id)
+        .bind(v.added_ms)
+        .bind(&v.video_id)
+        .bind(&v.name)
+        .bind(&v.preview_image_location)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO latest_videos (added_ms, videoid, userid, name, preview_image_location) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(v.added_ms)
+        .bind(&v.video_id)
+        .bind(&v.user_id)
+        .bind(&v.name)
+        .bind(&v.preview_image_location)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM latest_videos WHERE added_ms < $1")
+            .bind(latest_window_start(time::now_ms()))
+            .execute(&mut *tx)
+            .await?;
+        let video_id = Uuid::parse_str(&v.video_id).unwrap_or_default();
+        let user_id = Uuid::parse_str(&v.user_id).unwrap_or_default();
+        let event = YouTubeVideoAdded {
+            video_id: Some(ids::uuid(video_id)),
+            user_id: Some(ids::uuid(user_id)),
+            name: v.name.clone(),
+            description: v.description.clone(),
+            location: v.location.clone(),
+            preview_image_location: v.preview_image_location.clone(),
+            tags: v.tags.clone(),
+            added_date: Some(time::to_timestamp(v.added_ms)),
+            timestamp: Some(time::to_timestamp(v.added_ms)),
+        };
+        outbox::enqueue(&mut tx, topics::YOUTUBE_VIDEO_ADDED, &event.encode_to_vec()).await?;
+        tx.commit().await?;
+        self.outbox.wake();
+        Ok(true)
+    }
+
+    /// One video.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn get(&self, id: Uuid) -> Result<Option<Video>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT videoid, userid, name, description, location, location_type, preview_image_location, \
+             tags, added_ms FROM videos WHERE videoid = $1",
+        )
+        .bind(id.hyphenated().to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let tags: String = r.try_get(7)?;
+            Ok(Video {
+                video_id: r.try_get(0)?,
+                user_id: r.try_get(1)?,
+                name: r.try_get(2)?,
+                description: r.try_get(3)?,
+                location: r.try_get(4)?,
+                location_type: r.try_get::<i64, _>(5)? as i32,
+                preview_image_location: r.try_get(6)?,
+                tags: serde_json::from_str(&tags).unwrap_or_default(),
+                added_ms: r.try_get(8)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Previews of those of `ids` that exist, in request order.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn previews(&self, ids: &[Uuid]) -> Result<Vec<Preview>, sqlx::Error> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sql = Sql::new(
+            "SELECT videoid, added_ms, name, preview_image_location, userid FROM videos WHERE videoid IN (",
+        );
+        let list = sql.bind_list(ids.iter().copied());
+        sql.push(&list).push(")");
+        let mut found = sql
+            .query()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(preview)
+            .collect::<Result<Vec<_>, _>>()?;
+        let order: Vec<String> = ids.iter().map(|i| i.hyphenated().to_string()).collect();
+        found.sort_by_key(|p| order.iter().position(|o| *o == p.video_id));
+        Ok(found)
+    }
+
+    /// Up to `limit` of `user`'s videos, newest first, from `start` (inclusive) and after `after`.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn user_videos(
+        &self,
+        user: Uuid,
+        start: Option<&Position>,
+        after: Option<&Position>,
+        limit: usize,
+    ) -> Result<Vec<Preview>, sqlx::Error> {
+        let mut sql = Sql::new(
+            "SELECT videoid, added_ms, name, preview_image_location, userid FROM user_videos WHERE userid = ",
+        );
+        let u = sql.bind(user);
+        sql.push(&u);
+        self.list(sql, start, after, limit).await
+    }
+
+    /// Up to `limit` videos added since `since_ms`, newest first, from `start` (inclusive) and after `after`.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn latest(
+        &self,
+        since_ms: i64,
+        start: Option<&Position>,
+        after: Option<&Position>,
+        limit: usize,
+    ) -> Result<Vec<Preview>, sqlx::Error> {
+        let mut sql = Sql::new(
+            "SELECT videoid, added_ms, name, preview_image_location, userid FROM latest_videos \
+             WHERE added_ms >= ",
+        );
+        let s = sql.bind(since_ms);
+        sql.push(&s);
+        self.list(sql, start, after, limit).await
+    }
+
+    /// Adds the start point, the cursor, the order (`added DESC, videoid ASC`) and the limit to `sql`.
+    async fn list(
+        &self,
+        mut sql: Sql,
+        start: Option<&Position>,
+        after: Option<&Position>,
+        limit: usize,
+    ) -> Result<Vec<Preview>, sqlx::Error> {
+        if let Some((added, video)) = start {
+            // Cassandra's `(added_date, videoid) <= (?, ?)`: a comparison of values, inclusive.
+            let (a1, a2, v) = (sql.bind(*added), sql.bind(*added), sql.bind(video.as_str()));
+            sql.push(&format!(
+                " AND (added_ms < {a1} OR (added_ms = {a2} AND videoid <= {v}))"
+            ));
+        }
+        if let Some((added, video)) = after {
+            // Strictly after the last row returned, in list order.
+            let (a1, a2, v) = (sql.bind(*added), sql.bind(*added), sql.bind(video.as_str()));
+            sql.push(&format!(
+                " AND (added_ms < {a1} OR (added_ms = {a2} AND videoid > {v}))"
+            ));
+        }
+        let l = sql.bind(limit as i64);
+        sql.push(&format!(" ORDER BY added_ms DESC, videoid ASC LIMIT {l}"));
+        sql.query()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(preview)
+            .collect()
+    }
+}
+
+fn preview(r: &AnyRow) -> Result<Preview, sqlx::Error> {
+    Ok(Preview {
+        video_id: r.try_get(0)?,
+        added_ms: r.try_get(1)?,
+        name: r.try_get(2)?,
+        preview_image_location: r.try_get(3)?,
+        user_id: r.try_get(4)?,
+    })
+}
