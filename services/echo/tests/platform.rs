@@ -337,10 +337,11 @@ async fn rpc_metrics_reach_graphite_through_statsd() {
             .channel("echo")
             .unwrap(),
     );
+    // Flushed every second, as a service process does (a single flush can run before the queue drained).
+    metrics.spawn_flusher(Duration::from_secs(1), || 0);
     for _ in 0..3 {
         via_factory.echo(echo("client side")).await.unwrap();
     }
-    metrics.flush();
     let client_requests = infra.whisper_dir.join(format!(
         "stats_counts/{prefix}/metrics-client/grpc/client/Echo/Echo/requests.wsp"
     ));

@@ -65,6 +65,21 @@ impl Ratings {
             user.hyphenated().to_string(),
         );
         let mut tx = self.pool.begin().await?;
+        // Lock first, read second: the totals row is created if missing and then updated (a no-op), which
+        // takes SQLite's write lock at once (a read-then-write transaction would fail with SQLITE_BUSY when a
+        // concurrent writer commits in between) and PostgreSQL's row lock, so concurrent ratings of one video
+        // see each other's per-user rows and never double count.
+        sqlx::query(
+            "INSERT INTO video_ratings (videoid, rating_counter, rating_total) VALUES ($1, 0, 0) \
+             ON CONFLICT (videoid) DO NOTHING",
+        )
+        .bind(&v)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE video_ratings SET rating_counter = rating_counter WHERE videoid = $1")
+            .bind(&v)
+            .execute(&mut *tx)
+            .await?;
         let previous: Option<i64> = sqlx::query(
             "SELECT rating FROM video_ratings_by_user WHERE videoid = $1 AND userid = $2",
         )

@@ -121,3 +121,43 @@ async fn ratings_outside_one_to_five_are_invalid() {
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn concurrent_ratings_of_one_video_all_count_once() {
+    for db in testsuite::databases().await {
+        let (pool, outbox) = testsuite::open(&db, &MIGRATIONS).await;
+        let svc = Ratings::new(pool, outbox);
+        let video = Uuid::new_v4();
+        let user = Uuid::new_v4();
+        let results = futures::future::join_all((0..24).map(|i| {
+            let svc = svc.clone();
+            // Every fourth call re-rates the same user: it must replace, never add.
+            let u = if i % 4 == 0 { user } else { Uuid::new_v4() };
+            async move {
+                svc.rate_video(Request::new(RateVideoRequest {
+                    video_id: pb(video),
+                    user_id: pb(u),
+                    rating: 4,
+                }))
+                .await
+            }
+        }))
+        .await;
+        for r in &results {
+            assert!(r.is_ok(), "{}: {r:?}", db.backend);
+        }
+        let r = svc
+            .get_rating(Request::new(GetRatingRequest {
+                video_id: pb(video),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (r.ratings_count, r.ratings_total),
+            (19, 76),
+            "{}: 18 users once + 1 user 6 times",
+            db.backend
+        );
+    }
+}
