@@ -17,6 +17,7 @@ run: ## the main job on the embedded default: all KillrVideo services on 127.0.0
 	cargo run -p killrvideo-server
 
 test: infra-install infra-up ## every test, against the real Consul, Kafka, PostgreSQL and StatsD/Graphite
+	cargo build --workspace --bins
 	$(WITH_INFRA) cargo test --workspace
 
 test-unit: ## tests that need no server (pure logic and generated code)

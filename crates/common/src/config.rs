@@ -197,9 +197,10 @@ pub struct DatabaseSettings {
 pub struct EventSettings {
     /// Kafka bootstrap servers for events (`events.brokers`), default `kafka.brokers`. Unset: in-process bus.
     pub brokers: Option<String>,
-    /// Consumer group of this service's event handlers (`events.group`), default the service name, so
-    /// several instances share the partitions.
-    pub group: String,
+    /// Namespace of this process's consumer groups (`events.group_prefix`), default none. A consumer's group is
+    /// `<prefix>.<consumer>` (or just `<consumer>`, e.g. `search`), so every instance of a service shares the
+    /// partitions, and a test or a second environment on the same brokers can keep its own offsets.
+    pub group_prefix: Option<String>,
     /// Longest wait for Kafka to acknowledge one event before the outbox retries it (`events.delivery_timeout`).
     pub delivery_timeout: Duration,
 }
@@ -359,6 +360,15 @@ impl Reader {
 }
 
 impl Settings {
+    /// The Kafka consumer group of `consumer` in this process: `<events.group_prefix>.<consumer>`, or
+    /// `consumer` when no prefix is set.
+    pub fn consumer_group(&self, consumer: &str) -> String {
+        match &self.events.group_prefix {
+            Some(prefix) => format!("{prefix}.{consumer}"),
+            None => consumer.to_owned(),
+        }
+    }
+
     /// Loads the settings of service `name` from the process environment (and `KEEL_CONFIG_FILE`).
     ///
     /// # Errors
@@ -504,7 +514,7 @@ impl Settings {
             brokers: r
                 .opt_string("events.brokers")
                 .or_else(|| log.kafka_brokers.clone()),
-            group: r.get("events.group", service_name.clone()),
+            group_prefix: r.opt_string("events.group_prefix"),
             delivery_timeout: r.duration("events.delivery_timeout", Duration::from_secs(5)),
         };
 
@@ -625,7 +635,13 @@ impl Settings {
                     .clone()
                     .unwrap_or_else(|| "(none: in-process bus)".into()),
             ),
-            ("events.group", self.events.group.clone()),
+            (
+                "events.group_prefix",
+                self.events
+                    .group_prefix
+                    .clone()
+                    .unwrap_or_else(|| "(none)".into()),
+            ),
         ]
     }
 }
@@ -668,7 +684,7 @@ mod tests {
             "sqlite://var/ratings.db?mode=rwc"
         );
         assert_eq!(s.events.brokers, None);
-        assert_eq!(s.events.group, "comments");
+        assert_eq!(s.events.group_prefix, None);
         let s = Settings::from_env(
             "comments",
             &Env::default()

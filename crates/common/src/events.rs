@@ -4,7 +4,8 @@
 //! - **Kafka** (`events.brokers`, default `kafka.brokers`): one topic per event type, the payload as given (the
 //!   KillrVideo events are the raw serialized protobuf message, no key, as the reference services send them).
 //!   A publish waits for the broker's acknowledgement (`acks=all`) at most `events.delivery_timeout`.
-//!   Consumers join group `events.group` (default: the service name), so several instances of a service share
+//!   Consumers join the group `Settings::consumer_group` names (the consumer's name, e.g. `search`, behind an
+//!   optional `events.group_prefix`), so several instances of a service share
 //!   the partitions; offsets are committed only after the handler succeeded (at-least-once delivery).
 //! - **In-process**, when no brokers are configured: the embedded default, all services in one process. Each
 //!   consumer group subscribed to a topic gets every event once, in publish order.
@@ -180,8 +181,7 @@ impl EventBus {
     }
 
     /// Consumes `topics` as consumer group `group`, calling `handler` for every event, until the process ends.
-    /// Topics are created if missing (one partition per topic by default on Kafka; a missing topic is not an
-    /// error).
+    /// Topics are created if missing (a missing topic is not an error).
     ///
     /// # Errors
     /// The Kafka consumer cannot be configured.
@@ -231,12 +231,15 @@ impl EventBus {
     }
 }
 
-/// Creates missing topics (1 partition, replication 1 on a single broker); retried until Kafka answers, since
-/// consumers start before Kafka may be up.
+/// Partitions of a topic this platform creates: several instances of a consumer group share them.
+pub const TOPIC_PARTITIONS: i32 = 3;
+
+/// Creates missing topics ([`TOPIC_PARTITIONS`] partitions, replication 1: a single-broker default; create them
+/// beforehand for a real cluster); retried until Kafka answers, since consumers may start before Kafka is up.
 async fn ensure_topics(admin: &AdminClient<DefaultClientContext>, topics: &[String]) {
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
+        .map(|t| NewTopic::new(t, TOPIC_PARTITIONS, TopicReplication::Fixed(1)))
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(5)));
     let mut wait = Duration::from_millis(200);

@@ -60,17 +60,6 @@ pub fn required_text<'a>(
     }
 }
 
-/// The consumer group of service `service`'s event handlers: `events.group` when the process is that service
-/// (default: its name), otherwise the service's name (the all-in-one process hosts several services, each
-/// consuming as its own group).
-pub fn consumer_group(platform: &Platform, service: &str) -> String {
-    if platform.settings.service.name == service {
-        platform.settings.events.group.clone()
-    } else {
-        service.to_owned()
-    }
-}
-
 /// Lowercase words (letters and digits) of `text`, in order, repeats kept.
 pub fn words(text: &str) -> impl Iterator<Item = String> + '_ {
     text.split(|c: char| !c.is_alphanumeric())

@@ -70,7 +70,7 @@ impl SuggestedVideos {
     pub async fn open(platform: &Platform) -> anyhow::Result<Self> {
         let (pool, _outbox) = killrvideo::open_database(platform, SERVICE, &MIGRATIONS).await?;
         let this = Self::new(pool);
-        let group = killrvideo::consumer_group(platform, SERVICE);
+        let group = platform.settings.consumer_group(SERVICE);
         let handler = this.clone();
         platform.events.subscribe(
             &group,
