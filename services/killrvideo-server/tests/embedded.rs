@@ -3,10 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use keel_common::{
-    Platform,
-    config::{Env, Settings},
-};
+mod support;
+
 use keel_protos::killrvideo::{
     comments::{
         CommentOnVideoRequest, GetVideoCommentsRequest,
@@ -34,32 +32,13 @@ use keel_protos::killrvideo::{
         video_catalog_service_client::VideoCatalogServiceClient,
     },
 };
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 use uuid::Uuid;
 
 fn pb(id: Uuid) -> Option<PbUuid> {
     Some(PbUuid {
         value: id.to_string(),
     })
-}
-
-/// Starts the all-in-one server on 127.0.0.1:0 with its SQLite files in a fresh directory.
-async fn start() -> Channel {
-    let dir = std::env::temp_dir().join(format!("keel-embedded-{}", Uuid::new_v4().simple()));
-    let env = Env::default()
-        .with("KEEL_DATABASE__DIR", dir.display().to_string())
-        .with("KEEL_LOG__STDOUT", "false");
-    let settings = Settings::from_env("killrvideo", &env).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let platform = Platform::new(settings, addr.port()).unwrap();
-    let server = killrvideo_server::build(&platform).await.unwrap();
-    tokio::spawn(server.serve(listener, std::future::pending()));
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }
 
 async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
@@ -78,7 +57,7 @@ async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
 
 #[tokio::test]
 async fn a_user_signs_up_submits_comments_rates_plays_and_finds_videos_on_one_port() {
-    let ch = start().await;
+    let ch = support::start_embedded().await.1;
     let mut users = UserManagementServiceClient::new(ch.clone());
     let mut videos = VideoCatalogServiceClient::new(ch.clone());
     let mut comments = CommentsServiceClient::new(ch.clone());
