@@ -95,8 +95,11 @@ impl std::fmt::Debug for EventBus {
     }
 }
 
+/// In-process subscriptions: by topic, each consumer group's queue.
+type LocalSubscriptions = Mutex<HashMap<String, Vec<(String, mpsc::UnboundedSender<Event>)>>>;
+
 enum Inner {
-    Local(Mutex<HashMap<String, Vec<(String, mpsc::UnboundedSender<Event>)>>>),
+    Local(LocalSubscriptions),
     Kafka {
         brokers: String,
         producer: FutureProducer,
@@ -180,6 +183,18 @@ impl EventBus {
         }
     }
 
+    /// [`Self::subscribe`] with an async closure as the handler.
+    ///
+    /// # Errors
+    /// As [`Self::subscribe`].
+    pub fn consume<F, Fut>(&self, group: &str, topics: &[&str], handler: F) -> anyhow::Result<()>
+    where
+        F: Fn(Event) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.subscribe(group, topics, Arc::new(move |e| Box::pin(handler(e))))
+    }
+
     /// Consumes `topics` as consumer group `group`, calling `handler` for every event, until the process ends.
     /// Topics are created if missing (a missing topic is not an error).
     ///
@@ -247,10 +262,10 @@ async fn ensure_topics(admin: &AdminClient<DefaultClientContext>, topics: &[Stri
         match admin.create_topics(&new, &opts).await {
             Ok(results) => {
                 for r in results {
-                    if let Err((topic, code)) = r {
-                        if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
-                            tracing::warn!(topic, error = %code, "could not create topic");
-                        }
+                    if let Err((topic, code)) = r
+                        && code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
+                    {
+                        tracing::warn!(topic, error = %code, "could not create topic");
                     }
                 }
                 return;
@@ -311,7 +326,8 @@ mod tests {
     #[tokio::test]
     async fn in_process_bus_delivers_to_each_group_once_in_order_and_retries_failures() {
         let bus = EventBus::in_process();
-        let seen: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+        type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+        let seen: Seen = Arc::default();
         let failures_left = Arc::new(Mutex::new(1));
         for group in ["search", "suggested-videos"] {
             let seen = seen.clone();

@@ -61,6 +61,22 @@ fn parse(field: &str, value: Option<&str>) -> Result<Uuid, ServiceError> {
     Uuid::parse_str(raw).map_err(|_| ServiceError::invalid(field, format!("{raw:?} is not a UUID")))
 }
 
+/// The UUIDs of a repeated `Uuid` field of a multi-get (GetUserProfile, GetVideoPreviews, GetNumberOfPlays):
+/// at most [`crate::MAX_IDS_PER_REQUEST`].
+///
+/// # Errors
+/// INVALID_ARGUMENT `too_many` (the reference's message) for more ids, or naming the field for a bad id.
+pub fn required_list(
+    field: &str,
+    values: &[PbUuid],
+    too_many: &str,
+) -> Result<Vec<Uuid>, ServiceError> {
+    if values.len() > crate::MAX_IDS_PER_REQUEST {
+        return Err(ServiceError::invalid(field, too_many));
+    }
+    values.iter().map(|v| required(field, Some(v))).collect()
+}
+
 /// The wire form of `id`.
 pub fn uuid(id: Uuid) -> PbUuid {
     PbUuid {

@@ -11,8 +11,6 @@
 
 mod index;
 
-use std::sync::Arc;
-
 use keel_common::{
     Platform, Server, ServiceError, db,
     events::{Event, HandlerError},
@@ -59,15 +57,14 @@ impl Search {
     pub async fn open(platform: &Platform) -> anyhow::Result<Self> {
         let (pool, _outbox) = killrvideo::open_database(platform, SERVICE, &MIGRATIONS).await?;
         let this = Self::new(pool);
-        let group = platform.settings.consumer_group(SERVICE);
         let handler = this.clone();
-        platform.events.subscribe(
-            &group,
+        platform.events.consume(
+            &platform.settings.consumer_group(SERVICE),
             &[topics::YOUTUBE_VIDEO_ADDED],
-            Arc::new(move |e: Event| {
+            move |e| {
                 let h = handler.clone();
-                Box::pin(async move { h.handle(e).await })
-            }),
+                async move { h.handle(e).await }
+            },
         )?;
         Ok(this)
     }

@@ -115,18 +115,11 @@ impl StatisticsService for Statistics {
         request: Request<GetNumberOfPlaysRequest>,
     ) -> Result<Response<GetNumberOfPlaysResponse>, Status> {
         let r = request.into_inner();
-        if r.video_ids.len() > MAX_IDS_PER_REQUEST {
-            return Err(ServiceError::invalid(
-                "video_ids",
-                format!("Cannot do a get more than {MAX_IDS_PER_REQUEST} videos at once"),
-            )
-            .into());
-        }
-        let ids = r
-            .video_ids
-            .iter()
-            .map(|id| ids::required("video_ids", Some(id)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let ids = ids::required_list(
+            "video_ids",
+            &r.video_ids,
+            &format!("Cannot do a get more than {MAX_IDS_PER_REQUEST} videos at once"),
+        )?;
         let stats = self
             .plays(&ids)
             .await

@@ -175,18 +175,11 @@ impl UserManagementService for UserManagement {
         request: Request<GetUserProfileRequest>,
     ) -> Result<Response<GetUserProfileResponse>, Status> {
         let r = request.into_inner();
-        if r.user_ids.len() > MAX_IDS_PER_REQUEST {
-            return Err(ServiceError::invalid(
-                "user_ids",
-                format!("Cannot get more than {MAX_IDS_PER_REQUEST} user profiles at once"),
-            )
-            .into());
-        }
-        let ids = r
-            .user_ids
-            .iter()
-            .map(|id| ids::required("user_ids", Some(id)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let ids = ids::required_list(
+            "user_ids",
+            &r.user_ids,
+            &format!("Cannot get more than {MAX_IDS_PER_REQUEST} user profiles at once"),
+        )?;
         let profiles = self
             .store
             .profiles(&ids)

@@ -26,7 +26,6 @@ use prost_types::Timestamp;
 use serde::{Deserialize, Serialize};
 use sqlx::AnyPool;
 use tonic::{Request, Response, Status};
-use uuid::Uuid;
 
 pub use storage::{Position, Preview, Store, Video, latest_window_start};
 
@@ -215,18 +214,11 @@ impl VideoCatalogService for VideoCatalog {
         request: Request<GetVideoPreviewsRequest>,
     ) -> Result<Response<GetVideoPreviewsResponse>, Status> {
         let r = request.into_inner();
-        if r.video_ids.len() > MAX_IDS_PER_REQUEST {
-            return Err(ServiceError::invalid(
-                "video_ids",
-                format!("Cannot fetch more than {MAX_IDS_PER_REQUEST} videos at once"),
-            )
-            .into());
-        }
-        let ids = r
-            .video_ids
-            .iter()
-            .map(|id| ids::required("video_ids", Some(id)))
-            .collect::<Result<Vec<Uuid>, _>>()?;
+        let ids = ids::required_list(
+            "video_ids",
+            &r.video_ids,
+            &format!("Cannot fetch more than {MAX_IDS_PER_REQUEST} videos at once"),
+        )?;
         let previews = self
             .store
             .previews(&ids)
