@@ -14,6 +14,9 @@ use crate::{ServiceError, config::Settings};
 
 pub use sqlx;
 
+/// Key of the PostgreSQL advisory lock held while a database is migrated at start.
+const MIGRATION_LOCK: i64 = 0x6b65_656c_6d69_67;
+
 /// Which engine a pool talks to, for the few statements that differ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -98,8 +101,35 @@ pub async fn connect_url(
         })
         .connect(url)
         .await?;
-    migrations.run(&pool).await?;
-    crate::outbox::create_table(&pool).await?;
+    // Instances of one service starting together would race on `CREATE TABLE IF NOT EXISTS` (PostgreSQL
+    // reports a duplicate pg_type key): the first migrates under a session advisory lock, the others wait.
+    // SQLite files belong to one process: a process-wide lock is enough there.
+    static SQLITE_MIGRATION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _sqlite_guard = match backend {
+        Backend::Sqlite => Some(SQLITE_MIGRATION.lock().await),
+        Backend::Postgres => None,
+    };
+    let mut conn = pool.acquire().await?;
+    if backend == Backend::Postgres {
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *conn)
+            .await?;
+    }
+    let migrated = async {
+        migrations.run(&mut *conn).await?;
+        crate::outbox::create_table(&mut conn).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if backend == Backend::Postgres {
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *conn)
+            .await?;
+    }
+    migrated?;
+    drop(conn);
     Ok(pool)
 }
 

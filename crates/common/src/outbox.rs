@@ -28,12 +28,12 @@ use crate::events::EventBus;
 ///
 /// # Errors
 /// The statement fails.
-pub async fn create_table(pool: &AnyPool) -> sqlx::Result<()> {
+pub async fn create_table(conn: &mut AnyConnection) -> sqlx::Result<()> {
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS keel_outbox (\
            id TEXT PRIMARY KEY, topic TEXT NOT NULL, payload TEXT NOT NULL, created_ms BIGINT NOT NULL)",
     )
-    .execute(pool)
+    .execute(conn)
     .await
     .map(drop)
 }

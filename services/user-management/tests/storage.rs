@@ -242,3 +242,23 @@ async fn create_user_validates_its_fields() {
         );
     }
 }
+
+/// Instances of a service starting together against one database all come up: one migrates, the others wait
+/// for it (a race on `CREATE TABLE IF NOT EXISTS` made all but one fail, on the real PostgreSQL).
+#[tokio::test]
+async fn instances_starting_together_all_migrate_the_shared_database() {
+    for db in testsuite::databases().await {
+        let opened = futures::future::join_all((0..4).map(|_| {
+            keel_common::db::connect_url(
+                &db.url,
+                2,
+                std::time::Duration::from_secs(10),
+                &MIGRATIONS,
+            )
+        }))
+        .await;
+        for r in &opened {
+            assert!(r.is_ok(), "{}: {:?}", db.backend, r.as_ref().err());
+        }
+    }
+}
