@@ -15,7 +15,7 @@ use crate::{ServiceError, config::Settings};
 pub use sqlx;
 
 /// Key of the PostgreSQL advisory lock held while a database is migrated at start.
-const MIGRATION_LOCK: i64 = 0x6b65_656c_6d69_67;
+const MIGRATION_LOCK: i64 = 0x006b_6565_6c6d_6967;
 
 /// Which engine a pool talks to, for the few statements that differ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
