@@ -89,7 +89,13 @@ impl Echo for EchoService {
             .as_ref()
             .and_then(|c| c.remaining())
             .map_or(0, |d| d.as_millis() as u64);
-        tracing::info!(text = %req.message, delay_ms = req.delay_ms, forward_to = %req.forward_to, "echo");
+        tracing::info!(
+            text = %req.message,
+            delay_ms = req.delay_ms,
+            forward_to = %req.forward_to,
+            deadline_remaining_ms,
+            "echo"
+        );
         if req.delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(u64::from(req.delay_ms)).min(MAX_DELAY)).await;
         }

@@ -460,39 +460,33 @@ async fn deadline_and_trace_id_propagate_to_downstream_services() {
         b.deadline_remaining_ms
     );
 
-    // A forwards delay_ms too: with 250 ms spent in A, B gets ~150 ms of a 400 ms deadline, cannot sleep
-    // 250 ms, and stops; the caller sees DEADLINE_EXCEEDED, and B logged the shortened deadline it enforced.
+    // A forwards delay_ms too: with 600 ms spent in A, B is given ~400 ms of the caller's 1 s, cannot sleep
+    // 600 ms, and the caller sees DEADLINE_EXCEEDED. B logged the shortened deadline it was given (with the
+    // caller's full second it would have finished). Which of A and B times out first is a race (their
+    // deadlines are the same instant), so the proof is B's view of the deadline, not who stopped first.
     let mut req = tonic::Request::new(EchoRequest {
         forward_to: b_name.clone(),
-        delay_ms: 250,
+        delay_ms: 600,
         ..echo("slow hop")
     });
-    req.set_timeout(Duration::from_millis(400));
+    req.set_timeout(Duration::from_millis(1000));
     let err = client.echo(req).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
-    let b_limit_ms = eventually(
-        "B stops the forwarded call at its deadline",
-        Duration::from_secs(5),
+    let b_saw_ms = eventually(
+        "B logs the slow hop with the deadline it was given",
+        Duration::from_secs(10),
         || async {
             _b.lines().iter().find_map(|l| {
-                (l["message"] == "deadline exceeded; handler stopped")
-                    .then(|| l["fields"]["limit"].as_str().map(str::to_owned))
+                (l["message"] == "echo" && l["fields"]["text"] == "slow hop")
+                    .then(|| l["fields"]["deadline_remaining_ms"].as_u64())
                     .flatten()
             })
         },
     )
     .await;
     assert!(
-        b_limit_ms.ends_with("ms"),
-        "a sub-second limit, printed in ms: {b_limit_ms}"
-    );
-    let ms: f64 = b_limit_ms
-        .trim_end_matches("ms")
-        .parse()
-        .unwrap_or(f64::MAX);
-    assert!(
-        ms < 250.0,
-        "B enforced the remaining {ms} ms, not the caller's full 400 ms"
+        b_saw_ms > 0 && b_saw_ms < 600,
+        "B was given the remaining ~400 ms, not the caller's full 1000 ms: {b_saw_ms}"
     );
 }
 
