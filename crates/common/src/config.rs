@@ -224,6 +224,18 @@ pub struct Settings {
     pub database: DatabaseSettings,
     /// Domain events.
     pub events: EventSettings,
+    /// Every layered value, for the service's own section ([`Settings::section`]).
+    raw: Raw,
+}
+
+/// The layered configuration, kept for service-specific sections; never printed (it may hold secrets).
+#[derive(Clone)]
+struct Raw(Config);
+
+impl fmt::Debug for Raw {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<layered configuration>")
+    }
 }
 
 /// One bad configuration value.
@@ -360,6 +372,22 @@ impl Reader {
 }
 
 impl Settings {
+    /// A service's own configuration section (`[cache]` in the file, `KEEL_CACHE__MAX_BYTES` in the environment),
+    /// layered like the platform's; `T::default()` when the section is absent (use `#[serde(default)]`).
+    ///
+    /// # Errors
+    /// A value of the section does not fit `T`, reported under the section's key.
+    pub fn section<T: DeserializeOwned + Default>(&self, name: &str) -> Result<T, ConfigErrors> {
+        match self.raw.0.get::<T>(name) {
+            Ok(v) => Ok(v),
+            Err(config::ConfigError::NotFound(_)) => Ok(T::default()),
+            Err(e) => Err(ConfigErrors(vec![ConfigError {
+                key: name.to_owned(),
+                message: e.to_string(),
+            }])),
+        }
+    }
+
     /// The Kafka consumer group of `consumer` in this process: `<events.group_prefix>.<consumer>`, or
     /// `consumer` when no prefix is set.
     pub fn consumer_group(&self, consumer: &str) -> String {
@@ -416,6 +444,7 @@ impl Settings {
                 message: e.to_string(),
             }])
         })?;
+        let raw = Raw(cfg.clone());
         let mut r = Reader {
             cfg,
             errors: Vec::new(),
@@ -528,6 +557,7 @@ impl Settings {
                 client,
                 database,
                 events,
+                raw,
             })
         } else {
             Err(ConfigErrors(r.errors))
@@ -701,6 +731,36 @@ mod tests {
         );
         assert!(!format!("{s:?}").contains("hunter2"));
         assert_eq!(s.events.brokers.as_deref(), Some("127.0.0.1:19092"));
+    }
+
+    #[test]
+    fn service_sections_are_typed_and_layered() {
+        #[derive(serde::Deserialize, Default, Debug, PartialEq)]
+        #[serde(default)]
+        struct Cache {
+            max_bytes: u64,
+            name: String,
+        }
+        let s = Settings::from_env(
+            "cache",
+            &Env::default().with("KEEL_CACHE__MAX_BYTES", "1048576"),
+        )
+        .unwrap();
+        assert_eq!(
+            s.section::<Cache>("cache").unwrap(),
+            Cache {
+                max_bytes: 1_048_576,
+                name: String::new()
+            }
+        );
+        assert_eq!(s.section::<Cache>("absent").unwrap(), Cache::default());
+        let s = Settings::from_env(
+            "cache",
+            &Env::default().with("KEEL_CACHE__MAX_BYTES", "lots"),
+        )
+        .unwrap();
+        assert_eq!(s.section::<Cache>("cache").unwrap_err().0[0].key, "cache");
+        assert!(!format!("{s:?}").contains("lots"));
     }
 
     #[test]

@@ -297,6 +297,19 @@ where
     }
 }
 
+/// Metadata key asking a mutating call to validate and report what it would do, with no side effect.
+pub const DRY_RUN: &str = "dry-run";
+
+/// Whether `request` carries `dry-run: true` (case-insensitive). Every service with mutating calls honours it:
+/// validation and authorisation run, nothing is written, and the answer says what would have happened.
+pub fn is_dry_run<T>(request: &tonic::Request<T>) -> bool {
+    request
+        .metadata()
+        .get(DRY_RUN)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

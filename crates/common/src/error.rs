@@ -35,6 +35,15 @@ pub enum ServiceError {
     /// FAILED_PRECONDITION.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A quota would be exceeded: FAILED_PRECONDITION with a `QuotaFailure` violation (retrying the same call
+    /// cannot help until something is released).
+    #[error("{description}")]
+    QuotaExceeded {
+        /// What the quota is on, e.g. `account:<id>`.
+        subject: String,
+        /// Which limit and by how much, e.g. `max_cache_keys 100 reached`.
+        description: String,
+    },
     /// UNAUTHENTICATED.
     #[error("{0}")]
     Unauthenticated(String),
@@ -69,6 +78,7 @@ impl ServiceError {
             Self::NotFound(_) => "NOT_FOUND",
             Self::AlreadyExists(_) => "ALREADY_EXISTS",
             Self::FailedPrecondition(_) => "FAILED_PRECONDITION",
+            Self::QuotaExceeded { .. } => "QUOTA_EXCEEDED",
             Self::Unauthenticated(_) => "UNAUTHENTICATED",
             Self::Unimplemented(_) => "UNIMPLEMENTED",
             Self::Unavailable { .. } => "UNAVAILABLE",
@@ -89,6 +99,13 @@ impl From<ServiceError> for Status {
             ServiceError::NotFound(m) => (Code::NotFound, m.clone()),
             ServiceError::AlreadyExists(m) => (Code::AlreadyExists, m.clone()),
             ServiceError::FailedPrecondition(m) => (Code::FailedPrecondition, m.clone()),
+            ServiceError::QuotaExceeded {
+                subject,
+                description,
+            } => {
+                details.add_quota_failure_violation(subject.clone(), description.clone());
+                (Code::FailedPrecondition, description.clone())
+            }
             ServiceError::Unauthenticated(m) => (Code::Unauthenticated, m.clone()),
             ServiceError::Unimplemented(m) => (Code::Unimplemented, m.clone()),
             ServiceError::Unavailable {
@@ -138,6 +155,24 @@ mod tests {
             ("user_id", "must be a UUID")
         );
         assert_eq!(d.error_info().unwrap().domain, ERROR_DOMAIN);
+        assert!(!is_retryable(&status));
+    }
+
+    #[test]
+    fn quota_exceeded_is_failed_precondition_with_quota_failure() {
+        let status: Status = ServiceError::QuotaExceeded {
+            subject: "account:a1".into(),
+            description: "max_cache_keys 100 reached".into(),
+        }
+        .into();
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        let d = status.get_error_details();
+        let v = &d.quota_failure().unwrap().violations[0];
+        assert_eq!(
+            (v.subject.as_str(), v.description.as_str()),
+            ("account:a1", "max_cache_keys 100 reached")
+        );
+        assert_eq!(d.error_info().unwrap().reason, "QUOTA_EXCEEDED");
         assert!(!is_retryable(&status));
     }
 

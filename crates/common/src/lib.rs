@@ -32,6 +32,8 @@ pub mod outbox;
 pub mod retry;
 pub mod server;
 pub mod shutdown;
+#[cfg(feature = "testsuite")]
+pub mod testsuite;
 
 use std::{future::Future, process::ExitCode, sync::Arc, time::Duration};
 

@@ -1,0 +1,296 @@
+//! Every RPC of the accounts service, in process, on SQLite and on the real PostgreSQL.
+
+use accounts::{Accounts, MIGRATIONS, token_digest};
+use keel_common::testsuite;
+use keel_protos::rpc::{
+    CreateAccountReq, GetByTokenReq, ListAccountsReq, ReleaseKeysReq, ReserveKeysReq,
+    UpdateAccountReq, accounts_server::Accounts as _,
+};
+use tonic::{Code, Request};
+use tonic_types::StatusExt;
+
+fn dry<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert("dry-run", "true".parse().unwrap());
+    r
+}
+
+async fn service(db: &testsuite::TestDatabase) -> (Accounts, sqlx::AnyPool) {
+    let (pool, _) = testsuite::open(db, &MIGRATIONS).await;
+    (Accounts::new(pool.clone()), pool)
+}
+
+#[tokio::test]
+async fn accounts_are_created_found_by_token_updated_and_listed() {
+    for db in testsuite::databases().await {
+        let (svc, pool) = service(&db).await;
+        let b = db.backend;
+        let created = svc
+            .create_account(Request::new(CreateAccountReq {
+                name: "ngrok".into(),
+                max_cache_keys: 100,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let acct = created.account.unwrap();
+        assert!(
+            created.token.starts_with("kc_") && created.token.len() > 40,
+            "{b}"
+        );
+        let stored: String = sqlx::query_scalar("SELECT token_hash FROM accounts")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            stored,
+            token_digest(&created.token),
+            "{b}: only the digest is stored"
+        );
+        assert!(!stored.contains(&created.token[3..]));
+
+        let found = svc
+            .get_by_token(Request::new(GetByTokenReq {
+                token: created.token.clone(),
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .account
+            .unwrap();
+        assert_eq!(
+            (found.id.as_str(), found.max_cache_keys),
+            (acct.id.as_str(), 100),
+            "{b}"
+        );
+        for bad in ["", "kc_nope", &created.token[..created.token.len() - 1]] {
+            let err = svc
+                .get_by_token(Request::new(GetByTokenReq { token: bad.into() }))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::Unauthenticated, "{b}: {bad:?}");
+        }
+
+        let updated = svc
+            .update_account(Request::new(UpdateAccountReq {
+                id: acct.id.clone(),
+                name: String::new(),
+                max_cache_keys: 5,
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .account
+            .unwrap();
+        assert_eq!(
+            (updated.name.as_str(), updated.max_cache_keys),
+            ("ngrok", 5),
+            "{b}"
+        );
+        let err = svc
+            .update_account(Request::new(UpdateAccountReq {
+                id: "missing".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{b}");
+
+        for i in 0..4 {
+            svc.create_account(Request::new(CreateAccountReq {
+                name: format!("a{i}"),
+                max_cache_keys: 1,
+            }))
+            .await
+            .unwrap();
+        }
+        let p1 = svc
+            .list_accounts(Request::new(ListAccountsReq {
+                page_size: 3,
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let p2 = svc
+            .list_accounts(Request::new(ListAccountsReq {
+                page_size: 3,
+                page_token: p1.next_page_token.clone(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let names: Vec<String> = p1
+            .accounts
+            .iter()
+            .chain(&p2.accounts)
+            .map(|a| a.name.clone())
+            .collect();
+        assert_eq!(
+            names,
+            vec!["ngrok", "a0", "a1", "a2", "a3"],
+            "{b}: oldest first"
+        );
+        assert_eq!(p2.next_page_token, "", "{b}");
+
+        let err = svc
+            .create_account(Request::new(CreateAccountReq {
+                name: " ".into(),
+                max_cache_keys: 1,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{b}");
+    }
+}
+
+#[tokio::test]
+async fn the_key_quota_holds_exactly_under_concurrent_reservations() {
+    for db in testsuite::databases().await {
+        let (svc, _) = service(&db).await;
+        let b = db.backend;
+        let acct = svc
+            .create_account(Request::new(CreateAccountReq {
+                name: "q".into(),
+                max_cache_keys: 100,
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .account
+            .unwrap();
+        let results = futures::future::join_all((0..150).map(|_| {
+            let svc = svc.clone();
+            let id = acct.id.clone();
+            async move {
+                svc.reserve_keys(Request::new(ReserveKeysReq {
+                    account_id: id,
+                    count: 1,
+                }))
+                .await
+            }
+        }))
+        .await;
+        assert_eq!(
+            results.iter().filter(|r| r.is_ok()).count(),
+            100,
+            "{b}: exactly the quota"
+        );
+        let err = results.into_iter().find_map(Result::err).unwrap();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{b}");
+        let v = &err
+            .get_details_quota_failure()
+            .expect("QuotaFailure detail")
+            .violations[0];
+        assert_eq!(v.subject, format!("account:{}", acct.id), "{b}");
+
+        svc.release_keys(Request::new(ReleaseKeysReq {
+            account_id: acct.id.clone(),
+            count: 2,
+        }))
+        .await
+        .unwrap();
+        let r = svc
+            .reserve_keys(Request::new(ReserveKeysReq {
+                account_id: acct.id.clone(),
+                count: 2,
+            }))
+            .await
+            .unwrap();
+        assert_eq!(r.into_inner().used_cache_keys, 100, "{b}");
+        let err = svc
+            .reserve_keys(Request::new(ReserveKeysReq {
+                account_id: acct.id.clone(),
+                count: 0,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{b}");
+    }
+}
+
+#[tokio::test]
+async fn dry_runs_validate_and_change_nothing() {
+    for db in testsuite::databases().await {
+        let (svc, pool) = service(&db).await;
+        let b = db.backend;
+        let r = svc
+            .create_account(dry(CreateAccountReq {
+                name: "trial".into(),
+                max_cache_keys: 3,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (r.account.unwrap().name.as_str(), r.token.as_str()),
+            ("trial", ""),
+            "{b}"
+        );
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM accounts")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "{b}: nothing written");
+        let err = svc
+            .create_account(dry(CreateAccountReq {
+                name: "x".into(),
+                max_cache_keys: 0,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{b}: a dry run still validates"
+        );
+
+        let acct = svc
+            .create_account(Request::new(CreateAccountReq {
+                name: "real".into(),
+                max_cache_keys: 1,
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .account
+            .unwrap();
+        let would = svc
+            .reserve_keys(dry(ReserveKeysReq {
+                account_id: acct.id.clone(),
+                count: 1,
+            }))
+            .await
+            .unwrap();
+        assert_eq!(
+            would.into_inner().used_cache_keys,
+            1,
+            "{b}: what would happen"
+        );
+        let err = svc
+            .reserve_keys(dry(ReserveKeysReq {
+                account_id: acct.id.clone(),
+                count: 2,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{b}");
+        let renamed = svc
+            .update_account(dry(UpdateAccountReq {
+                id: acct.id.clone(),
+                name: "renamed".into(),
+                max_cache_keys: 0,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(renamed.account.unwrap().name, "renamed", "{b}");
+        let (name, used): (String, i64) =
+            sqlx::query_as("SELECT name, used_cache_keys FROM accounts WHERE id = $1")
+                .bind(&acct.id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!((name.as_str(), used), ("real", 0), "{b}: nothing changed");
+    }
+}

@@ -1,0 +1,269 @@
+//! The multi-tenant cache of `shared/seeds/003_grpc_in_production_cache.txt`: package `rpc`, service `Cache`
+//! (Store, Get, Dump), wire-compatible with the talk's protos.
+//!
+//! - Every call names its account by token: the request's `account_token`, or `authorization: Bearer <token>`
+//!   metadata. The accounts service resolves it (an unknown token is UNAUTHENTICATED); the caller's deadline
+//!   and trace id travel with that call. Keys are namespaced per account: no account reads another's.
+//! - Quota: a Store of a key new to the account first reserves one key from the account's `max_cache_keys` at
+//!   the accounts service, atomically across every cache instance; over it, the accounts service's
+//!   FAILED_PRECONDITION with its QuotaFailure detail reaches the caller as it is. Keys evicted or expired give
+//!   their quota back.
+//! - Memory: at most `cache.max_bytes` (default 64 MiB) per instance, least recently used keys evicted first;
+//!   `ttl_ms` per key.
+//! - Dump streams the account's pairs in key order, 256 keys at a time through a bounded channel: memory stays
+//!   bounded and a slow reader slows the sender (HTTP/2 flow control), never the cache.
+//! - `dry-run: true` on Store validates, authenticates and checks the quota, and stores nothing.
+
+mod store;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use keel_common::{Channel, Platform, Server, ServiceError, context::is_dry_run};
+use keel_protos::rpc::{
+    DumpItem, DumpReq, GetByTokenReq, GetReq, GetResp, ReleaseKeysReq, ReserveKeysReq, StoreReq,
+    StoreResp,
+    accounts_client::AccountsClient,
+    cache_server::{Cache as CacheRpc, CacheServer},
+};
+use serde::Deserialize;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, metadata::MetadataMap};
+
+pub use store::{ENTRY_OVERHEAD, Put, Store};
+
+/// Consul service name.
+pub const SERVICE: &str = "cache";
+/// Consul name of the accounts service the cache asks.
+pub const ACCOUNTS: &str = "accounts";
+/// Keys streamed per chunk by Dump.
+pub const DUMP_CHUNK: usize = 256;
+
+/// The `[cache]` configuration section (`KEEL_CACHE__MAX_BYTES`, …).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct CacheSettings {
+    /// Most bytes of keys and values this instance holds (`cache.max_bytes`), default 64 MiB.
+    pub max_bytes: usize,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The gRPC handler.
+#[derive(Clone, Debug)]
+pub struct Cache {
+    store: Arc<Mutex<Store>>,
+    accounts: AccountsClient<Channel>,
+}
+
+/// An authenticated account.
+struct Tenant {
+    id: String,
+}
+
+impl Cache {
+    /// A cache of `settings.max_bytes` asking `accounts`.
+    pub fn new(settings: &CacheSettings, accounts: AccountsClient<Channel>) -> Self {
+        Self {
+            store: Arc::new(Mutex::new(Store::new(settings.max_bytes))),
+            accounts,
+        }
+    }
+
+    /// The cache of `platform`: its `[cache]` section, and accounts found through the platform's discovery.
+    ///
+    /// # Errors
+    /// A bad `[cache]` value, or no way to reach the accounts service.
+    pub fn open(platform: &Platform) -> anyhow::Result<Self> {
+        let settings: CacheSettings = platform.settings.section("cache")?;
+        Ok(Self::new(
+            &settings,
+            AccountsClient::new(platform.clients.channel(ACCOUNTS)?),
+        ))
+    }
+
+    /// Adds this service to `server`.
+    pub fn add_to(self, server: Server) -> Server {
+        server.add_service(CacheServer::new(self))
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn tenant(&self, field_token: &str, metadata: &MetadataMap) -> Result<Tenant, Status> {
+        let token = if field_token.is_empty() {
+            metadata
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        } else {
+            field_token.to_owned()
+        };
+        if token.is_empty() {
+            return Err(ServiceError::Unauthenticated(
+                "an account token is required (account_token, or authorization: Bearer <token>)"
+                    .into(),
+            )
+            .into());
+        }
+        let account = self
+            .accounts
+            .clone()
+            .get_by_token(GetByTokenReq { token })
+            .await?
+            .into_inner()
+            .account
+            .ok_or_else(|| {
+                ServiceError::Internal(anyhow::anyhow!("accounts answered without an account"))
+            })?;
+        Ok(Tenant { id: account.id })
+    }
+
+    /// Gives quota back for evicted or expired keys, off the request path.
+    fn release(&self, accounts: Vec<String>) {
+        for account_id in accounts {
+            let mut client = self.accounts.clone();
+            tokio::spawn(async move {
+                if let Err(e) = client
+                    .release_keys(ReleaseKeysReq {
+                        account_id,
+                        count: 1,
+                    })
+                    .await
+                {
+                    tracing::warn!(error = %e, "quota release failed");
+                }
+            });
+        }
+    }
+}
+
+/// The cache server of `platform` (its own process).
+///
+/// # Errors
+/// As [`Cache::open`].
+pub async fn build(platform: &Platform) -> anyhow::Result<Server> {
+    Ok(Cache::open(platform)?.add_to(Server::builder(platform)))
+}
+
+#[tonic::async_trait]
+impl CacheRpc for Cache {
+    async fn store(&self, request: Request<StoreReq>) -> Result<Response<StoreResp>, Status> {
+        let dry_run = is_dry_run(&request);
+        let (metadata, _, r) = request.into_parts();
+        if r.key.is_empty() {
+            return Err(ServiceError::invalid("key", "key should be provided").into());
+        }
+        if r.ttl_ms < 0 {
+            return Err(ServiceError::invalid("ttl_ms", "must not be negative").into());
+        }
+        let tenant = self.tenant(&r.account_token, &metadata).await?;
+        if !self.lock().fits(&tenant.id, &r.key, r.val.len()) {
+            return Err(ServiceError::invalid(
+                "val",
+                format!("{} bytes do not fit in this cache at all", r.val.len()),
+            )
+            .into());
+        }
+        let now = Instant::now();
+        let exists = self.lock().contains(&tenant.id, &r.key, now);
+        if !exists {
+            let mut reserve = Request::new(ReserveKeysReq {
+                account_id: tenant.id.clone(),
+                count: 1,
+            });
+            if dry_run {
+                reserve.metadata_mut().insert(
+                    keel_common::context::DRY_RUN,
+                    "true".parse().expect("ascii"),
+                );
+            }
+            self.accounts.clone().reserve_keys(reserve).await?;
+        }
+        if dry_run {
+            return Ok(Response::new(StoreResp {}));
+        }
+        let expires = (r.ttl_ms > 0).then(|| now + Duration::from_millis(r.ttl_ms as u64));
+        let put = self.lock().put(&tenant.id, &r.key, r.val, expires);
+        let mut release = put.evicted;
+        match (exists, put.created) {
+            // A concurrent Store created the key first: the reservation made here is one too many.
+            (false, false) => release.push(tenant.id.clone()),
+            // The key was evicted or expired meanwhile (its quota given back): take one again.
+            (true, true) => {
+                let reserve = ReserveKeysReq {
+                    account_id: tenant.id.clone(),
+                    count: 1,
+                };
+                if let Err(status) = self.accounts.clone().reserve_keys(reserve).await {
+                    self.lock().remove(&tenant.id, &r.key);
+                    self.release(release);
+                    return Err(status);
+                }
+            }
+            _ => {}
+        }
+        self.release(release);
+        Ok(Response::new(StoreResp {}))
+    }
+
+    async fn get(&self, request: Request<GetReq>) -> Result<Response<GetResp>, Status> {
+        let (metadata, _, r) = request.into_parts();
+        let tenant = self.tenant(&r.account_token, &metadata).await?;
+        let (val, expired) = self.lock().get(&tenant.id, &r.key, Instant::now());
+        self.release(expired.into_iter().collect());
+        match val {
+            Some(val) => Ok(Response::new(GetResp { val })),
+            None => Err(ServiceError::NotFound(format!("key not found: {}", r.key)).into()),
+        }
+    }
+
+    type DumpStream = ReceiverStream<Result<DumpItem, Status>>;
+
+    async fn dump(&self, request: Request<DumpReq>) -> Result<Response<Self::DumpStream>, Status> {
+        let (metadata, _, r) = request.into_parts();
+        let tenant = self.tenant(&r.account_token, &metadata).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut after: Option<String> = None;
+            loop {
+                let keys = this
+                    .lock()
+                    .keys_after(&tenant.id, after.as_deref(), DUMP_CHUNK);
+                let Some(last) = keys.last().cloned() else {
+                    break;
+                };
+                for key in keys {
+                    let (val, expired) = this.lock().get(&tenant.id, &key, Instant::now());
+                    this.release(expired.into_iter().collect());
+                    if let Some(val) = val {
+                        // Waits while the client is not reading; ends when it went away.
+                        if tx.send(Ok(DumpItem { key, val })).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                after = Some(last);
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
