@@ -99,6 +99,44 @@ impl ClientFactory {
     /// # Errors
     /// [`ClientError::NoEndpoints`] when Consul DNS is off and no static list names the service.
     pub fn channel(&self, service: &str) -> Result<Channel, ClientError> {
+        let endpoints = self.watch(service)?;
+        Ok(self.balanced(service, endpoints))
+    }
+
+    /// A channel to Consul service `service` that sends each call to the instance owning its routing key
+    /// ([`crate::routing`]: rendezvous hashing over the discovered instances), for sharded services. The same
+    /// context and metrics layers as [`Self::channel`]; no balancing, and a call whose owner is unreachable
+    /// fails UNAVAILABLE (the owner changes once discovery drops it).
+    ///
+    /// # Errors
+    /// As [`Self::channel`].
+    pub fn keyed_channel(&self, service: &str) -> Result<Channel, ClientError> {
+        let endpoints = self.watch(service)?;
+        let router = crate::routing::KeyRouter {
+            service: Arc::from(service),
+            endpoints,
+            channels: Arc::default(),
+            connect,
+            connect_timeout: self.settings.client.connect_timeout,
+        };
+        let svc = ServiceBuilder::new()
+            .layer(ClientContextLayer::new(
+                self.settings.client.default_timeout,
+            ))
+            .layer(GrpcMetricsLayer::new(
+                self.metrics.clone(),
+                Side::Client,
+                HashSet::new(),
+            ))
+            .layer_fn(|inner| ErrorToStatus { inner })
+            .service(router);
+        Ok(BoxCloneSyncService::new(svc))
+    }
+
+    fn watch(
+        &self,
+        service: &str,
+    ) -> Result<watch::Receiver<Option<Vec<SocketAddr>>>, ClientError> {
         let source = match (
             &self.resolver,
             self.settings.client.static_endpoints.get(service),
@@ -107,12 +145,11 @@ impl ClientFactory {
             (None, Some(list)) => Source::Static(list.clone()),
             (None, None) => return Err(ClientError::NoEndpoints(service.to_owned())),
         };
-        let endpoints = discovery::watch(
+        Ok(discovery::watch(
             service.to_owned(),
             source,
             self.settings.consul.discovery_interval,
-        );
-        Ok(self.balanced(service, endpoints))
+        ))
     }
 
     /// A channel over the endpoints published by `endpoints` (tests and custom discovery).

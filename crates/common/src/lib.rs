@@ -30,6 +30,7 @@ pub mod logs;
 pub mod metrics;
 pub mod outbox;
 pub mod retry;
+pub mod routing;
 pub mod server;
 pub mod shutdown;
 #[cfg(feature = "testsuite")]

@@ -95,3 +95,123 @@ pub async fn queued_events(pool: &sqlx::AnyPool, topic: &str) -> Vec<Vec<u8>> {
         })
         .collect()
 }
+
+/// A variable of the real servers' environment (`scripts/infra.sh env`).
+///
+/// # Panics
+/// It is not set: the message says how to start the servers.
+pub fn infra_var(key: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| {
+        panic!("{key} is not set: start the real servers with `make infra-up` and run the tests with `make test`")
+    })
+}
+
+/// The workspace's built binary `name` (`make test` builds every binary before the tests).
+///
+/// # Panics
+/// It is missing.
+pub fn binary(name: &str) -> std::path::PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target")
+        });
+    let path = target.join("debug").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: `make test` builds every binary first",
+        path.display()
+    );
+    path
+}
+
+/// A service process of a test, on the real Consul and Kafka; SIGKILLed on drop.
+#[derive(Debug)]
+pub struct ServiceProcess {
+    child: std::process::Child,
+    /// Where its stdout and stderr go.
+    pub log: std::path::PathBuf,
+}
+
+impl ServiceProcess {
+    /// Starts binary `binary` registered in Consul as `name`, in a clean environment (PATH kept) with the
+    /// Consul, Kafka and StatsD addresses of the real servers, fast checks and discovery, plus `env`.
+    ///
+    /// # Panics
+    /// The binary is missing or does not start.
+    pub fn spawn(binary_name: &str, name: &str, env: &[(&str, String)]) -> Self {
+        let log = std::env::temp_dir().join(format!(
+            "keel-test-{name}-{}.log",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = std::process::Command::new(binary(binary_name));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CONSUL_HTTP_ADDR", infra_var("CONSUL_HTTP_ADDR"))
+            .env("KEEL_CONSUL__DNS_ADDR", infra_var("KEEL_CONSUL_DNS_ADDR"))
+            .env("KEEL_CONSUL__CHECK_INTERVAL", "500ms")
+            .env("KEEL_CONSUL__DISCOVERY_INTERVAL", "500ms")
+            .env("KEEL_KAFKA__BROKERS", infra_var("KEEL_KAFKA_BROKERS"))
+            .env("KEEL_SERVICE__NAME", name)
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self {
+            child: cmd.spawn().expect("start the service"),
+            log,
+        }
+    }
+
+    /// What it printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, and wait for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The ports of the passing instances of Consul service `name`, once there are `n` of them (at most `within`).
+///
+/// # Panics
+/// Fewer than `n` pass in time.
+pub async fn passing_ports(name: &str, n: usize, within: std::time::Duration) -> Vec<u16> {
+    let url = format!(
+        "http://{}/v1/health/service/{name}?passing",
+        infra_var("CONSUL_HTTP_ADDR")
+    );
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Ok(resp) = reqwest::get(&url).await
+            && let Ok(v) = resp.json::<serde_json::Value>().await
+        {
+            let ports: Vec<u16> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["Service"]["Port"].as_u64().map(|p| p as u16))
+                .collect();
+            if ports.len() == n {
+                return ports;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name}: {n} passing instances not seen within {within:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

@@ -36,7 +36,7 @@ pub use store::{ENTRY_OVERHEAD, Put, Store};
 
 /// Consul service name.
 pub const SERVICE: &str = "cache";
-/// Consul name of the accounts service the cache asks.
+/// Consul name of the accounts service the cache asks, by default.
 pub const ACCOUNTS: &str = "accounts";
 /// Keys streamed per chunk by Dump.
 pub const DUMP_CHUNK: usize = 256;
@@ -47,12 +47,15 @@ pub const DUMP_CHUNK: usize = 256;
 pub struct CacheSettings {
     /// Most bytes of keys and values this instance holds (`cache.max_bytes`), default 64 MiB.
     pub max_bytes: usize,
+    /// Consul name of the accounts service (`cache.accounts_service`), default `accounts`.
+    pub accounts_service: String,
 }
 
 impl Default for CacheSettings {
     fn default() -> Self {
         Self {
             max_bytes: 64 << 20,
+            accounts_service: ACCOUNTS.to_owned(),
         }
     }
 }
@@ -86,7 +89,7 @@ impl Cache {
         let settings: CacheSettings = platform.settings.section("cache")?;
         Ok(Self::new(
             &settings,
-            AccountsClient::new(platform.clients.channel(ACCOUNTS)?),
+            AccountsClient::new(platform.clients.channel(&settings.accounts_service)?),
         ))
     }
 

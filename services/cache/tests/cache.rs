@@ -81,7 +81,10 @@ fn get(token: &str, key: &str) -> Request<GetReq> {
 
 fn cache(clients: &ClientFactory, max_bytes: usize) -> Cache {
     Cache::new(
-        &CacheSettings { max_bytes },
+        &CacheSettings {
+            max_bytes,
+            ..Default::default()
+        },
         AccountsClient::new(clients.channel("accounts").unwrap()),
     )
 }

@@ -1,0 +1,189 @@
+//! Three cache instances and one accounts instance as their own processes, registered in the real Consul,
+//! accounts on the real PostgreSQL; the client knows only the service names. Each key lives on exactly one
+//! instance (rendezvous hashing over the instances Consul DNS reports), the quota holds exactly across the
+//! three, and killing one instance loses only its share.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use keel_common::{
+    ClientFactory, Metrics,
+    config::{Env, Settings},
+    routing::{owner, set_routing_key},
+    testsuite::{self, ServiceProcess, infra_var, passing_ports},
+};
+use keel_protos::rpc::{
+    CreateAccountReq, DumpReq, GetReq, StoreReq, accounts_client::AccountsClient,
+    cache_client::CacheClient,
+};
+use tokio_stream::StreamExt;
+use tonic::{Code, Request};
+
+fn keyed<T>(msg: T, key: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    set_routing_key(&mut r, key);
+    r.set_timeout(Duration::from_secs(5));
+    r
+}
+
+async fn dump(port: u16, token: &str) -> BTreeSet<String> {
+    let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut s = CacheClient::new(ch)
+        .dump(DumpReq {
+            account_token: token.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut keys = BTreeSet::new();
+    while let Some(item) = s.next().await {
+        keys.insert(item.unwrap().key);
+    }
+    keys
+}
+
+#[tokio::test]
+async fn keys_are_sharded_over_instances_and_the_quota_holds_across_them() {
+    let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let (accounts_name, cache_name) = (format!("accounts-{run}"), format!("cache-{run}"));
+    let db = testsuite::postgres().await;
+    let _accounts = ServiceProcess::spawn(
+        "accounts",
+        &accounts_name,
+        &[("KEEL_DATABASE__URL", db.url.clone())],
+    );
+    let mut caches: Vec<ServiceProcess> = (0..3)
+        .map(|_| {
+            ServiceProcess::spawn(
+                "cache",
+                &cache_name,
+                &[("KEEL_CACHE__ACCOUNTS_SERVICE", accounts_name.clone())],
+            )
+        })
+        .collect();
+    passing_ports(&accounts_name, 1, Duration::from_secs(60)).await;
+    let ports = passing_ports(&cache_name, 3, Duration::from_secs(60)).await;
+
+    let env = Env::default()
+        .with("CONSUL_HTTP_ADDR", infra_var("CONSUL_HTTP_ADDR"))
+        .with("KEEL_CONSUL__DNS_ADDR", infra_var("KEEL_CONSUL_DNS_ADDR"))
+        .with("KEEL_CONSUL__DISCOVERY_INTERVAL", "500ms");
+    let clients = ClientFactory::new(
+        &Settings::from_env("cache-test-client", &env).unwrap(),
+        Metrics::disabled(),
+    );
+    let created = AccountsClient::new(clients.channel(&accounts_name).unwrap())
+        .create_account(CreateAccountReq {
+            name: "tenant".into(),
+            max_cache_keys: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let token = created.token;
+    let cache = CacheClient::new(clients.keyed_channel(&cache_name).unwrap());
+
+    // 150 distinct keys, concurrently, spread over the three instances: exactly 100 are stored.
+    let results = futures::future::join_all((0..150).map(|i| {
+        let mut c = cache.clone();
+        let t = token.clone();
+        async move {
+            let key = format!("key{i:03}");
+            let r = c
+                .store(keyed(
+                    StoreReq {
+                        key: key.clone(),
+                        val: vec![1; 16],
+                        account_token: t,
+                        ttl_ms: 0,
+                    },
+                    &key,
+                ))
+                .await;
+            (key, r)
+        }
+    }))
+    .await;
+    for (k, r) in &results {
+        if let Err(e) = r {
+            assert_eq!(e.code(), Code::FailedPrecondition, "{k}: {e:?}");
+        }
+    }
+    let stored: BTreeSet<String> = results
+        .iter()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert_eq!(
+        stored.len(),
+        100,
+        "exactly the quota, across three instances"
+    );
+
+    // Each stored key is on exactly one instance: the one rendezvous hashing names.
+    let addrs: Vec<SocketAddr> = ports
+        .iter()
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+        .collect();
+    let mut on: HashMap<u16, BTreeSet<String>> = HashMap::new();
+    for p in &ports {
+        on.insert(*p, dump(*p, &token).await);
+    }
+    let total: usize = on.values().map(BTreeSet::len).sum();
+    assert_eq!(total, 100, "no key twice");
+    for (p, keys) in &on {
+        assert!(!keys.is_empty(), "instance {p} holds a share");
+        for k in keys {
+            assert!(stored.contains(k));
+            assert_eq!(owner(k, &addrs).unwrap().port(), *p, "{k} is on its owner");
+        }
+    }
+
+    // Kill one instance: its keys are gone, every other key is still served.
+    let victim_port = ports[0];
+    let victim = caches
+        .iter()
+        .position(|c| c.output().contains(&format!("127.0.0.1:{victim_port}")))
+        .expect("the process listening on the victim port");
+    caches[victim].kill();
+    passing_ports(&cache_name, 2, Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut served = 0;
+        for k in &stored {
+            let r = cache
+                .clone()
+                .get(keyed(
+                    GetReq {
+                        key: k.clone(),
+                        account_token: token.clone(),
+                    },
+                    k,
+                ))
+                .await;
+            if r.is_ok() {
+                served += 1;
+            }
+        }
+        let survivors: usize = on
+            .iter()
+            .filter(|(p, _)| **p != victim_port)
+            .map(|(_, k)| k.len())
+            .sum();
+        if served == survivors {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{served} keys served, {survivors} expected after the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
