@@ -386,7 +386,7 @@ where
     }
 }
 
-fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
         if err.is::<tonic::TimeoutExpired>() {

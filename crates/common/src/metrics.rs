@@ -274,6 +274,12 @@ struct CallRecord {
     metrics: Metrics,
     side: Side,
     method: String,
+    /// `/package.Service/Method`, for the call log line.
+    path: String,
+    /// The remote address (server side: the caller; client side: the target's authority when known).
+    peer: String,
+    /// The deadline the call carried (`grpc-timeout`), in ms; logged so a call's budget can be traced hop by hop.
+    deadline_ms: Option<f64>,
     start: Instant,
     code: Option<Code>,
 }
@@ -287,11 +293,25 @@ impl CallRecord {
 }
 
 impl Drop for CallRecord {
+    /// Records the metrics and logs one line per call (target `keel::calls`, so `log.level` can quiet it:
+    /// `info,keel::calls=warn`): side, method, peer, duration, status; failures at WARN.
     fn drop(&mut self) {
         let code = self.code.unwrap_or(Code::Cancelled);
-        self.metrics
-            .record(self.side, &self.method, code, self.start.elapsed());
+        let elapsed = self.start.elapsed();
+        self.metrics.record(self.side, &self.method, code, elapsed);
         self.metrics.inflight(self.side, -1);
+        let (side, method, peer) = (self.side.as_str(), self.path.as_str(), self.peer.as_str());
+        let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        let status = code_name(code);
+        let deadline_ms = self.deadline_ms;
+        if matches!(
+            code,
+            Code::Ok | Code::NotFound | Code::AlreadyExists | Code::InvalidArgument
+        ) {
+            tracing::info!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, "grpc call");
+        } else {
+            tracing::warn!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, "grpc call");
+        }
     }
 }
 
@@ -321,9 +341,24 @@ where
         let method = method_metric_name(req.uri().path(), &self.layer.known);
         let metrics = self.layer.metrics.clone();
         metrics.inflight(self.layer.side, 1);
+        let peer = req
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|i| i.remote_addr())
+            .map(|a| a.to_string())
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+            .unwrap_or_default();
         let mut record = CallRecord {
             metrics,
             side: self.layer.side,
+            path: req.uri().path().to_owned(),
+            peer,
+            deadline_ms: req
+                .headers()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::context::parse_grpc_timeout)
+                .map(|d| d.as_secs_f64() * 1000.0),
             method,
             start: Instant::now(),
             code: None,

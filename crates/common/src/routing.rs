@@ -92,6 +92,12 @@ impl Service<Request<Body>> for KeyRouter {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
+        let deadline = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::context::parse_grpc_timeout)
+            .map(|t| std::time::Instant::now() + t);
         let mut endpoints = self.endpoints.clone();
         let this = self.clone();
         Box::pin(async move {
@@ -128,11 +134,22 @@ impl Service<Request<Body>> for KeyRouter {
             };
             Ok(match ready.call(req).await {
                 Ok(resp) => resp,
-                Err(e) => Status::unavailable(format!(
-                    "instance {addr} of {:?} unreachable: {e}",
-                    this.service
-                ))
-                .into_http(),
+                Err(e) => {
+                    let e: tower::BoxError = e.into();
+                    // tonic enforces the request's grpc-timeout itself, and a stream cut as the deadline passes
+                    // surfaces as a transport error: either is the deadline, not a broken instance.
+                    let at_deadline = deadline
+                        .is_some_and(|d| std::time::Instant::now() + Duration::from_millis(5) >= d);
+                    if crate::client::is_timeout(&*e) || at_deadline {
+                        Status::deadline_exceeded("deadline exceeded").into_http()
+                    } else {
+                        Status::unavailable(format!(
+                            "instance {addr} of {:?} unreachable: {e}",
+                            this.service
+                        ))
+                        .into_http()
+                    }
+                }
             })
         })
     }

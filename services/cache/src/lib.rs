@@ -21,7 +21,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use keel_common::{Channel, Platform, Server, ServiceError, context::is_dry_run};
+use keel_common::{
+    Channel, Idempotent, Platform, RetryPolicy, Server, ServiceError, context::is_dry_run,
+};
 use keel_protos::rpc::{
     DumpItem, DumpReq, GetByTokenReq, GetReq, GetResp, ReleaseKeysReq, ReserveKeysReq, StoreReq,
     StoreResp,
@@ -65,6 +67,7 @@ impl Default for CacheSettings {
 pub struct Cache {
     store: Arc<Mutex<Store>>,
     accounts: AccountsClient<Channel>,
+    retry: RetryPolicy,
 }
 
 /// An authenticated account.
@@ -73,11 +76,17 @@ struct Tenant {
 }
 
 impl Cache {
-    /// A cache of `settings.max_bytes` asking `accounts`.
-    pub fn new(settings: &CacheSettings, accounts: AccountsClient<Channel>) -> Self {
+    /// A cache of `settings.max_bytes` asking `accounts`; idempotent calls to it (token lookups) are retried
+    /// on UNAVAILABLE by `retry`, inside the caller's deadline and the process's retry budget.
+    pub fn new(
+        settings: &CacheSettings,
+        accounts: AccountsClient<Channel>,
+        retry: RetryPolicy,
+    ) -> Self {
         Self {
             store: Arc::new(Mutex::new(Store::new(settings.max_bytes))),
             accounts,
+            retry,
         }
     }
 
@@ -90,6 +99,7 @@ impl Cache {
         Ok(Self::new(
             &settings,
             AccountsClient::new(platform.clients.channel(&settings.accounts_service)?),
+            platform.clients.retry_policy(),
         ))
     }
 
@@ -127,9 +137,12 @@ impl Cache {
             .into());
         }
         let account = self
-            .accounts
-            .clone()
-            .get_by_token(GetByTokenReq { token })
+            .retry
+            .call(Idempotent::Yes, || {
+                let mut c = self.accounts.clone();
+                let token = token.clone();
+                async move { c.get_by_token(GetByTokenReq { token }).await }
+            })
             .await?
             .into_inner()
             .account

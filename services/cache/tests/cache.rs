@@ -86,6 +86,7 @@ fn cache(clients: &ClientFactory, max_bytes: usize) -> Cache {
             ..Default::default()
         },
         AccountsClient::new(clients.channel("accounts").unwrap()),
+        clients.retry_policy(),
     )
 }
 

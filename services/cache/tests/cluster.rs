@@ -29,6 +29,27 @@ fn keyed<T>(msg: T, key: &str) -> Request<T> {
     r
 }
 
+/// Waits until a Store of `key` goes through: the instance owning it has found accounts through Consul DNS.
+async fn warm_up(cache: &CacheClient<keel_common::Channel>, token: &str, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let req = StoreReq {
+            key: key.into(),
+            val: vec![1],
+            account_token: token.into(),
+            ttl_ms: 0,
+        };
+        match cache.clone().store(keyed(req, key)).await {
+            Ok(_) => return,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "the cache never became usable: {e:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn dump(port: u16, token: &str) -> BTreeSet<String> {
     let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
         .unwrap()
@@ -82,13 +103,27 @@ async fn keys_are_sharded_over_instances_and_the_quota_holds_across_them() {
     let created = AccountsClient::new(clients.channel(&accounts_name).unwrap())
         .create_account(CreateAccountReq {
             name: "tenant".into(),
-            max_cache_keys: 100,
+            max_cache_keys: 103,
         })
         .await
         .unwrap()
         .into_inner();
     let token = created.token;
     let cache = CacheClient::new(clients.keyed_channel(&cache_name).unwrap());
+    // One warm-up key per instance (each uses one key of the quota: 3 + 100).
+    let addrs: Vec<SocketAddr> = ports
+        .iter()
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+        .collect();
+    let mut warm = BTreeSet::new();
+    for p in &ports {
+        let key = (0..)
+            .map(|i| format!("warm{i}"))
+            .find(|k| owner(k, &addrs).unwrap().port() == *p)
+            .unwrap();
+        warm_up(&cache, &token, &key).await;
+        warm.insert(key);
+    }
 
     // 150 distinct keys, concurrently, spread over the three instances: exactly 100 are stored.
     let results = futures::future::join_all((0..150).map(|i| {
@@ -137,11 +172,11 @@ async fn keys_are_sharded_over_instances_and_the_quota_holds_across_them() {
         on.insert(*p, dump(*p, &token).await);
     }
     let total: usize = on.values().map(BTreeSet::len).sum();
-    assert_eq!(total, 100, "no key twice");
+    assert_eq!(total, 103, "no key twice");
     for (p, keys) in &on {
         assert!(!keys.is_empty(), "instance {p} holds a share");
         for k in keys {
-            assert!(stored.contains(k));
+            assert!(stored.contains(k) || warm.contains(k), "{k}");
             assert_eq!(owner(k, &addrs).unwrap().port(), *p, "{k} is on its owner");
         }
     }
@@ -175,7 +210,7 @@ async fn keys_are_sharded_over_instances_and_the_quota_holds_across_them() {
         let survivors: usize = on
             .iter()
             .filter(|(p, _)| **p != victim_port)
-            .map(|(_, k)| k.len())
+            .map(|(_, keys)| keys.iter().filter(|k| stored.contains(*k)).count())
             .sum();
         if served == survivors {
             break;
@@ -186,4 +221,108 @@ async fn keys_are_sharded_over_instances_and_the_quota_holds_across_them() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// A 50 ms deadline on Store, while the accounts service is slow (its quota row is locked by another
+/// transaction): the client gets DEADLINE_EXCEEDED long before the lock is released, and the accounts service
+/// was called with only what was left of the 50 ms.
+#[tokio::test]
+async fn a_client_deadline_propagates_from_cache_to_accounts() {
+    use keel_common::db::sqlx::{self, Connection};
+    let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let (accounts_name, cache_name) = (format!("accounts-{run}"), format!("cache-{run}"));
+    let db = testsuite::postgres().await;
+    let accounts = ServiceProcess::spawn(
+        "accounts",
+        &accounts_name,
+        &[("KEEL_DATABASE__URL", db.url.clone())],
+    );
+    let _cache = ServiceProcess::spawn(
+        "cache",
+        &cache_name,
+        &[("KEEL_CACHE__ACCOUNTS_SERVICE", accounts_name.clone())],
+    );
+    passing_ports(&accounts_name, 1, Duration::from_secs(60)).await;
+    passing_ports(&cache_name, 1, Duration::from_secs(60)).await;
+    let env = Env::default()
+        .with("CONSUL_HTTP_ADDR", infra_var("CONSUL_HTTP_ADDR"))
+        .with("KEEL_CONSUL__DNS_ADDR", infra_var("KEEL_CONSUL_DNS_ADDR"));
+    let clients = ClientFactory::new(
+        &Settings::from_env("cache-test-client", &env).unwrap(),
+        Metrics::disabled(),
+    );
+    let created = AccountsClient::new(clients.channel(&accounts_name).unwrap())
+        .create_account(CreateAccountReq {
+            name: "slow".into(),
+            max_cache_keys: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = created.account.unwrap().id;
+    let mut cache = CacheClient::new(clients.keyed_channel(&cache_name).unwrap());
+    warm_up(&cache, &created.token, "warm").await;
+
+    let mut lock = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
+    sqlx::query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
+        .bind(&id)
+        .execute(&mut lock)
+        .await
+        .unwrap();
+
+    let mut req = keyed(
+        StoreReq {
+            key: "slow".into(),
+            val: vec![1],
+            account_token: created.token.clone(),
+            ttl_ms: 0,
+        },
+        "slow",
+    );
+    req.set_timeout(Duration::from_millis(50));
+    let started = Instant::now();
+    let err = cache.store(req).await.unwrap_err();
+    let took = started.elapsed();
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "not held by the 5 s lock wait: {took:?}"
+    );
+
+    // The accounts service logged the slow Store's calls (token lookup, then the blocked reservation) with the
+    // deadline it was given: the rest of the 50 ms.
+    let deadline_seen = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = accounts
+                .output()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find_map(|l| {
+                    let f = &l["fields"];
+                    (l["message"] == "grpc call"
+                        && f["method"]
+                            .as_str()
+                            .is_some_and(|m| m.starts_with("/rpc.Accounts/"))
+                        && f["deadline_ms"].as_f64().is_some_and(|d| d < 1000.0))
+                    .then(|| f["deadline_ms"].as_f64())
+                    .flatten()
+                });
+            if let Some(ms) = found {
+                break ms;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no call of the slow Store in the accounts log:\n{}",
+                accounts.output()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert!(
+        deadline_seen > 0.0 && deadline_seen < 50.0,
+        "accounts was given {deadline_seen} ms"
+    );
 }

@@ -447,6 +447,27 @@ async fn deadline_and_trace_id_propagate_to_downstream_services() {
     assert!(b.instance_id.starts_with(&b_name));
     assert_eq!(a.trace_id, trace_id);
     assert_eq!(b.trace_id, trace_id, "trace id propagated");
+    // Every call is logged and timed on both sides: A's outgoing call to B, B's incoming one.
+    let call_logged = |p: &EchoProcess, side: &str| {
+        p.lines().iter().any(|l| {
+            let f = &l["fields"];
+            l["message"] == "grpc call"
+                && f["side"] == side
+                && f["method"] == "/keel.example.v1.Echo/Echo"
+                && f["status"] == "OK"
+                && f["duration_ms"].as_f64().is_some_and(|d| d >= 0.0)
+                && f["peer"]
+                    .as_str()
+                    .is_some_and(|p| !p.is_empty() || side == "client")
+        })
+    };
+    let (a_proc, b_proc) = (&_a, &_b);
+    eventually(
+        "A logs its client call and B its server call",
+        Duration::from_secs(5),
+        || async { (call_logged(a_proc, "client") && call_logged(b_proc, "server")).then_some(()) },
+    )
+    .await;
     assert!(
         a.deadline_remaining_ms > 0 && a.deadline_remaining_ms <= 3000,
         "A saw {}",
