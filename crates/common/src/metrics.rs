@@ -304,7 +304,10 @@ impl Drop for CallRecord {
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
         let status = code_name(code);
         let deadline_ms = self.deadline_ms;
-        if matches!(
+        if code == Code::Ok && method.starts_with("/grpc.health.v1.Health/") {
+            // Consul's GRPC check calls every few seconds: not worth a line each at INFO.
+            tracing::debug!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, "grpc call");
+        } else if matches!(
             code,
             Code::Ok | Code::NotFound | Code::AlreadyExists | Code::InvalidArgument
         ) {
