@@ -63,6 +63,9 @@ pub enum ClientError {
         "no endpoints configured for service {0:?}: enable Consul DNS or set client.static_endpoints"
     )]
     NoEndpoints(String),
+    /// The client TLS files (`tls.ca_file`, `tls.cert_file`, `tls.key_file`) cannot be used.
+    #[error("client TLS: {0}")]
+    Tls(String),
 }
 
 /// Makes [`Channel`]s; one per process, cheap to clone.
@@ -72,6 +75,8 @@ pub struct ClientFactory {
     metrics: Metrics,
     resolver: Option<SrvResolver>,
     budget: Arc<RetryBudget>,
+    /// `Ok(None)`: plaintext; `Err`: the TLS files could not be read (reported by [`Self::channel`]).
+    tls: Result<Option<tonic::transport::ClientTlsConfig>, String>,
 }
 
 impl ClientFactory {
@@ -86,6 +91,7 @@ impl ClientFactory {
             metrics,
             resolver,
             budget: Arc::new(RetryBudget::default()),
+            tls: crate::tls::client_config(&settings.tls).map_err(|e| e.to_string()),
         }
     }
 
@@ -100,6 +106,7 @@ impl ClientFactory {
     /// [`ClientError::NoEndpoints`] when Consul DNS is off and no static list names the service.
     pub fn channel(&self, service: &str) -> Result<Channel, ClientError> {
         let endpoints = self.watch(service)?;
+        self.tls.as_ref().map_err(|e| ClientError::Tls(e.clone()))?;
         Ok(self.balanced(service, endpoints))
     }
 
@@ -116,8 +123,7 @@ impl ClientFactory {
             service: Arc::from(service),
             endpoints,
             channels: Arc::default(),
-            connect,
-            connect_timeout: self.settings.client.connect_timeout,
+            connect: self.connector()?,
         };
         let svc = ServiceBuilder::new()
             .layer(ClientContextLayer::new(
@@ -131,6 +137,13 @@ impl ClientFactory {
             .layer_fn(|inner| ErrorToStatus { inner })
             .service(router);
         Ok(BoxCloneSyncService::new(svc))
+    }
+
+    /// Makes the lazily connecting channel of one endpoint (TLS when configured).
+    fn connector(&self) -> Result<Connector, ClientError> {
+        let tls = self.tls.clone().map_err(ClientError::Tls)?;
+        let timeout = self.settings.client.connect_timeout;
+        Ok(Arc::new(move |addr| connect(addr, timeout, tls.as_ref())))
     }
 
     fn watch(
@@ -159,6 +172,7 @@ impl ClientFactory {
         endpoints: watch::Receiver<Option<Vec<SocketAddr>>>,
     ) -> Channel {
         let connect_timeout = self.settings.client.connect_timeout;
+        let tls = self.tls.clone().ok().flatten();
         let changes = WatchStream::new(endpoints.clone())
             .filter_map(|v| async move { v })
             .scan(BTreeSet::<SocketAddr>::new(), move |known, list| {
@@ -171,7 +185,7 @@ impl ClientFactory {
                 for new in next.difference(known) {
                     changes.push(Change::Insert(
                         *new,
-                        Ejecting::new(*new, connect(*new, connect_timeout)),
+                        Ejecting::new(*new, connect(*new, connect_timeout, tls.as_ref())),
                     ));
                 }
                 *known = next;
@@ -207,9 +221,24 @@ impl ClientFactory {
     }
 }
 
-fn connect(addr: SocketAddr, connect_timeout: Duration) -> tonic::transport::Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .expect("socket address is a valid authority")
+/// Makes one endpoint's channel.
+pub(crate) type Connector = Arc<dyn Fn(SocketAddr) -> tonic::transport::Channel + Send + Sync>;
+
+fn connect(
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> tonic::transport::Channel {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .expect("socket address is a valid authority");
+    if let Some(cfg) = tls {
+        // Only fails for a non-https URI, which this is.
+        endpoint = endpoint
+            .tls_config(cfg.clone())
+            .expect("https endpoint accepts TLS");
+    }
+    endpoint
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))

@@ -205,6 +205,36 @@ pub struct EventSettings {
     pub delivery_timeout: Duration,
 }
 
+/// TLS (rustls) for the server and for outgoing calls; PEM files, read at start.
+#[derive(Clone, Debug, Default)]
+pub struct TlsSettings {
+    /// This process's certificate chain (`tls.cert_file`). With `tls.key_file`, the server speaks TLS only, and
+    /// outgoing calls present it as a client certificate (mutual TLS).
+    pub cert_file: Option<String>,
+    /// Its private key (`tls.key_file`).
+    pub key_file: Option<String>,
+    /// CA certificates (`tls.ca_file`): set, outgoing calls use TLS and verify servers against them, and the
+    /// server can require client certificates signed by them.
+    pub ca_file: Option<String>,
+    /// The server refuses clients without a certificate signed by `tls.ca_file` (`tls.require_client_cert`).
+    pub require_client_cert: bool,
+    /// Name expected in servers' certificates (`tls.server_name`), default `localhost`: instances are dialled by
+    /// IP address, so every instance's certificate carries one shared service name.
+    pub server_name: String,
+}
+
+impl TlsSettings {
+    /// Whether the server speaks TLS.
+    pub fn server_enabled(&self) -> bool {
+        self.cert_file.is_some() && self.key_file.is_some()
+    }
+
+    /// Whether outgoing calls use TLS.
+    pub fn client_enabled(&self) -> bool {
+        self.ca_file.is_some()
+    }
+}
+
 /// Everything a service process is configured with.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -224,6 +254,8 @@ pub struct Settings {
     pub database: DatabaseSettings,
     /// Domain events.
     pub events: EventSettings,
+    /// TLS.
+    pub tls: TlsSettings,
     /// Every layered value, for the service's own section ([`Settings::section`]).
     raw: Raw,
 }
@@ -547,6 +579,34 @@ impl Settings {
             delivery_timeout: r.duration("events.delivery_timeout", Duration::from_secs(5)),
         };
 
+        let tls = TlsSettings {
+            cert_file: r.opt_string("tls.cert_file"),
+            key_file: r.opt_string("tls.key_file"),
+            ca_file: r.opt_string("tls.ca_file"),
+            require_client_cert: r.get("tls.require_client_cert", false),
+            server_name: r.get("tls.server_name", "localhost".to_owned()),
+        };
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            r.fail("tls.key_file", "tls.cert_file and tls.key_file go together");
+        }
+        if tls.require_client_cert && (tls.ca_file.is_none() || !tls.server_enabled()) {
+            r.fail(
+                "tls.require_client_cert",
+                "needs tls.cert_file, tls.key_file and tls.ca_file (the CA client certificates are checked against)",
+            );
+        }
+        for (key, file) in [
+            ("tls.cert_file", &tls.cert_file),
+            ("tls.key_file", &tls.key_file),
+            ("tls.ca_file", &tls.ca_file),
+        ] {
+            if let Some(f) = file
+                && !std::path::Path::new(f).is_file()
+            {
+                r.fail(key, format!("{f:?} is not a readable file"));
+            }
+        }
+
         if r.errors.is_empty() {
             Ok(Settings {
                 service,
@@ -557,6 +617,7 @@ impl Settings {
                 client,
                 database,
                 events,
+                tls,
                 raw,
             })
         } else {
@@ -761,6 +822,25 @@ mod tests {
         .unwrap();
         assert_eq!(s.section::<Cache>("cache").unwrap_err().0[0].key, "cache");
         assert!(!format!("{s:?}").contains("lots"));
+    }
+
+    #[test]
+    fn tls_settings_are_checked_together() {
+        let err = Settings::from_env(
+            "x",
+            &Env::default()
+                .with("KEEL_TLS__CERT_FILE", "/nonexistent.pem")
+                .with("KEEL_TLS__REQUIRE_CLIENT_CERT", "true"),
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
+        assert!(
+            keys.contains(&"tls.key_file") && keys.contains(&"tls.cert_file"),
+            "{keys:?}"
+        );
+        assert!(keys.contains(&"tls.require_client_cert"), "{keys:?}");
+        let s = Settings::from_env("x", &Env::default()).unwrap();
+        assert!(!s.tls.server_enabled() && !s.tls.client_enabled());
     }
 
     #[test]

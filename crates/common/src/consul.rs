@@ -86,6 +86,9 @@ pub struct Check {
     /// Whether to dial with TLS.
     #[serde(rename = "GRPCUseTLS")]
     pub grpc_use_tls: bool,
+    /// Whether to skip verifying the server's certificate (the agent does not hold the services' CA).
+    #[serde(rename = "TLSSkipVerify")]
+    pub tls_skip_verify: bool,
     /// Interval, Go duration string (`2s`).
     pub interval: String,
     /// Per-check timeout.
@@ -276,6 +279,8 @@ pub struct Instance {
     pub version: String,
     /// Tags.
     pub tags: Vec<String>,
+    /// Whether the server speaks TLS (the GRPC check then dials with TLS, without verifying: see [`crate::tls`]).
+    pub tls: bool,
 }
 
 /// Keeps one instance registered for the life of the process.
@@ -295,6 +300,7 @@ impl Registrar {
             port,
             version,
             tags,
+            tls,
         } = instance;
         let registration = Registration {
             id: id.clone(),
@@ -310,7 +316,8 @@ impl Registrar {
                 check_id: format!("{id}:grpc"),
                 name: format!("gRPC health of {name}"),
                 grpc: format!("{address}:{port}"),
-                grpc_use_tls: false,
+                grpc_use_tls: *tls,
+                tls_skip_verify: *tls,
                 interval: go_duration(settings.check_interval),
                 timeout: go_duration(settings.check_interval.min(Duration::from_secs(5))),
                 deregister_critical_service_after: go_duration(settings.deregister_critical_after),
@@ -393,6 +400,7 @@ mod tests {
             port: 5000,
             version: "1.0.0".into(),
             tags: vec!["a".into()],
+            tls: false,
         };
         let r = Registrar::new(&s.consul, agent, &instance);
         let json = serde_json::to_value(&r.registration).unwrap();

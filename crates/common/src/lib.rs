@@ -35,6 +35,7 @@ pub mod server;
 pub mod shutdown;
 #[cfg(feature = "testsuite")]
 pub mod testsuite;
+pub mod tls;
 
 use std::{future::Future, process::ExitCode, sync::Arc, time::Duration};
 

@@ -72,8 +72,7 @@ pub(crate) struct KeyRouter {
     pub(crate) service: Arc<str>,
     pub(crate) endpoints: watch::Receiver<Option<Vec<SocketAddr>>>,
     pub(crate) channels: Arc<Mutex<HashMap<SocketAddr, tonic::transport::Channel>>>,
-    pub(crate) connect: fn(SocketAddr, Duration) -> tonic::transport::Channel,
-    pub(crate) connect_timeout: Duration,
+    pub(crate) connect: crate::client::Connector,
 }
 
 impl Service<Request<Body>> for KeyRouter {
@@ -118,7 +117,7 @@ impl Service<Request<Body>> for KeyRouter {
                 channels.retain(|a, _| list.contains(a));
                 channels
                     .entry(addr)
-                    .or_insert_with(|| (this.connect)(addr, this.connect_timeout))
+                    .or_insert_with(|| (this.connect)(addr))
                     .clone()
             };
             // A tonic channel is a buffer: it must be polled ready before each call.

@@ -146,7 +146,12 @@ impl Server {
             .layer(GlobalConcurrencyLimitLayer::new(g.max_concurrent_requests))
             .into_inner();
 
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = crate::tls::server_config(&settings.tls)? {
+            // TLS only: a plaintext client is refused at the handshake.
+            builder = builder.tls_config(tls)?;
+        }
+        let server = builder
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(g.keepalive_interval))
             .http2_keepalive_timeout(Some(g.keepalive_timeout))
@@ -186,6 +191,7 @@ impl Server {
                 port: local.port(),
                 version: settings.service.version.clone(),
                 tags: settings.service.tags.clone(),
+                tls: settings.tls.server_enabled(),
             };
             let r = Registrar::new(&settings.consul, agent, &instance);
             tokio::spawn(r.clone().run(Duration::from_secs(30), background.clone()));
