@@ -95,7 +95,7 @@ pub struct GrpcSettings {
     pub max_concurrent_requests: usize,
     /// HTTP/2 streams per connection (`grpc.max_concurrent_streams`).
     pub max_concurrent_streams: u32,
-    /// Largest decoded request message in bytes (`grpc.max_request_bytes`); larger is RESOURCE_EXHAUSTED.
+    /// Largest decoded request message in bytes (`grpc.max_request_bytes`); larger is refused with OUT_OF_RANGE (tonic's code).
     pub max_request_bytes: usize,
     /// Largest encoded response message in bytes (`grpc.max_response_bytes`).
     pub max_response_bytes: usize,

@@ -1,0 +1,79 @@
+//! Resource limits of the server stack: over `grpc.max_concurrent_requests` a call is rejected at once with
+//! RESOURCE_EXHAUSTED before any handler runs (load shedding, not queueing), and a request larger than
+//! `grpc.max_request_bytes` is refused with OUT_OF_RANGE (tonic's code for it; grpc-go says RESOURCE_EXHAUSTED).
+
+mod support;
+
+use std::time::Duration;
+
+use keel_protos::keel::example::v1::{EchoRequest, echo_client::EchoClient};
+use support::*;
+use tonic::Code;
+
+#[tokio::test]
+async fn over_the_concurrency_limit_calls_are_shed_and_oversized_requests_refused() {
+    let p = EchoProcess::spawn(&[
+        ("KEEL_GRPC__MAX_CONCURRENT_REQUESTS", "1".into()),
+        ("KEEL_GRPC__MAX_REQUEST_BYTES", "1024".into()),
+    ]);
+    let client = EchoClient::new(direct(p.addr().await));
+
+    // One slow call holds the only slot; the next is shed at once.
+    let mut slow = client.clone();
+    let holder = tokio::spawn(async move {
+        slow.echo(EchoRequest {
+            message: "slow".into(),
+            delay_ms: 1500,
+            ..Default::default()
+        })
+        .await
+    });
+    let shed = eventually(
+        "a call over the limit is shed",
+        Duration::from_secs(5),
+        || {
+            let mut c = client.clone();
+            async move {
+                match c
+                    .echo(EchoRequest {
+                        message: "one too many".into(),
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Err(s) if s.code() == Code::ResourceExhausted => Some(s),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    assert!(shed.message().contains("overloaded"), "{shed:?}");
+    assert!(
+        holder.await.unwrap().is_ok(),
+        "the call holding the slot completes"
+    );
+    assert!(
+        !p.output().contains("\"text\":\"one too many\""),
+        "the shed call never reached the handler"
+    );
+
+    let err = client
+        .clone()
+        .echo(EchoRequest {
+            message: "x".repeat(4096),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("limit is: 1024 bytes"), "{err:?}");
+    let ok = client
+        .clone()
+        .echo(EchoRequest {
+            message: "small".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(ok.is_ok(), "{ok:?}");
+}
