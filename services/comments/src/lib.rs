@@ -5,6 +5,7 @@
 //!   (Cassandra's `dateOf(commentid)`, millisecond precision), always returned.
 //! - Lists are newest first (time UUID order); `starting_comment_id` is inclusive; `paging_state`
 //!   continues strictly after the last comment returned.
+//! - `dry-run: true` metadata on the mutating call validates it and answers as it would, writing nothing.
 //! - Both lists and `UserCommentedOnVideo` (`topic-kv-commentCreation`) are one transaction; the same comment
 //!   id sent again (a retry) is accepted and changes nothing.
 
@@ -95,11 +96,15 @@ impl CommentsService for Comments {
         &self,
         request: Request<CommentOnVideoRequest>,
     ) -> Result<Response<CommentOnVideoResponse>, Status> {
+        let dry_run = keel_common::context::is_dry_run(&request);
         let r = request.into_inner();
         let video = ids::required("video_id", r.video_id.as_ref())?;
         let user = ids::required("user_id", r.user_id.as_ref())?;
         let comment_id = ids::required_time("comment_id", r.comment_id.as_ref())?;
         required_text("comment", &r.comment, "comment on video")?;
+        if dry_run {
+            return Ok(Response::new(CommentOnVideoResponse {}));
+        }
         self.store
             .add(video, user, comment_id, &r.comment)
             .await

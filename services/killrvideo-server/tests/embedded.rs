@@ -261,3 +261,137 @@ async fn a_user_signs_up_submits_comments_rates_plays_and_finds_videos_on_one_po
         .unwrap_err();
     assert_eq!(up.code(), Code::Unimplemented);
 }
+
+/// `dry-run: true` on every KillrVideo mutating call: validated, answered as it would be, nothing written.
+#[tokio::test]
+async fn dry_runs_of_mutating_calls_write_nothing() {
+    fn dry<T>(m: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(m);
+        r.metadata_mut().insert("dry-run", "true".parse().unwrap());
+        r
+    }
+    let ch = support::start_embedded().await.1;
+    let mut users = UserManagementServiceClient::new(ch.clone());
+    let mut videos = VideoCatalogServiceClient::new(ch.clone());
+    let mut comments = CommentsServiceClient::new(ch.clone());
+    let mut ratings = RatingsServiceClient::new(ch.clone());
+    let mut stats = StatisticsServiceClient::new(ch.clone());
+    let (user, video) = (Uuid::new_v4(), Uuid::new_v4());
+    let create = CreateUserRequest {
+        user_id: pb(user),
+        first_name: "D".into(),
+        last_name: "R".into(),
+        email: "dry@example.com".into(),
+        password: "pw".into(),
+    };
+    users.create_user(dry(create.clone())).await.unwrap();
+    let err = users
+        .verify_credentials(VerifyCredentialsRequest {
+            email: "dry@example.com".into(),
+            password: "pw".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::Unauthenticated,
+        "the dry run created no user"
+    );
+    let bad = users
+        .create_user(dry(CreateUserRequest {
+            email: "".into(),
+            ..create.clone()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad.code(),
+        Code::InvalidArgument,
+        "a dry run still validates"
+    );
+    users.create_user(create.clone()).await.unwrap();
+    let taken = users
+        .create_user(dry(CreateUserRequest {
+            user_id: pb(Uuid::new_v4()),
+            ..create
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        taken.code(),
+        Code::AlreadyExists,
+        "a dry run reports what would happen"
+    );
+
+    videos
+        .submit_you_tube_video(dry(SubmitYouTubeVideoRequest {
+            video_id: pb(video),
+            user_id: pb(user),
+            name: "n".into(),
+            description: "d".into(),
+            tags: vec![],
+            you_tube_video_id: "abc".into(),
+        }))
+        .await
+        .unwrap();
+    assert_eq!(
+        videos
+            .get_video(GetVideoRequest {
+                video_id: pb(video)
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    comments
+        .comment_on_video(dry(CommentOnVideoRequest {
+            video_id: pb(video),
+            user_id: pb(user),
+            comment_id: Some(TimeUuid {
+                value: Uuid::now_v1(&[1, 2, 3, 4, 5, 6]).to_string(),
+            }),
+            comment: "c".into(),
+        }))
+        .await
+        .unwrap();
+    let c = comments
+        .get_video_comments(GetVideoCommentsRequest {
+            video_id: pb(video),
+            page_size: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(c.comments.is_empty());
+    ratings
+        .rate_video(dry(RateVideoRequest {
+            video_id: pb(video),
+            user_id: pb(user),
+            rating: 5,
+        }))
+        .await
+        .unwrap();
+    let r = ratings
+        .get_rating(GetRatingRequest {
+            video_id: pb(video),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.ratings_count, 0);
+    stats
+        .record_playback_started(dry(RecordPlaybackStartedRequest {
+            video_id: pb(video),
+        }))
+        .await
+        .unwrap();
+    let plays = stats
+        .get_number_of_plays(GetNumberOfPlaysRequest {
+            video_ids: vec![pb(video).unwrap()],
+        })
+        .await
+        .unwrap();
+    assert_eq!(plays.into_inner().stats[0].views, 0);
+}

@@ -4,6 +4,7 @@
 //!   video's total moves by the difference and its count does not grow (the references double count; the
 //!   spec allows either and this keeps averages right).
 //! - Unknown videos and users answer zeros, never NOT_FOUND.
+//! - `dry-run: true` metadata on the mutating call validates it and answers as it would, writing nothing.
 //! - The per-user row, the totals and `UserRatedVideo` (`topic-kv-videoRating`) are one transaction.
 
 use keel_common::{Platform, Server, ServiceError, db, outbox, outbox::Outbox};
@@ -142,6 +143,7 @@ impl RatingsService for Ratings {
         &self,
         request: Request<RateVideoRequest>,
     ) -> Result<Response<RateVideoResponse>, Status> {
+        let dry_run = keel_common::context::is_dry_run(&request);
         let r = request.into_inner();
         let video = ids::required("video_id", r.video_id.as_ref())?;
         let user = ids::required("user_id", r.user_id.as_ref())?;
@@ -151,6 +153,9 @@ impl RatingsService for Ratings {
                 format!("rating should be between 1 and 5, got {}", r.rating),
             )
             .into());
+        }
+        if dry_run {
+            return Ok(Response::new(RateVideoResponse {}));
         }
         self.rate(video, user, r.rating)
             .await

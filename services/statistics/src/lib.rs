@@ -2,7 +2,8 @@
 //! GetNumberOfPlays.
 //!
 //! GetNumberOfPlays answers one `PlayStats` per requested id, in request order, with 0 views for ids never
-//! played (the web breaks otherwise); more than 20 ids is INVALID_ARGUMENT. No events.
+//! played (the web breaks otherwise); more than 20 ids is INVALID_ARGUMENT. No events. `dry-run: true` metadata
+//! on RecordPlaybackStarted validates it and counts nothing.
 
 use keel_common::{Platform, Server, ServiceError, db};
 use keel_protos::killrvideo::statistics::{
@@ -99,6 +100,9 @@ impl StatisticsService for Statistics {
         request: Request<RecordPlaybackStartedRequest>,
     ) -> Result<Response<RecordPlaybackStartedResponse>, Status> {
         let video = ids::required("video_id", request.get_ref().video_id.as_ref())?;
+        if keel_common::context::is_dry_run(&request) {
+            return Ok(Response::new(RecordPlaybackStartedResponse {}));
+        }
         sqlx::query(
             "INSERT INTO video_playback_stats (videoid, views) VALUES ($1, 1) \
              ON CONFLICT (videoid) DO UPDATE SET views = video_playback_stats.views + 1",

@@ -6,6 +6,7 @@
 //!   and verifies a dummy hash for an unknown email so timing does not tell them apart either.
 //! - Email uniqueness is the credentials table's primary key, so it holds under concurrent creates; a
 //!   duplicate is ALREADY_EXISTS "Exception creating user because it already exists with email <email>".
+//! - `dry-run: true` metadata on the mutating call validates it and answers as it would, writing nothing.
 //! - `UserCreated` goes to `topic-kv-userCreation` through the transactional outbox, in the same transaction
 //!   as the user.
 
@@ -116,12 +117,28 @@ impl UserManagementService for UserManagement {
         &self,
         request: Request<CreateUserRequest>,
     ) -> Result<Response<CreateUserResponse>, Status> {
+        let dry_run = keel_common::context::is_dry_run(&request);
         let r = request.into_inner();
         let user_id = ids::required("user_id", r.user_id.as_ref())?;
         let email = required_text("email", &r.email, "create user")?
             .trim()
             .to_owned();
         let password = required_text("password", &r.password, "create user")?.to_owned();
+        if dry_run {
+            // Reports what would happen: a taken email is the answer a real create would give.
+            return match self
+                .store
+                .credentials(&email)
+                .await
+                .map_err(ServiceError::from)?
+            {
+                Some(_) => Err(ServiceError::AlreadyExists(format!(
+                    "Exception creating user because it already exists with email {email}"
+                ))
+                .into()),
+                None => Ok(Response::new(CreateUserResponse {})),
+            };
+        }
         let hash = blocking(move || hash_password(&password))
             .await?
             .map_err(ServiceError::Internal)?;

@@ -8,6 +8,7 @@
 //!   `starting_video_id`) is inclusive; `paging_state` continues strictly after the last row returned.
 //! - "Latest videos" covers today and the 7 UTC days before it (8 buckets, §4.6); the window is frozen in the
 //!   paging state so paging across midnight is stable.
+//! - `dry-run: true` metadata on the mutating call validates it and answers as it would, writing nothing.
 //! - The video, its list rows and `YouTubeVideoAdded` (`topic-kv-videoCreation`) are one transaction; a
 //!   video_id that exists already is ALREADY_EXISTS and changes nothing.
 
@@ -154,6 +155,7 @@ impl VideoCatalogService for VideoCatalog {
         request: Request<SubmitYouTubeVideoRequest>,
     ) -> Result<Response<SubmitYouTubeVideoResponse>, Status> {
         const REQ: &str = "submit youtube video";
+        let dry_run = keel_common::context::is_dry_run(&request);
         let r = request.into_inner();
         let video_id = ids::required("video_id", r.video_id.as_ref())?;
         let user_id = ids::required("user_id", r.user_id.as_ref())?;
@@ -171,12 +173,19 @@ impl VideoCatalogService for VideoCatalog {
             tags: tag_set(r.tags),
             added_ms: time::now_ms(),
         };
-        if self
-            .store
-            .submit(&video)
-            .await
-            .map_err(ServiceError::from)?
-        {
+        let stored = if dry_run {
+            self.store
+                .get(video_id)
+                .await
+                .map_err(ServiceError::from)?
+                .is_none()
+        } else {
+            self.store
+                .submit(&video)
+                .await
+                .map_err(ServiceError::from)?
+        };
+        if stored {
             Ok(Response::new(SubmitYouTubeVideoResponse {}))
         } else {
             Err(
