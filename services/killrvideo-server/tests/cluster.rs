@@ -10,13 +10,14 @@
 use std::{
     collections::HashMap,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use keel_common::{
     ClientFactory, Metrics,
     config::{Env, Settings},
+    testsuite::{ServiceProcess, infra_var, passing_ports},
 };
 use keel_protos::killrvideo::{
     comments::{
@@ -56,25 +57,6 @@ const SERVICES: &[&str] = &[
     "suggested-videos",
 ];
 
-fn var(k: &str) -> String {
-    std::env::var(k).unwrap_or_else(|_| {
-        panic!("{k} is not set: start the real servers with `make infra-up` and run the tests with `make test`")
-    })
-}
-
-fn binary(name: &str) -> PathBuf {
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    let path = target.join("debug").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: `make test` builds every binary first",
-        path.display()
-    );
-    path
-}
-
 fn infra(action: &str, component: &str) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/infra.sh");
     let out = Command::new("bash")
@@ -89,19 +71,16 @@ fn infra(action: &str, component: &str) {
     );
 }
 
-/// The service processes of one test run; all killed on drop.
+/// The service processes of one test run (killed on drop, by `ServiceProcess`).
 struct Cluster {
     run: String,
     db_urls: HashMap<&'static str, String>,
-    procs: HashMap<&'static str, Child>,
-    logs: PathBuf,
+    procs: HashMap<&'static str, ServiceProcess>,
 }
 
 impl Cluster {
     async fn start() -> Self {
         let run = Uuid::new_v4().simple().to_string()[..8].to_owned();
-        let logs = std::env::temp_dir().join(format!("keel-cluster-{run}"));
-        std::fs::create_dir_all(&logs).unwrap();
         let mut db_urls = HashMap::new();
         for s in SERVICES {
             db_urls.insert(*s, killrvideo::testsuite::postgres().await.url);
@@ -110,7 +89,6 @@ impl Cluster {
             run,
             db_urls,
             procs: HashMap::new(),
-            logs,
         };
         for s in SERVICES {
             c.spawn(s);
@@ -123,69 +101,29 @@ impl Cluster {
     }
 
     fn spawn(&mut self, service: &'static str) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.logs.join(format!("{service}.log")))
-            .unwrap();
-        let child = Command::new(binary(service))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("CONSUL_HTTP_ADDR", var("CONSUL_HTTP_ADDR"))
-            .env("KEEL_CONSUL__DNS_ADDR", var("KEEL_CONSUL_DNS_ADDR"))
-            .env("KEEL_CONSUL__CHECK_INTERVAL", "500ms")
-            .env("KEEL_CONSUL__DISCOVERY_INTERVAL", "500ms")
-            .env("KEEL_KAFKA__BROKERS", var("KEEL_KAFKA_BROKERS"))
-            .env("KEEL_SERVICE__NAME", self.name(service))
-            .env("KEEL_DATABASE__URL", &self.db_urls[service])
-            .env("KEEL_EVENTS__GROUP_PREFIX", format!("test-{}", self.run))
-            .env("KEEL_LOG__LEVEL", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.procs.insert(service, child);
+        let p = ServiceProcess::spawn(
+            service,
+            &self.name(service),
+            &[
+                ("KEEL_DATABASE__URL", self.db_urls[service].clone()),
+                ("KEEL_EVENTS__GROUP_PREFIX", format!("test-{}", self.run)),
+                ("KEEL_LOG__LEVEL", "info".into()),
+            ],
+        );
+        self.procs.insert(service, p);
     }
 
-    fn kill(&mut self, service: &str) {
-        if let Some(mut p) = self.procs.remove(service) {
-            let _ = p.kill();
-            let _ = p.wait();
-        }
-    }
-
-    fn log(&self, service: &str) -> String {
-        std::fs::read_to_string(self.logs.join(format!("{service}.log"))).unwrap_or_default()
+    /// SIGKILLs `service`; returns what it had printed.
+    fn kill(&mut self, service: &str) -> String {
+        let mut p = self.procs.remove(service).expect("a running service");
+        p.kill();
+        p.output()
     }
 
     /// Waits until every service has a passing instance in Consul.
     async fn wait_passing(&self) {
-        let consul = var("CONSUL_HTTP_ADDR");
         for s in SERVICES {
-            let url = format!("http://{consul}/v1/health/service/{}?passing", self.name(s));
-            eventually(
-                &format!("{s} passing in consul"),
-                Duration::from_secs(60),
-                || {
-                    let url = url.clone();
-                    async move {
-                        let v: serde_json::Value =
-                            reqwest::get(&url).await.ok()?.json().await.ok()?;
-                        (v.as_array()?.len() == 1).then_some(())
-                    }
-                },
-            )
-            .await;
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for (_, mut p) in self.procs.drain() {
-            let _ = p.kill();
-            let _ = p.wait();
+            passing_ports(&self.name(s), 1, Duration::from_secs(60)).await;
         }
     }
 }
@@ -236,8 +174,8 @@ async fn killrvideo_across_processes_through_consul_kafka_and_postgres() {
     let mut cluster = Cluster::start().await;
     cluster.wait_passing().await;
     let env = Env::default()
-        .with("CONSUL_HTTP_ADDR", var("CONSUL_HTTP_ADDR"))
-        .with("KEEL_CONSUL__DNS_ADDR", var("KEEL_CONSUL_DNS_ADDR"))
+        .with("CONSUL_HTTP_ADDR", infra_var("CONSUL_HTTP_ADDR"))
+        .with("KEEL_CONSUL__DNS_ADDR", infra_var("KEEL_CONSUL_DNS_ADDR"))
         .with("KEEL_CONSUL__DISCOVERY_INTERVAL", "500ms");
     let clients = ClientFactory::new(
         &Settings::from_env("kv-test-client", &env).unwrap(),
@@ -510,7 +448,7 @@ async fn killrvideo_across_processes_through_consul_kafka_and_postgres() {
     );
     // Long enough for the relay's publish to time out (events.delivery_timeout, 5 s) and be logged.
     tokio::time::sleep(Duration::from_secs(7)).await;
-    cluster.kill("video-catalog");
+    let killed_log = cluster.kill("video-catalog");
     infra("start", "kafka");
     cluster.spawn("video-catalog");
     eventually(
@@ -520,7 +458,7 @@ async fn killrvideo_across_processes_through_consul_kafka_and_postgres() {
     )
     .await;
     assert!(
-        cluster.log("video-catalog").contains("outbox relay failed"),
+        killed_log.contains("outbox relay failed"),
         "the relay saw Kafka down before the kill"
     );
 }
