@@ -124,13 +124,36 @@ pub struct ConsulSettings {
     pub dns_addr: SocketAddr,
     /// Use Consul DNS to find peers (`consul.dns_enabled`); default: on when `http_addr` is set.
     pub dns_enabled: bool,
-    /// Interval of the `GRPC` health check (`consul.check_interval`).
+    /// How Consul learns this instance's health (`consul.check`: `grpc`, `ttl`, or `auto`, the default: `ttl`
+    /// when `tls.require_client_cert` is set, since Consul's agent cannot present a client certificate, else
+    /// `grpc`).
+    pub check: CheckKind,
+    /// Interval of the `GRPC` health check, or of the instance's TTL heartbeats (`consul.check_interval`).
     pub check_interval: Duration,
     /// Consul removes an instance whose check stays critical this long (`consul.deregister_critical_after`).
     pub deregister_critical_after: Duration,
     /// How often clients re-resolve peers; also how long shutdown waits after deregistering
     /// (`consul.discovery_interval`).
     pub discovery_interval: Duration,
+}
+
+/// The kind of Consul health check an instance registers with
+/// (<https://developer.hashicorp.com/consul/docs/services/usage/checks>).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckKind {
+    /// Consul's agent calls the instance's `grpc.health.v1` every `check_interval`.
+    Grpc,
+    /// The instance reports its own health status to the agent every `check_interval`
+    /// (`PUT /v1/agent/check/update/:check_id`); Consul marks it critical when no report came for
+    /// [`ConsulSettings::ttl`] (a killed instance drops out after at most that).
+    Ttl,
+}
+
+impl ConsulSettings {
+    /// The TTL of a [`CheckKind::Ttl`] check: three heartbeat intervals, so one lost heartbeat is no outage.
+    pub fn ttl(&self) -> Duration {
+        self.check_interval * 3
+    }
 }
 
 /// StatsD metrics.
@@ -515,11 +538,14 @@ impl Settings {
         };
 
         let http_addr = r.opt_string("consul.http_addr");
-        let consul = ConsulSettings {
+        let check = r.opt_string("consul.check");
+        let mut consul = ConsulSettings {
             dns_enabled: r.get("consul.dns_enabled", http_addr.is_some()),
             http_addr,
             token: Secret(r.opt_string("consul.token").unwrap_or_default()),
             dns_addr: r.socket_addr("consul.dns_addr", SocketAddr::from(([127, 0, 0, 1], 8600))),
+            // Resolved below, once the TLS settings are known.
+            check: CheckKind::Grpc,
             check_interval: r.duration("consul.check_interval", Duration::from_secs(2)),
             deregister_critical_after: r
                 .duration("consul.deregister_critical_after", Duration::from_secs(60)),
@@ -605,6 +631,25 @@ impl Settings {
             {
                 r.fail(key, format!("{f:?} is not a readable file"));
             }
+        }
+        consul.check = match check.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("auto") if tls.require_client_cert => CheckKind::Ttl,
+            None | Some("auto") | Some("grpc") => CheckKind::Grpc,
+            Some("ttl") => CheckKind::Ttl,
+            Some(other) => {
+                r.fail(
+                    "consul.check",
+                    format!("{other:?}: expected grpc, ttl or auto"),
+                );
+                CheckKind::Grpc
+            }
+        };
+        if consul.check == CheckKind::Grpc && tls.require_client_cert {
+            r.fail(
+                "consul.check",
+                "grpc: Consul's agent cannot present a client certificate to a server with \
+                 tls.require_client_cert; use ttl (or auto)",
+            );
         }
 
         if r.errors.is_empty() {
@@ -841,6 +886,31 @@ mod tests {
         assert!(keys.contains(&"tls.require_client_cert"), "{keys:?}");
         let s = Settings::from_env("x", &Env::default()).unwrap();
         assert!(!s.tls.server_enabled() && !s.tls.client_enabled());
+    }
+
+    #[test]
+    fn consul_checks_by_ttl_when_clients_need_certificates() {
+        // Only their existence is checked here.
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let mtls = Env::default()
+            .with("KEEL_TLS__CERT_FILE", file)
+            .with("KEEL_TLS__KEY_FILE", file)
+            .with("KEEL_TLS__CA_FILE", file)
+            .with("KEEL_TLS__REQUIRE_CLIENT_CERT", "true");
+        let s = Settings::from_env("x", &mtls).unwrap();
+        assert_eq!(s.consul.check, CheckKind::Ttl);
+        assert_eq!(s.consul.ttl(), s.consul.check_interval * 3);
+        let err =
+            Settings::from_env("x", &mtls.clone().with("KEEL_CONSUL__CHECK", "grpc")).unwrap_err();
+        assert_eq!(err.0[0].key, "consul.check", "{err}");
+        let plain = Settings::from_env("x", &Env::default()).unwrap();
+        assert_eq!(plain.consul.check, CheckKind::Grpc);
+        let ttl =
+            Settings::from_env("x", &Env::default().with("KEEL_CONSUL__CHECK", "TTL")).unwrap();
+        assert_eq!(ttl.consul.check, CheckKind::Ttl);
+        let bad = Settings::from_env("x", &Env::default().with("KEEL_CONSUL__CHECK", "http"))
+            .unwrap_err();
+        assert_eq!(bad.0[0].key, "consul.check");
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! - `PUT /v1/agent/service/register` with a `GRPC` check against this server's `grpc.health.v1` service
 //!   (overall status, service name `""`), `DeregisterCriticalServiceAfter`, tags and meta (`version`,
 //!   `protocol=grpc`);
+//! - or, when the agent cannot call the server (mutual TLS: the agent has no client certificate), a `TTL` check
+//!   the instance keeps passing itself with `PUT /v1/agent/check/update/:check_id` every `check_interval`
+//!   ([`Registrar::heartbeat`]), reporting its health status; a killed instance turns critical after
+//!   [`ConsulSettings::ttl`];
 //! - `PUT /v1/agent/service/deregister/:id` at shutdown.
 //!
 //! [`Registrar::run`] registers in the background, retrying with backoff while the agent is unreachable (the
@@ -17,7 +21,7 @@ use std::{collections::HashMap, time::Duration};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ConsulSettings, Secret};
+use crate::config::{CheckKind, ConsulSettings, Secret};
 
 /// A failed Consul call.
 #[derive(Debug, thiserror::Error)]
@@ -80,19 +84,24 @@ pub struct Check {
     pub check_id: String,
     /// Human name.
     pub name: String,
-    /// `host:port` of a `grpc.health.v1` server (optionally `/service`).
-    #[serde(rename = "GRPC")]
-    pub grpc: String,
+    /// `host:port` of a `grpc.health.v1` server (optionally `/service`); a `GRPC` check.
+    #[serde(rename = "GRPC", skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<String>,
     /// Whether to dial with TLS.
-    #[serde(rename = "GRPCUseTLS")]
+    #[serde(rename = "GRPCUseTLS", skip_serializing_if = "std::ops::Not::not")]
     pub grpc_use_tls: bool,
     /// Whether to skip verifying the server's certificate (the agent does not hold the services' CA).
-    #[serde(rename = "TLSSkipVerify")]
+    #[serde(rename = "TLSSkipVerify", skip_serializing_if = "std::ops::Not::not")]
     pub tls_skip_verify: bool,
-    /// Interval, Go duration string (`2s`).
-    pub interval: String,
-    /// Per-check timeout.
-    pub timeout: String,
+    /// Interval of a `GRPC` check, Go duration string (`2s`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// Per-check timeout of a `GRPC` check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// A `TTL` check: critical unless updated at least this often.
+    #[serde(rename = "TTL", skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
     /// Consul deregisters the service after the check is critical this long.
     pub deregister_critical_service_after: String,
 }
@@ -137,6 +146,16 @@ pub struct HealthCheck {
     pub check_id: String,
     /// `passing`, `warning` or `critical`.
     pub status: String,
+}
+
+/// A health status reported on a `TTL` check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckStatus {
+    /// Healthy: listed by DNS and `?passing` queries.
+    Passing,
+    /// Not serving: left out of DNS answers.
+    Critical,
 }
 
 fn go_duration(d: Duration) -> String {
@@ -220,6 +239,29 @@ impl ConsulAgent {
         .map(drop)
     }
 
+    /// Sets the status of `TTL` check `check_id` (`PUT /v1/agent/check/update/:check_id`), with `output` shown
+    /// in Consul's UI; restarts its TTL.
+    ///
+    /// # Errors
+    /// [`ConsulError`] when the agent is unreachable or does not know the check (404/500).
+    pub async fn update_check(
+        &self,
+        check_id: &str,
+        status: CheckStatus,
+        output: &str,
+    ) -> Result<(), ConsulError> {
+        self.send(
+            "check update",
+            self.req(
+                reqwest::Method::PUT,
+                &format!("/v1/agent/check/update/{check_id}"),
+            )
+            .json(&serde_json::json!({ "Status": status, "Output": output })),
+        )
+        .await
+        .map(drop)
+    }
+
     /// Whether the local agent knows service instance `id`.
     ///
     /// # Errors
@@ -288,10 +330,12 @@ pub struct Instance {
 pub struct Registrar {
     agent: ConsulAgent,
     registration: Registration,
+    /// Heartbeat interval of a `TTL` check; `None` for a `GRPC` check.
+    heartbeat: Option<Duration>,
 }
 
 impl Registrar {
-    /// The registration of `instance`, checked over gRPC health.
+    /// The registration of `instance`, checked as `settings.check` says.
     pub fn new(settings: &ConsulSettings, agent: ConsulAgent, instance: &Instance) -> Self {
         let Instance {
             name,
@@ -312,20 +356,87 @@ impl Registrar {
                 ("version".into(), version.clone()),
                 ("protocol".into(), "grpc".into()),
             ]),
-            checks: vec![Check {
-                check_id: format!("{id}:grpc"),
-                name: format!("gRPC health of {name}"),
-                grpc: format!("{address}:{port}"),
-                grpc_use_tls: *tls,
-                tls_skip_verify: *tls,
-                interval: go_duration(settings.check_interval),
-                timeout: go_duration(settings.check_interval.min(Duration::from_secs(5))),
-                deregister_critical_service_after: go_duration(settings.deregister_critical_after),
+            checks: vec![match settings.check {
+                CheckKind::Grpc => Check {
+                    check_id: format!("{id}:grpc"),
+                    name: format!("gRPC health of {name}"),
+                    grpc: Some(format!("{address}:{port}")),
+                    grpc_use_tls: *tls,
+                    tls_skip_verify: *tls,
+                    interval: Some(go_duration(settings.check_interval)),
+                    timeout: Some(go_duration(
+                        settings.check_interval.min(Duration::from_secs(5)),
+                    )),
+                    ttl: None,
+                    deregister_critical_service_after: go_duration(
+                        settings.deregister_critical_after,
+                    ),
+                },
+                CheckKind::Ttl => Check {
+                    check_id: format!("{id}:ttl"),
+                    name: format!("gRPC health of {name}, reported by the instance"),
+                    grpc: None,
+                    grpc_use_tls: false,
+                    tls_skip_verify: false,
+                    interval: None,
+                    timeout: None,
+                    ttl: Some(go_duration(settings.ttl())),
+                    deregister_critical_service_after: go_duration(
+                        settings.deregister_critical_after,
+                    ),
+                },
             }],
         };
         Self {
             agent,
             registration,
+            heartbeat: (settings.check == CheckKind::Ttl).then_some(settings.check_interval),
+        }
+    }
+
+    /// Whether the instance must report its own health ([`Registrar::heartbeat`]): a `TTL` check.
+    pub fn needs_heartbeat(&self) -> bool {
+        self.heartbeat.is_some()
+    }
+
+    /// For a `TTL` check: reports the instance's health to the agent — passing while `serving` holds `true`,
+    /// critical otherwise — every `check_interval` and at once when it changes. Ends on `cancel`; returns at
+    /// once for a `GRPC` check. A failed report is logged (the agent may be down or may have lost the
+    /// registration, which [`Registrar::run`] restores) and retried at the next beat.
+    pub async fn heartbeat(
+        self,
+        mut serving: tokio::sync::watch::Receiver<bool>,
+        cancel: CancellationToken,
+    ) {
+        let Some(every) = self.heartbeat else {
+            return;
+        };
+        let check_id = &self.registration.checks[0].check_id;
+        let mut failing = false;
+        loop {
+            let (status, output) = if *serving.borrow_and_update() {
+                (CheckStatus::Passing, "grpc.health.v1: SERVING")
+            } else {
+                (CheckStatus::Critical, "grpc.health.v1: NOT_SERVING")
+            };
+            match self.agent.update_check(check_id, status, output).await {
+                Ok(()) if failing => {
+                    tracing::info!(check_id, "consul check updates work again");
+                    failing = false;
+                }
+                Ok(()) => {}
+                // Logged once per outage, not every beat.
+                Err(e) if !failing => {
+                    tracing::warn!(check_id, error = %e, "consul check update failed");
+                    failing = true;
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = serving.changed() => {}
+                _ = tokio::time::sleep(every) => {}
+            }
         }
     }
 
@@ -411,6 +522,34 @@ mod tests {
         assert_eq!(check["GRPC"], "127.0.0.1:5000");
         assert_eq!(check["Interval"], "2000ms");
         assert_eq!(check["DeregisterCriticalServiceAfter"], "60000ms");
-        assert_eq!(check["GRPCUseTLS"], false);
+        assert!(check.get("GRPCUseTLS").is_none() && check.get("TTL").is_none());
+    }
+
+    #[test]
+    fn a_ttl_check_has_no_grpc_target() {
+        let env = crate::config::Env::default().with("KEEL_CONSUL__CHECK", "ttl");
+        let s = crate::config::Settings::from_env("echo", &env).unwrap();
+        let instance = Instance {
+            name: "echo".into(),
+            id: "echo-1".into(),
+            address: "127.0.0.1".into(),
+            port: 5000,
+            version: "1.0.0".into(),
+            tags: vec![],
+            tls: true,
+        };
+        let r = Registrar::new(
+            &s.consul,
+            ConsulAgent::new("127.0.0.1:8500", Secret::default()),
+            &instance,
+        );
+        assert!(r.needs_heartbeat());
+        let check = &serde_json::to_value(&r.registration).unwrap()["Checks"][0];
+        assert_eq!(check["CheckID"], "echo-1:ttl");
+        assert_eq!(check["TTL"], "6000ms");
+        assert!(
+            check.get("GRPC").is_none() && check.get("Interval").is_none(),
+            "{check}"
+        );
     }
 }

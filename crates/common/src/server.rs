@@ -123,8 +123,13 @@ impl Server {
         let g = &settings.grpc;
         let local = listener.local_addr()?;
 
-        let (health, health_service) = tonic_health::server::health_reporter();
-        set_all(&health, &names, ServingStatus::NotServing).await;
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let health = Health {
+            reporter,
+            names: names.clone(),
+            serving: tokio::sync::watch::Sender::new(false),
+        };
+        health.set(false).await;
         routes.add_service(health_service);
         routes.add_service(reflection(&names).build_v1()?);
         routes.add_service(reflection(&names).build_v1alpha()?);
@@ -170,12 +175,7 @@ impl Server {
         tracing::info!(addr = %local, services = ?names, "grpc server listening");
 
         let background = CancellationToken::new();
-        tokio::spawn(readiness_loop(
-            health.clone(),
-            names.clone(),
-            checks,
-            background.clone(),
-        ));
+        tokio::spawn(readiness_loop(health.clone(), checks, background.clone()));
 
         let registrar = settings.consul.http_addr.as_ref().map(|addr| {
             let advertise = settings
@@ -195,6 +195,12 @@ impl Server {
             };
             let r = Registrar::new(&settings.consul, agent, &instance);
             tokio::spawn(r.clone().run(Duration::from_secs(30), background.clone()));
+            if r.needs_heartbeat() {
+                tokio::spawn(
+                    r.clone()
+                        .heartbeat(health.serving.subscribe(), background.clone()),
+                );
+            }
             r
         });
 
@@ -209,7 +215,7 @@ impl Server {
 
         tracing::info!("shutdown: health NOT_SERVING");
         background.cancel();
-        set_all(&health, &names, ServingStatus::NotServing).await;
+        health.set(false).await;
         if let Some(r) = &registrar {
             r.deregister().await;
             let wait = settings.consul.discovery_interval;
@@ -251,17 +257,33 @@ fn advertise_ip(local: SocketAddr) -> String {
     }
 }
 
-async fn set_all(health: &HealthReporter, names: &[&'static str], status: ServingStatus) {
-    health.set_service_status("", status).await;
-    for n in names {
-        health.set_service_status(*n, status).await;
+/// The process's health: `grpc.health.v1` for the server (`""`) and each service, and a watch of it for the
+/// Consul TTL heartbeat.
+#[derive(Clone)]
+struct Health {
+    reporter: HealthReporter,
+    names: Vec<&'static str>,
+    serving: tokio::sync::watch::Sender<bool>,
+}
+
+impl Health {
+    async fn set(&self, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter.set_service_status("", status).await;
+        for n in &self.names {
+            self.reporter.set_service_status(*n, status).await;
+        }
+        self.serving.send_replace(serving);
     }
 }
 
 /// SERVING once every check passes; re-checked every 5 s (every 500 ms until first ready).
 async fn readiness_loop(
-    health: HealthReporter,
-    names: Vec<&'static str>,
+    health: Health,
     checks: Vec<(String, ReadinessCheck)>,
     cancel: CancellationToken,
 ) {
@@ -283,16 +305,7 @@ async fn readiness_loop(
             } else {
                 tracing::warn!(failed = ?failed, "health NOT_SERVING: dependency not ready");
             }
-            set_all(
-                &health,
-                &names,
-                if now_ready {
-                    ServingStatus::Serving
-                } else {
-                    ServingStatus::NotServing
-                },
-            )
-            .await;
+            health.set(now_ready).await;
             ready = now_ready;
         }
         let wait = if ready {

@@ -1,13 +1,14 @@
 //! TLS between services (rustls): a server configured with `tls.*` speaks only TLS; with
 //! `tls.require_client_cert` it accepts only clients presenting a certificate of the configured CA (mutual TLS);
-//! the platform's client channels dial with TLS when `tls.ca_file` is set.
+//! the platform's client channels dial with TLS when `tls.ca_file` is set. Consul checks an mTLS instance by
+//! the TTL heartbeats the instance sends itself.
 
 mod support;
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use keel_common::{
-    ClientFactory, Metrics,
+    ClientFactory, Idempotent, Metrics,
     config::{Env, Settings},
 };
 use keel_protos::keel::example::v1::{EchoRequest, echo_client::EchoClient};
@@ -148,4 +149,116 @@ async fn server_tls_without_client_certificates() {
     .await
     .unwrap_err();
     assert_eq!(wrong_ca.code(), Code::Unavailable, "{wrong_ca:?}");
+}
+
+/// Mutual TLS in Consul: the agent cannot present a client certificate, so a `GRPC` check could only fail.
+/// Instead each instance registers a `TTL` check and reports its own health: both instances pass and a client
+/// with a certificate finds them through Consul DNS; a SIGKILLed instance turns critical once its TTL runs
+/// out (and drops out of `?passing`), while a SIGTERMed one deregisters.
+#[tokio::test]
+async fn mutual_tls_instances_report_their_own_health_to_consul() {
+    let infra = Infra::get();
+    let pki = Pki::new();
+    let name = unique("echo-mtls");
+    let mut env = consul_env(&infra, &name);
+    env.extend([
+        ("KEEL_TLS__CERT_FILE", pki.path("server.pem")),
+        ("KEEL_TLS__KEY_FILE", pki.path("server.key")),
+        ("KEEL_TLS__CA_FILE", pki.path("ca.pem")),
+        ("KEEL_TLS__REQUIRE_CLIENT_CERT", "true".into()),
+    ]);
+    let mut a = EchoProcess::spawn(&env);
+    let mut b = EchoProcess::spawn(&env);
+    passing_ports(&infra, &name, 2).await;
+    let agent = infra.agent();
+    for e in agent.health_service(&name, true).await.unwrap() {
+        let ttl = format!("{}:ttl", e.service.id);
+        assert!(
+            e.checks
+                .iter()
+                .any(|c| c.check_id == ttl && c.status == "passing"),
+            "{ttl} passing: {:?}",
+            e.checks
+        );
+    }
+
+    let client_env = Env::default()
+        .with("CONSUL_HTTP_ADDR", &infra.consul_http)
+        .with("KEEL_CONSUL__DNS_ADDR", &infra.consul_dns)
+        .with("KEEL_TLS__CA_FILE", pki.path("ca.pem"))
+        .with("KEEL_TLS__CERT_FILE", pki.path("client.pem"))
+        .with("KEEL_TLS__KEY_FILE", pki.path("client.key"));
+    let clients = ClientFactory::new(
+        &Settings::from_env("tls-client", &client_env).unwrap(),
+        Metrics::disabled(),
+    );
+    let c = EchoClient::new(clients.channel(&name).unwrap());
+    let reply = eventually(
+        "an mTLS call to an instance found through Consul DNS",
+        Duration::from_secs(20),
+        || {
+            let mut c = c.clone();
+            async move {
+                let mut req = tonic::Request::new(EchoRequest {
+                    message: "found".into(),
+                    ..Default::default()
+                });
+                req.set_timeout(Duration::from_secs(3));
+                c.echo(req).await.ok().map(|r| r.into_inner().message)
+            }
+        },
+    )
+    .await;
+    assert_eq!(reply, "found");
+
+    a.signal("KILL");
+    a.wait_exit(Duration::from_secs(5)).await;
+    // Check interval 1 s: TTL 3 s.
+    passing_ports(&infra, &name, 1).await;
+    let all = agent.health_service(&name, false).await.unwrap();
+    assert_eq!(
+        all.len(),
+        2,
+        "the killed instance stays registered, critical"
+    );
+    assert!(
+        all.iter()
+            .flat_map(|e| &e.checks)
+            .any(|c| c.check_id.ends_with(":ttl") && c.status == "critical"),
+        "{:?}",
+        all.iter().map(|e| &e.checks).collect::<Vec<_>>()
+    );
+    // Until the client re-resolves, a call may pick the dead address: the platform's retry of an idempotent
+    // call on UNAVAILABLE covers that window.
+    let reply = clients
+        .retry_policy()
+        .call(Idempotent::Yes, || {
+            let mut c = c.clone();
+            async move {
+                let mut req = tonic::Request::new(EchoRequest {
+                    message: "still".into(),
+                    ..Default::default()
+                });
+                req.set_timeout(Duration::from_secs(3));
+                c.echo(req).await
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        reply.into_inner().message,
+        "still",
+        "the surviving instance serves"
+    );
+
+    b.signal("TERM");
+    assert!(b.wait_exit(Duration::from_secs(20)).await.success());
+    assert_eq!(
+        agent.health_service(&name, false).await.unwrap().len(),
+        1,
+        "the stopped instance deregistered; only the killed one is left until deregister_critical_after"
+    );
+    for e in agent.health_service(&name, false).await.unwrap() {
+        agent.deregister(&e.service.id).await.unwrap();
+    }
 }
