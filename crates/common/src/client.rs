@@ -6,7 +6,8 @@
 //!    the wait for a ready endpoint, so a call never hangs past it.
 //! 2. [`GrpcMetricsLayer`] (client side): count, latency, status per method, as the caller experiences them.
 //! 3. errors of the layers below become UNAVAILABLE statuses, so callers see one error type.
-//! 4. no-endpoint fast path: when discovery answered and found no healthy instance, fail fast with UNAVAILABLE.
+//! 4. no-endpoint fast path: when discovery answered and found no healthy instance, fail fast with UNAVAILABLE;
+//!    a call made before the first answer waits for it (within its deadline) and then decides.
 //! 5. `Buffer`: makes the balancer cloneable and shareable between tasks.
 //! 6. `Balance` (power of two choices) over `PeakEwma` load: picks the less loaded of two random endpoints,
 //!    by a peak-sensitive moving average of round-trip time times outstanding requests.
@@ -283,7 +284,8 @@ where
     }
 }
 
-/// Fails fast with UNAVAILABLE when discovery found no healthy instance.
+/// Fails fast with UNAVAILABLE when discovery found no healthy instance; holds a call made before discovery's
+/// first answer until that answer (a call queued in the balancer with no endpoint would wait out its deadline).
 #[derive(Clone)]
 struct NoEndpointFastFail<S> {
     inner: S,
@@ -293,7 +295,7 @@ struct NoEndpointFastFail<S> {
 
 impl<S> Service<Request<Body>> for NoEndpointFastFail<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Send + 'static,
+    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = Response<Body>;
@@ -308,12 +310,37 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        if self.endpoints.borrow().as_ref().is_some_and(Vec::is_empty) {
-            let status =
-                Status::unavailable(format!("no healthy instance of service {:?}", self.service));
-            return Box::pin(async move { Ok(status.into_http()) });
+        let none = |service: &str| {
+            Ok(
+                Status::unavailable(format!("no healthy instance of service {service:?}"))
+                    .into_http(),
+            )
+        };
+        let answered = self.endpoints.borrow().as_ref().map(Vec::is_empty);
+        match answered {
+            Some(true) => {
+                let r = none(&self.service);
+                Box::pin(async move { r })
+            }
+            Some(false) => Box::pin(self.inner.call(req)),
+            None => {
+                let mut endpoints = self.endpoints.clone();
+                let mut inner = self.inner.clone();
+                let service = self.service.clone();
+                Box::pin(async move {
+                    let empty = endpoints
+                        .wait_for(Option::is_some)
+                        .await
+                        .map(|v| v.as_ref().is_some_and(Vec::is_empty))
+                        .unwrap_or(true);
+                    if empty {
+                        return none(&service);
+                    }
+                    use tower::ServiceExt;
+                    inner.ready().await?.call(req).await
+                })
+            }
         }
-        Box::pin(self.inner.call(req))
     }
 }
 

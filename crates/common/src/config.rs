@@ -130,6 +130,10 @@ pub struct ConsulSettings {
     pub check: CheckKind,
     /// Interval of the `GRPC` health check, or of the instance's TTL heartbeats (`consul.check_interval`).
     pub check_interval: Duration,
+    /// Consecutive failed `GRPC` checks before Consul marks the instance critical
+    /// (`consul.failures_before_critical`, default 3): a busy instance answering one check late stays in DNS;
+    /// a dead one leaves after about this many intervals.
+    pub failures_before_critical: u32,
     /// Consul removes an instance whose check stays critical this long (`consul.deregister_critical_after`).
     pub deregister_critical_after: Duration,
     /// How often clients re-resolve peers; also how long shutdown waits after deregistering
@@ -547,6 +551,7 @@ impl Settings {
             // Resolved below, once the TLS settings are known.
             check: CheckKind::Grpc,
             check_interval: r.duration("consul.check_interval", Duration::from_secs(2)),
+            failures_before_critical: r.positive("consul.failures_before_critical", 3u32),
             deregister_critical_after: r
                 .duration("consul.deregister_critical_after", Duration::from_secs(60)),
             discovery_interval: r.duration("consul.discovery_interval", Duration::from_secs(2)),

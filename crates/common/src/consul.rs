@@ -3,8 +3,8 @@
 //! The catalog API (`/v1/catalog/register`) is wrong for this: the local agent's anti-entropy removes such
 //! entries within a minute. Instead (<https://developer.hashicorp.com/consul/api-docs/agent/service>):
 //! - `PUT /v1/agent/service/register` with a `GRPC` check against this server's `grpc.health.v1` service
-//!   (overall status, service name `""`), `DeregisterCriticalServiceAfter`, tags and meta (`version`,
-//!   `protocol=grpc`);
+//!   (overall status, service name `""`), timeout `check_interval` (1 s to 5 s), `FailuresBeforeCritical`,
+//!   `DeregisterCriticalServiceAfter`, tags and meta (`version`, `protocol=grpc`);
 //! - or, when the agent cannot call the server (mutual TLS: the agent has no client certificate), a `TTL` check
 //!   the instance keeps passing itself with `PUT /v1/agent/check/update/:check_id` every `check_interval`
 //!   ([`Registrar::heartbeat`]), reporting its health status; a killed instance turns critical after
@@ -99,6 +99,10 @@ pub struct Check {
     /// Per-check timeout of a `GRPC` check.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    /// Consecutive failures of a `GRPC` check before it turns critical: one slow answer from a busy instance
+    /// does not take it out of DNS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failures_before_critical: Option<u32>,
     /// A `TTL` check: critical unless updated at least this often.
     #[serde(rename = "TTL", skip_serializing_if = "Option::is_none")]
     pub ttl: Option<String>,
@@ -365,8 +369,11 @@ impl Registrar {
                     tls_skip_verify: *tls,
                     interval: Some(go_duration(settings.check_interval)),
                     timeout: Some(go_duration(
-                        settings.check_interval.min(Duration::from_secs(5)),
+                        settings
+                            .check_interval
+                            .clamp(Duration::from_secs(1), Duration::from_secs(5)),
                     )),
+                    failures_before_critical: Some(settings.failures_before_critical),
                     ttl: None,
                     deregister_critical_service_after: go_duration(
                         settings.deregister_critical_after,
@@ -380,6 +387,7 @@ impl Registrar {
                     tls_skip_verify: false,
                     interval: None,
                     timeout: None,
+                    failures_before_critical: None,
                     ttl: Some(go_duration(settings.ttl())),
                     deregister_critical_service_after: go_duration(
                         settings.deregister_critical_after,
@@ -521,6 +529,7 @@ mod tests {
         let check = &json["Checks"][0];
         assert_eq!(check["GRPC"], "127.0.0.1:5000");
         assert_eq!(check["Interval"], "2000ms");
+        assert_eq!(check["FailuresBeforeCritical"], 3);
         assert_eq!(check["DeregisterCriticalServiceAfter"], "60000ms");
         assert!(check.get("GRPCUseTLS").is_none() && check.get("TTL").is_none());
     }

@@ -5,7 +5,8 @@
 //! instance's port) and puts the target's A record in the **additional** section; addresses are matched to
 //! targets by name, and a target with no additional record is resolved with an A lookup. Consul's TTL is 0, so
 //! the resolver cache is off and [`watch`] polls. A failed lookup (DNS down) keeps the last known endpoints; an
-//! empty answer (no healthy instance) empties the set.
+//! empty answer (no healthy instance) empties the set, and polling speeds up to every [`EMPTY_POLL`] until an
+//! instance appears (a dependency starting at the same time is found within a fraction of a second).
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -135,8 +136,12 @@ pub enum Source {
     Static(Vec<SocketAddr>),
 }
 
-/// Publishes the current endpoints of `name`, re-resolving every `interval` until every receiver is gone.
-/// The first value is `None` until the first lookup finishes.
+/// How often [`watch`] polls while the service has no healthy instance (when that is shorter than the
+/// configured interval).
+pub const EMPTY_POLL: Duration = Duration::from_millis(100);
+
+/// Publishes the current endpoints of `name`, re-resolving every `interval` (every [`EMPTY_POLL`] while there
+/// is none) until every receiver is gone. The first value is `None` until the first lookup finishes.
 pub fn watch(
     name: String,
     source: Source,
@@ -151,14 +156,18 @@ pub fn watch(
         }
         Source::Consul(resolver) => {
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(interval);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut wait = Duration::ZERO;
                 loop {
                     tokio::select! {
                         _ = tx.closed() => return,
-                        _ = tick.tick() => {}
+                        _ = tokio::time::sleep(wait) => {}
                     }
-                    match resolver.resolve(&name).await {
+                    let answer = resolver.resolve(&name).await;
+                    wait = match &answer {
+                        Ok(list) if list.is_empty() => interval.min(EMPTY_POLL),
+                        _ => interval,
+                    };
+                    match answer {
                         Ok(list) => {
                             tx.send_if_modified(|cur| {
                                 if cur.as_ref() == Some(&list) {

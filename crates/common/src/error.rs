@@ -3,7 +3,8 @@
 //! Services return [`ServiceError`] (or their own `thiserror` enum converted into it); the gRPC adapter calls
 //! `.into()` at the edge. Every status carries `google.rpc.Status` details (`ErrorInfo` with a reason and the
 //! service's domain; `BadRequest` for invalid fields; `RetryInfo` for temporary failures), so a client can tell
-//! a temporary failure from a permanent one without parsing strings ([`is_retryable`]).
+//! a temporary failure from a permanent one without parsing strings ([`is_retryable`], or [`Failure`] for
+//! every detail at once).
 //! Unexpected errors are logged in full, with their cause chain, and reach the client only as an opaque
 //! INTERNAL with the trace id to look for.
 
@@ -139,9 +140,93 @@ pub fn is_retryable(status: &Status) -> bool {
     ) || status.get_details_retry_info().is_some()
 }
 
+/// A failed call as its `google.rpc.Status` details describe it: the client-side reading of what
+/// [`ServiceError`] writes (and of any other server's standard details).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Failure {
+    /// `ErrorInfo.reason` (`QUOTA_EXCEEDED`, `INVALID_ARGUMENT`…), when given.
+    pub reason: Option<String>,
+    /// `ErrorInfo.domain` (this platform's: [`ERROR_DOMAIN`]).
+    pub domain: Option<String>,
+    /// `BadRequest` violations: (field, description).
+    pub bad_fields: Vec<(String, String)>,
+    /// `QuotaFailure` violations: (subject, description).
+    pub quota_violations: Vec<(String, String)>,
+    /// `RetryInfo.retry_delay`: wait at least this long before trying again.
+    pub retry_after: Option<Duration>,
+    /// Whether trying again may succeed ([`is_retryable`]); false: fix the request or give up.
+    pub temporary: bool,
+}
+
+impl From<&Status> for Failure {
+    fn from(status: &Status) -> Self {
+        let d = status.get_error_details();
+        Self {
+            reason: d.error_info().map(|i| i.reason.clone()),
+            domain: d.error_info().map(|i| i.domain.clone()),
+            bad_fields: d
+                .bad_request()
+                .map(|b| {
+                    b.field_violations
+                        .iter()
+                        .map(|v| (v.field.clone(), v.description.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            quota_violations: d
+                .quota_failure()
+                .map(|q| {
+                    q.violations
+                        .iter()
+                        .map(|v| (v.subject.clone(), v.description.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            retry_after: d.retry_info().and_then(|r| r.retry_delay),
+            temporary: is_retryable(status),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_reads_every_detail_without_parsing_the_message() {
+        let quota: Status = ServiceError::QuotaExceeded {
+            subject: "account:a1".into(),
+            description: "max_cache_keys 100 reached".into(),
+        }
+        .into();
+        let f = Failure::from(&quota);
+        assert_eq!(f.reason.as_deref(), Some("QUOTA_EXCEEDED"));
+        assert_eq!(f.domain.as_deref(), Some(ERROR_DOMAIN));
+        assert_eq!(
+            f.quota_violations,
+            vec![("account:a1".into(), "max_cache_keys 100 reached".into())]
+        );
+        assert!(!f.temporary && f.retry_after.is_none());
+        let busy: Status = ServiceError::Unavailable {
+            message: "accounts down".into(),
+            retry_after: Duration::from_millis(200),
+        }
+        .into();
+        let f = Failure::from(&busy);
+        assert!(f.temporary);
+        assert_eq!(f.retry_after, Some(Duration::from_millis(200)));
+        let bad = Failure::from(&Status::from(ServiceError::invalid("key", "required")));
+        assert_eq!(bad.bad_fields, vec![("key".into(), "required".into())]);
+        assert!(!bad.temporary);
+        assert_eq!(
+            Failure::from(&Status::unavailable("plain")),
+            Failure {
+                temporary: true,
+                ..Default::default()
+            },
+            "a status without details: only its code speaks"
+        );
+    }
 
     #[test]
     fn invalid_argument_carries_bad_request_and_error_info() {

@@ -6,6 +6,7 @@
 //!   is stored, looked up by digest and compared in constant time. An unknown token is UNAUTHENTICATED.
 //! - ReserveKeys takes keys of an account's `max_cache_keys` in one conditional UPDATE, so the limit holds
 //!   exactly however many cache instances reserve at once; over it: FAILED_PRECONDITION with a QuotaFailure.
+//!   With `up_to` it takes what is left, up to `count` (a cache instance reserving for a batch of Stores).
 //! - Every mutating call honours `dry-run: true` metadata: it validates and answers what would happen, and
 //!   writes nothing.
 
@@ -272,6 +273,12 @@ impl AccountsRpc for Accounts {
         let dry_run = is_dry_run(&request);
         let r = request.into_inner();
         let count = positive_count(r.count)?;
+        // Keys to take out of `count` when `used` of `max` are in use; zero means refused.
+        let grant = |used: i64, max: i64| match (used + count <= max, r.up_to) {
+            (true, _) => count,
+            (false, true) => (max - used).max(0),
+            (false, false) => 0,
+        };
         let over = |a: &Account| ServiceError::QuotaExceeded {
             subject: format!("account:{}", a.id),
             description: format!(
@@ -281,23 +288,44 @@ impl AccountsRpc for Accounts {
         };
         if dry_run {
             let a = self.by_id(&r.account_id).await?;
-            if a.used_cache_keys + count > a.max_cache_keys {
+            let granted = grant(a.used_cache_keys, a.max_cache_keys);
+            if granted == 0 {
                 return Err(over(&a).into());
             }
             return Ok(Response::new(ReserveKeysResp {
-                used_cache_keys: a.used_cache_keys + count,
+                used_cache_keys: a.used_cache_keys + granted,
                 max_cache_keys: a.max_cache_keys,
+                granted,
             }));
         }
-        // One conditional UPDATE: concurrent reservations from every cache instance serialise on the row.
-        let row = sqlx::query(
-            "UPDATE accounts SET used_cache_keys = used_cache_keys + $1 \
-             WHERE id = $2 AND used_cache_keys + $3 <= max_cache_keys \
-             RETURNING used_cache_keys, max_cache_keys",
-        )
-        .bind(count)
-        .bind(&r.account_id)
-        .bind(count)
+        // One conditional UPDATE: concurrent reservations from every cache instance serialise on the row. SET
+        // expressions see the row before the update, so `last_granted` is what this call took.
+        let row = if r.up_to {
+            sqlx::query(
+                "UPDATE accounts SET \
+                   used_cache_keys = CASE WHEN used_cache_keys + $1 <= max_cache_keys \
+                     THEN used_cache_keys + $2 ELSE max_cache_keys END, \
+                   last_granted = CASE WHEN used_cache_keys + $3 <= max_cache_keys \
+                     THEN $4 ELSE max_cache_keys - used_cache_keys END \
+                 WHERE id = $5 AND used_cache_keys < max_cache_keys \
+                 RETURNING used_cache_keys, max_cache_keys, last_granted",
+            )
+            .bind(count)
+            .bind(count)
+            .bind(count)
+            .bind(count)
+            .bind(&r.account_id)
+        } else {
+            sqlx::query(
+                "UPDATE accounts SET used_cache_keys = used_cache_keys + $1, last_granted = $2 \
+                 WHERE id = $3 AND used_cache_keys + $4 <= max_cache_keys \
+                 RETURNING used_cache_keys, max_cache_keys, last_granted",
+            )
+            .bind(count)
+            .bind(count)
+            .bind(&r.account_id)
+            .bind(count)
+        }
         .fetch_optional(&self.pool)
         .await
         .map_err(ServiceError::from)?;
@@ -305,6 +333,7 @@ impl AccountsRpc for Accounts {
             Some(row) => Ok(Response::new(ReserveKeysResp {
                 used_cache_keys: row.try_get(0).map_err(ServiceError::from)?,
                 max_cache_keys: row.try_get(1).map_err(ServiceError::from)?,
+                granted: row.try_get(2).map_err(ServiceError::from)?,
             })),
             None => Err(over(&self.by_id(&r.account_id).await?).into()),
         }

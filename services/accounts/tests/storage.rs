@@ -3,7 +3,7 @@
 use accounts::{Accounts, MIGRATIONS, token_digest};
 use keel_common::testsuite;
 use keel_protos::rpc::{
-    CreateAccountReq, GetByTokenReq, ListAccountsReq, ReleaseKeysReq, ReserveKeysReq,
+    Account, CreateAccountReq, GetByTokenReq, ListAccountsReq, ReleaseKeysReq, ReserveKeysReq,
     UpdateAccountReq, accounts_server::Accounts as _,
 };
 use tonic::{Code, Request};
@@ -18,6 +18,19 @@ fn dry<T>(msg: T) -> Request<T> {
 async fn service(db: &testsuite::TestDatabase) -> (Accounts, sqlx::AnyPool) {
     let (pool, _) = testsuite::open(db, &MIGRATIONS).await;
     (Accounts::new(pool.clone()), pool)
+}
+
+/// A new account allowed `max` keys.
+async fn create(svc: &Accounts, name: &str, max: i64) -> Account {
+    svc.create_account(Request::new(CreateAccountReq {
+        name: name.into(),
+        max_cache_keys: max,
+    }))
+    .await
+    .unwrap()
+    .into_inner()
+    .account
+    .unwrap()
 }
 
 #[tokio::test]
@@ -149,16 +162,7 @@ async fn the_key_quota_holds_exactly_under_concurrent_reservations() {
     for db in testsuite::databases().await {
         let (svc, _) = service(&db).await;
         let b = db.backend;
-        let acct = svc
-            .create_account(Request::new(CreateAccountReq {
-                name: "q".into(),
-                max_cache_keys: 100,
-            }))
-            .await
-            .unwrap()
-            .into_inner()
-            .account
-            .unwrap();
+        let acct = create(&svc, "q", 100).await;
         let results = futures::future::join_all((0..150).map(|_| {
             let svc = svc.clone();
             let id = acct.id.clone();
@@ -166,6 +170,7 @@ async fn the_key_quota_holds_exactly_under_concurrent_reservations() {
                 svc.reserve_keys(Request::new(ReserveKeysReq {
                     account_id: id,
                     count: 1,
+                    ..Default::default()
                 }))
                 .await
             }
@@ -194,6 +199,7 @@ async fn the_key_quota_holds_exactly_under_concurrent_reservations() {
             .reserve_keys(Request::new(ReserveKeysReq {
                 account_id: acct.id.clone(),
                 count: 2,
+                ..Default::default()
             }))
             .await
             .unwrap();
@@ -202,10 +208,70 @@ async fn the_key_quota_holds_exactly_under_concurrent_reservations() {
             .reserve_keys(Request::new(ReserveKeysReq {
                 account_id: acct.id.clone(),
                 count: 0,
+                ..Default::default()
             }))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{b}");
+    }
+}
+
+/// `up_to` takes what is left, up to `count`, in one statement; concurrent ones together never pass the limit.
+#[tokio::test]
+async fn up_to_reservations_take_what_is_left() {
+    for db in testsuite::databases().await {
+        let (svc, _) = service(&db).await;
+        let b = db.backend;
+        let acct = create(&svc, "batch", 100).await;
+        let up_to = |count: i64| ReserveKeysReq {
+            account_id: acct.id.clone(),
+            count,
+            up_to: true,
+        };
+        let r = svc
+            .reserve_keys(Request::new(up_to(30)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((r.granted, r.used_cache_keys), (30, 30), "{b}");
+        let dry_run = svc
+            .reserve_keys(dry(up_to(100)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            dry_run.granted, 70,
+            "{b}: a dry run says what it would take"
+        );
+        // 20 concurrent batches of 7 (140 keys asked) against the 70 left: exactly 70 granted.
+        let results =
+            futures::future::join_all((0..20).map(|_| svc.reserve_keys(Request::new(up_to(7)))))
+                .await;
+        let granted: i64 = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|r| r.get_ref().granted)
+            .sum();
+        assert_eq!(granted, 70, "{b}: exactly what was left");
+        assert!(
+            results
+                .iter()
+                .filter_map(|r| r.as_ref().err())
+                .all(|e| e.code() == Code::FailedPrecondition),
+            "{b}"
+        );
+        let none_left = svc.reserve_keys(Request::new(up_to(5))).await.unwrap_err();
+        assert_eq!(none_left.code(), Code::FailedPrecondition, "{b}");
+        assert!(none_left.get_details_quota_failure().is_some(), "{b}");
+        let all_or_nothing = svc
+            .reserve_keys(Request::new(ReserveKeysReq {
+                account_id: acct.id.clone(),
+                count: 1,
+                up_to: false,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(all_or_nothing.code(), Code::FailedPrecondition, "{b}");
     }
 }
 
@@ -259,6 +325,7 @@ async fn dry_runs_validate_and_change_nothing() {
             .reserve_keys(dry(ReserveKeysReq {
                 account_id: acct.id.clone(),
                 count: 1,
+                ..Default::default()
             }))
             .await
             .unwrap();
@@ -271,6 +338,7 @@ async fn dry_runs_validate_and_change_nothing() {
             .reserve_keys(dry(ReserveKeysReq {
                 account_id: acct.id.clone(),
                 count: 2,
+                ..Default::default()
             }))
             .await
             .unwrap_err();

@@ -3,20 +3,24 @@
 //!
 //! - Every call names its account by token: the request's `account_token`, or `authorization: Bearer <token>`
 //!   metadata. The accounts service resolves it (an unknown token is UNAUTHENTICATED); the caller's deadline
-//!   and trace id travel with that call. Keys are namespaced per account: no account reads another's.
+//!   and trace id travel with that call. A resolved token is remembered for `cache.token_ttl` (default 5 s;
+//!   only its SHA-256), and concurrent lookups of one token share one call. Keys are namespaced per account:
+//!   no account reads another's.
 //! - Quota: a Store of a key new to the account first reserves one key from the account's `max_cache_keys` at
 //!   the accounts service, atomically across every cache instance; over it, the accounts service's
-//!   FAILED_PRECONDITION with its QuotaFailure detail reaches the caller as it is. Keys evicted or expired give
-//!   their quota back.
+//!   FAILED_PRECONDITION with its QuotaFailure detail reaches the caller as it is. Concurrent reservations of
+//!   one account are sent as one (see [`Quota`]). Keys evicted or expired give their quota back.
 //! - Memory: at most `cache.max_bytes` (default 64 MiB) per instance, least recently used keys evicted first;
 //!   `ttl_ms` per key.
 //! - Dump streams the account's pairs in key order, 256 keys at a time through a bounded channel: memory stays
 //!   bounded and a slow reader slows the sender (HTTP/2 flow control), never the cache.
 //! - `dry-run: true` on Store validates, authenticates and checks the quota, and stores nothing.
 
+mod quota;
 mod store;
 
 use std::{
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -25,15 +29,16 @@ use keel_common::{
     Channel, Idempotent, Platform, RetryPolicy, Server, ServiceError, context::is_dry_run,
 };
 use keel_protos::rpc::{
-    DumpItem, DumpReq, GetByTokenReq, GetReq, GetResp, ReleaseKeysReq, ReserveKeysReq, StoreReq,
-    StoreResp,
+    DumpItem, DumpReq, GetByTokenReq, GetReq, GetResp, StoreReq, StoreResp,
     accounts_client::AccountsClient,
     cache_server::{Cache as CacheRpc, CacheServer},
 };
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
+pub use quota::Quota;
 pub use store::{ENTRY_OVERHEAD, Put, Store};
 
 /// Consul service name.
@@ -51,6 +56,10 @@ pub struct CacheSettings {
     pub max_bytes: usize,
     /// Consul name of the accounts service (`cache.accounts_service`), default `accounts`.
     pub accounts_service: String,
+    /// How long a resolved account token is trusted without asking accounts again (`cache.token_ttl`, a
+    /// duration such as `5s`; `0s`: ask on every call). Bounds how long a changed account goes unnoticed.
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
 }
 
 impl Default for CacheSettings {
@@ -58,6 +67,7 @@ impl Default for CacheSettings {
         Self {
             max_bytes: 64 << 20,
             accounts_service: ACCOUNTS.to_owned(),
+            token_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -67,6 +77,9 @@ impl Default for CacheSettings {
 pub struct Cache {
     store: Arc<Mutex<Store>>,
     accounts: AccountsClient<Channel>,
+    quota: Quota,
+    /// SHA-256 of a token → account id; `None` when `token_ttl` is zero.
+    tokens: Option<moka::future::Cache<[u8; 32], String>>,
     retry: RetryPolicy,
 }
 
@@ -83,9 +96,17 @@ impl Cache {
         accounts: AccountsClient<Channel>,
         retry: RetryPolicy,
     ) -> Self {
+        let tokens = (!settings.token_ttl.is_zero()).then(|| {
+            moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(settings.token_ttl)
+                .build()
+        });
         Self {
             store: Arc::new(Mutex::new(Store::new(settings.max_bytes))),
+            quota: Quota::new(accounts.clone()),
             accounts,
+            tokens,
             retry,
         }
     }
@@ -106,6 +127,11 @@ impl Cache {
     /// Adds this service to `server`.
     pub fn add_to(self, server: Server) -> Server {
         server.add_service(CacheServer::new(self))
+    }
+
+    /// The quota reservations of this instance.
+    pub fn quota(&self) -> &Quota {
+        &self.quota
     }
 
     /// Bytes held.
@@ -136,6 +162,21 @@ impl Cache {
             )
             .into());
         }
+        let id = match &self.tokens {
+            Some(tokens) => {
+                let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+                tokens
+                    .try_get_with(digest, self.lookup(token))
+                    .await
+                    .map_err(|e: Arc<Status>| (*e).clone())?
+            }
+            None => self.lookup(token).await?,
+        };
+        Ok(Tenant { id })
+    }
+
+    /// The id of the account of `token`, from the accounts service (retried on UNAVAILABLE).
+    async fn lookup(&self, token: String) -> Result<String, Status> {
         let account = self
             .retry
             .call(Idempotent::Yes, || {
@@ -149,24 +190,18 @@ impl Cache {
             .ok_or_else(|| {
                 ServiceError::Internal(anyhow::anyhow!("accounts answered without an account"))
             })?;
-        Ok(Tenant { id: account.id })
+        Ok(account.id)
     }
 
-    /// Gives quota back for evicted or expired keys, off the request path.
+    /// Gives quota back for evicted or expired keys (one account id per key), one call per account, off the
+    /// request path.
     fn release(&self, accounts: Vec<String>) {
-        for account_id in accounts {
-            let mut client = self.accounts.clone();
-            tokio::spawn(async move {
-                if let Err(e) = client
-                    .release_keys(ReleaseKeysReq {
-                        account_id,
-                        count: 1,
-                    })
-                    .await
-                {
-                    tracing::warn!(error = %e, "quota release failed");
-                }
-            });
+        let mut counts: HashMap<String, i64> = HashMap::new();
+        for a in accounts {
+            *counts.entry(a).or_default() += 1;
+        }
+        for (account_id, n) in counts {
+            self.quota.release(account_id, n);
         }
     }
 }
@@ -200,21 +235,14 @@ impl CacheRpc for Cache {
         }
         let now = Instant::now();
         let exists = self.lock().contains(&tenant.id, &r.key, now);
-        if !exists {
-            let mut reserve = Request::new(ReserveKeysReq {
-                account_id: tenant.id.clone(),
-                count: 1,
-            });
-            if dry_run {
-                reserve.metadata_mut().insert(
-                    keel_common::context::DRY_RUN,
-                    "true".parse().expect("ascii"),
-                );
-            }
-            self.accounts.clone().reserve_keys(reserve).await?;
-        }
         if dry_run {
+            if !exists {
+                self.quota.check(&tenant.id).await?;
+            }
             return Ok(Response::new(StoreResp {}));
+        }
+        if !exists {
+            self.quota.reserve(&tenant.id).await?;
         }
         let expires = (r.ttl_ms > 0).then(|| now + Duration::from_millis(r.ttl_ms as u64));
         let put = self.lock().put(&tenant.id, &r.key, r.val, expires);
@@ -224,11 +252,7 @@ impl CacheRpc for Cache {
             (false, false) => release.push(tenant.id.clone()),
             // The key was evicted or expired meanwhile (its quota given back): take one again.
             (true, true) => {
-                let reserve = ReserveKeysReq {
-                    account_id: tenant.id.clone(),
-                    count: 1,
-                };
-                if let Err(status) = self.accounts.clone().reserve_keys(reserve).await {
+                if let Err(status) = self.quota.reserve(&tenant.id).await {
                     self.lock().remove(&tenant.id, &r.key);
                     self.release(release);
                     return Err(status);

@@ -7,6 +7,7 @@ use cache::{Cache, CacheSettings};
 use keel_common::{
     ClientFactory, Metrics, Platform, Server,
     config::{Env, Settings},
+    error::Failure,
     testsuite,
 };
 use keel_protos::rpc::{
@@ -167,6 +168,42 @@ async fn accounts_are_isolated_authenticated_and_held_to_their_quota() {
         c.store(dry_over).await.unwrap_err().code(),
         Code::FailedPrecondition
     );
+}
+
+/// 200 concurrent Stores of new keys against a quota of 150: Stores waiting behind a reservation in flight
+/// share the next one, so a handful of ReserveKeys calls serve them all; exactly 150 succeed, the others get
+/// FAILED_PRECONDITION with a QuotaFailure, and accounts counts exactly the keys held.
+#[tokio::test]
+async fn concurrent_stores_share_reservations_and_the_quota_stays_exact() {
+    let clients = accounts_server().await;
+    let (acct, t) = account(&clients, "burst", 150).await;
+    let c = cache(&clients, 1 << 20);
+    let results =
+        futures::future::join_all((0..200).map(|i| c.store(store(&t, &format!("k{i:03}"), b"v"))))
+            .await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 150);
+    for err in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        let failure = Failure::from(err);
+        assert_eq!(failure.reason.as_deref(), Some("QUOTA_EXCEEDED"));
+        assert_eq!(
+            failure.quota_violations[0].0,
+            format!("account:{}", acct.id)
+        );
+        assert!(!failure.temporary, "retrying will not help");
+    }
+    assert_eq!(used(&clients, &t).await, 150);
+    let calls = c.quota().reservation_calls();
+    eprintln!("{calls} ReserveKeys calls for 200 Stores");
+    assert!(
+        calls <= 10,
+        "{calls} ReserveKeys calls for 200 Stores: reservations were not shared"
+    );
+    let mut stored = 0;
+    for i in 0..200 {
+        stored += usize::from(c.get(get(&t, &format!("k{i:03}"))).await.is_ok());
+    }
+    assert_eq!(stored, 150, "exactly the Stores that succeeded hold a key");
 }
 
 #[tokio::test]

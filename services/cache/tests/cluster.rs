@@ -13,7 +13,7 @@ use keel_common::{
     ClientFactory, Metrics,
     config::{Env, Settings},
     routing::{owner, set_routing_key},
-    testsuite::{self, ServiceProcess, infra_var, passing_ports},
+    testsuite::{ServiceProcess, infra_var, passing_ports},
 };
 use keel_protos::rpc::{
     CreateAccountReq, DumpReq, GetReq, StoreReq, accounts_client::AccountsClient,
@@ -21,6 +21,9 @@ use keel_protos::rpc::{
 };
 use tokio_stream::StreamExt;
 use tonic::{Code, Request};
+
+mod support;
+use support::Deployment;
 
 fn keyed<T>(msg: T, key: &str) -> Request<T> {
     let mut r = Request::new(msg);
@@ -72,25 +75,10 @@ async fn dump(port: u16, token: &str) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn keys_are_sharded_over_instances_and_the_quota_holds_across_them() {
-    let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let (accounts_name, cache_name) = (format!("accounts-{run}"), format!("cache-{run}"));
-    let db = testsuite::postgres().await;
-    let _accounts = ServiceProcess::spawn(
-        "accounts",
-        &accounts_name,
-        &[("KEEL_DATABASE__URL", db.url.clone())],
-    );
-    let mut caches: Vec<ServiceProcess> = (0..3)
-        .map(|_| {
-            ServiceProcess::spawn(
-                "cache",
-                &cache_name,
-                &[("KEEL_CACHE__ACCOUNTS_SERVICE", accounts_name.clone())],
-            )
-        })
-        .collect();
-    passing_ports(&accounts_name, 1, Duration::from_secs(60)).await;
-    let ports = passing_ports(&cache_name, 3, Duration::from_secs(60)).await;
+    let d = Deployment::start().await;
+    let (accounts_name, cache_name) = (&d.accounts_name, &d.cache_name);
+    let mut caches: Vec<ServiceProcess> = (0..3).map(|_| d.cache(&[])).collect();
+    let ports = passing_ports(cache_name, 3, Duration::from_secs(60)).await;
 
     let env = Env::default()
         .with("CONSUL_HTTP_ADDR", infra_var("CONSUL_HTTP_ADDR"))
@@ -100,7 +88,7 @@ async fn keys_are_sharded_over_instances_and_the_quota_holds_across_them() {
         &Settings::from_env("cache-test-client", &env).unwrap(),
         Metrics::disabled(),
     );
-    let created = AccountsClient::new(clients.channel(&accounts_name).unwrap())
+    let created = AccountsClient::new(clients.channel(accounts_name).unwrap())
         .create_account(CreateAccountReq {
             name: "tenant".into(),
             max_cache_keys: 103,
@@ -109,7 +97,7 @@ async fn keys_are_sharded_over_instances_and_the_quota_holds_across_them() {
         .unwrap()
         .into_inner();
     let token = created.token;
-    let cache = CacheClient::new(clients.keyed_channel(&cache_name).unwrap());
+    let cache = CacheClient::new(clients.keyed_channel(cache_name).unwrap());
     // One warm-up key per instance (each uses one key of the quota: 3 + 100).
     let addrs: Vec<SocketAddr> = ports
         .iter()
@@ -188,7 +176,7 @@ async fn keys_are_sharded_over_instances_and_the_quota_holds_across_them() {
         .position(|c| c.output().contains(&format!("127.0.0.1:{victim_port}")))
         .expect("the process listening on the victim port");
     caches[victim].kill();
-    passing_ports(&cache_name, 2, Duration::from_secs(30)).await;
+    passing_ports(cache_name, 2, Duration::from_secs(30)).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let mut served = 0;
@@ -229,21 +217,11 @@ async fn keys_are_sharded_over_instances_and_the_quota_holds_across_them() {
 #[tokio::test]
 async fn a_client_deadline_propagates_from_cache_to_accounts() {
     use keel_common::db::sqlx::{self, Connection};
-    let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let (accounts_name, cache_name) = (format!("accounts-{run}"), format!("cache-{run}"));
-    let db = testsuite::postgres().await;
-    let accounts = ServiceProcess::spawn(
-        "accounts",
-        &accounts_name,
-        &[("KEEL_DATABASE__URL", db.url.clone())],
-    );
-    let _cache = ServiceProcess::spawn(
-        "cache",
-        &cache_name,
-        &[("KEEL_CACHE__ACCOUNTS_SERVICE", accounts_name.clone())],
-    );
-    passing_ports(&accounts_name, 1, Duration::from_secs(60)).await;
-    passing_ports(&cache_name, 1, Duration::from_secs(60)).await;
+    let d = Deployment::start().await;
+    let (accounts_name, cache_name, db, accounts) =
+        (&d.accounts_name, &d.cache_name, &d.db, &d.accounts);
+    let _cache = d.cache(&[]);
+    passing_ports(cache_name, 1, Duration::from_secs(60)).await;
     let env = Env::default()
         .with("CONSUL_HTTP_ADDR", infra_var("CONSUL_HTTP_ADDR"))
         .with("KEEL_CONSUL__DNS_ADDR", infra_var("KEEL_CONSUL_DNS_ADDR"));
@@ -251,7 +229,7 @@ async fn a_client_deadline_propagates_from_cache_to_accounts() {
         &Settings::from_env("cache-test-client", &env).unwrap(),
         Metrics::disabled(),
     );
-    let created = AccountsClient::new(clients.channel(&accounts_name).unwrap())
+    let created = AccountsClient::new(clients.channel(accounts_name).unwrap())
         .create_account(CreateAccountReq {
             name: "slow".into(),
             max_cache_keys: 10,
@@ -260,7 +238,7 @@ async fn a_client_deadline_propagates_from_cache_to_accounts() {
         .unwrap()
         .into_inner();
     let id = created.account.unwrap().id;
-    let mut cache = CacheClient::new(clients.keyed_channel(&cache_name).unwrap());
+    let mut cache = CacheClient::new(clients.keyed_channel(cache_name).unwrap());
     warm_up(&cache, &created.token, "warm").await;
 
     let mut lock = sqlx::PgConnection::connect(&db.url).await.unwrap();

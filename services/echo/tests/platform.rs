@@ -120,6 +120,36 @@ async fn registers_in_consul_resolves_by_srv_and_offers_reflection_and_health() 
 
 /// Proof 2: a client that knows only the service name reaches it through Consul DNS, spreads calls over both
 /// instances, and keeps succeeding on the survivor after one is SIGKILLed.
+/// A client whose peer is not up yet (no healthy instance: UNAVAILABLE at once, no hang) finds it as soon as
+/// it passes in Consul, not a whole discovery interval (here a minute) later.
+#[tokio::test]
+async fn a_client_finds_a_peer_that_starts_after_it_without_waiting_an_interval() {
+    let infra = Infra::get();
+    let name = unique("echo-late");
+    let env = keel_common::config::Env::default()
+        .with("CONSUL_HTTP_ADDR", &infra.consul_http)
+        .with("KEEL_CONSUL__DNS_ADDR", &infra.consul_dns)
+        .with("KEEL_CONSUL__DISCOVERY_INTERVAL", "60s");
+    let settings = keel_common::Settings::from_env("late-client", &env).unwrap();
+    let factory = ClientFactory::new(&settings, Metrics::disabled());
+    let mut client = EchoClient::new(factory.channel(&name).unwrap());
+    let err = client.echo(echo("too early")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    let _late = EchoProcess::spawn(&consul_env(&infra, &name));
+    passing_ports(&infra, &name, 1).await;
+    let reply = eventually(
+        "the client finds the new instance well within its 60 s discovery interval",
+        Duration::from_secs(10),
+        || {
+            let mut c = client.clone();
+            async move { c.echo(echo("found")).await.ok() }
+        },
+    )
+    .await;
+    assert_eq!(reply.into_inner().message, "found");
+}
+
 #[tokio::test]
 async fn client_balances_over_consul_dns_and_survives_sigkill() {
     let infra = Infra::get();

@@ -1,0 +1,188 @@
+//! Key reservations at the accounts service, coalesced per account (group commit).
+//!
+//! A Store of a new key takes one key of the account's quota with `ReserveKeys`. When Stores of one account
+//! arrive while a reservation for it is in flight, they queue; the next call reserves for the whole queue at
+//! once (`count = n`), so a burst of n Stores costs about two accounts calls instead of n, and the first Store
+//! waits for nothing extra. The limit stays exact: every Store that succeeds holds a key reserved at accounts.
+//! A batch asks `up_to` its size: when fewer keys are left, the first Stores in arrival order get them and the
+//! rest fail with FAILED_PRECONDITION and a QuotaFailure, as a single Store over the limit does.
+//!
+//! Each batch is sent from a task of its own, in the request context of the member with the latest deadline
+//! (trace id and deadline propagate as for any call), so a caller that goes away (cancelled, deadline
+//! passed) never strands the others; a key reserved for a caller that is gone is released again.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use keel_common::{Channel, ServiceError, context};
+use keel_protos::rpc::{ReleaseKeysReq, ReserveKeysReq, accounts_client::AccountsClient};
+use tokio::sync::oneshot;
+use tonic::{Request, Status};
+
+type Waiter = (
+    oneshot::Sender<Result<(), Status>>,
+    Option<context::RequestContext>,
+);
+
+/// Reserves and releases quota keys of accounts.
+#[derive(Clone, Debug)]
+pub struct Quota {
+    accounts: AccountsClient<Channel>,
+    /// Accounts with a batch in flight, and the Stores queued behind it.
+    queues: Arc<Mutex<HashMap<String, Vec<Waiter>>>>,
+    /// ReserveKeys calls made.
+    calls: Arc<AtomicU64>,
+}
+
+impl Quota {
+    /// Reservations at `accounts`.
+    pub fn new(accounts: AccountsClient<Channel>) -> Self {
+        Self {
+            accounts,
+            queues: Arc::default(),
+            calls: Arc::default(),
+        }
+    }
+
+    /// ReserveKeys calls made so far (not counting dry runs): how well reservations are being shared.
+    pub fn reservation_calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Takes one key of `account_id`'s quota.
+    ///
+    /// # Errors
+    /// The accounts service's status: FAILED_PRECONDITION with a QuotaFailure when the account has no key left,
+    /// NOT_FOUND, UNAVAILABLE, DEADLINE_EXCEEDED…
+    pub async fn reserve(&self, account_id: &str) -> Result<(), Status> {
+        let (tx, rx) = oneshot::channel();
+        let waiter = (tx, context::current());
+        let lead = {
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            match queues.get_mut(account_id) {
+                Some(queue) => {
+                    queue.push(waiter);
+                    None
+                }
+                None => {
+                    queues.insert(account_id.to_owned(), Vec::new());
+                    Some(waiter)
+                }
+            }
+        };
+        if let Some(first) = lead {
+            tokio::spawn(self.clone().drain(account_id.to_owned(), vec![first]));
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(ServiceError::Internal(anyhow::anyhow!("quota reservation abandoned")).into())
+        })
+    }
+
+    /// Checks that one key could be taken now, taking none (the call carries `dry-run: true`).
+    ///
+    /// # Errors
+    /// As [`Quota::reserve`].
+    pub async fn check(&self, account_id: &str) -> Result<(), Status> {
+        let mut req = Request::new(ReserveKeysReq {
+            account_id: account_id.to_owned(),
+            count: 1,
+            up_to: false,
+        });
+        req.metadata_mut()
+            .insert(context::DRY_RUN, "true".parse().expect("ascii"));
+        self.accounts.clone().reserve_keys(req).await.map(drop)
+    }
+
+    /// Gives `count` keys of `account_id` back, off the request path (a failure is logged: the account's
+    /// count then stays too high, never too low).
+    pub fn release(&self, account_id: String, count: i64) {
+        if count <= 0 {
+            return;
+        }
+        let mut client = self.accounts.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client
+                .release_keys(ReleaseKeysReq {
+                    account_id: account_id.clone(),
+                    count,
+                })
+                .await
+            {
+                tracing::warn!(account_id, count, error = %e, "quota release failed");
+            }
+        });
+    }
+
+    /// Serves batches of `account_id` until its queue is empty.
+    async fn drain(self, account_id: String, mut batch: Vec<Waiter>) {
+        loop {
+            batch.retain(|(tx, _)| !tx.is_closed());
+            if !batch.is_empty() {
+                let ctx = batch
+                    .iter()
+                    .filter_map(|(_, c)| c.clone())
+                    // The latest deadline; no deadline at all is later still.
+                    .max_by_key(|c| (c.deadline.is_none(), c.deadline));
+                let work = self.serve(&account_id, std::mem::take(&mut batch));
+                match ctx {
+                    Some(ctx) => context::scope(ctx, work).await,
+                    None => work.await,
+                }
+            }
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            match queues.get_mut(&account_id) {
+                Some(queue) if !queue.is_empty() => batch = std::mem::take(queue),
+                _ => {
+                    queues.remove(&account_id);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One `up_to` reservation for the whole batch; the keys granted go to its first members.
+    async fn serve(&self, account_id: &str, batch: Vec<Waiter>) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let reply = self
+            .accounts
+            .clone()
+            .reserve_keys(ReserveKeysReq {
+                account_id: account_id.to_owned(),
+                count: batch.len() as i64,
+                up_to: true,
+            })
+            .await
+            .map(tonic::Response::into_inner);
+        let (granted, refusal) = match reply {
+            Ok(r) => {
+                let refusal = Status::from(ServiceError::QuotaExceeded {
+                    subject: format!("account:{account_id}"),
+                    description: format!(
+                        "max_cache_keys {} reached ({} in use)",
+                        r.max_cache_keys, r.used_cache_keys
+                    ),
+                });
+                (r.granted.max(0) as usize, refusal)
+            }
+            Err(status) => (0, status),
+        };
+        // Keys granted to callers that are gone go back.
+        let mut unused = 0;
+        for (i, (tx, _)) in batch.into_iter().enumerate() {
+            let result = if i < granted {
+                Ok(())
+            } else {
+                Err(refusal.clone())
+            };
+            if tx.send(result).is_err() && i < granted {
+                unused += 1;
+            }
+        }
+        self.release(account_id.to_owned(), unused);
+    }
+}

@@ -1,0 +1,51 @@
+//! Service processes of the cache tests: one accounts process on a fresh PostgreSQL database, and cache
+//! processes asking it, registered in the real Consul under names unique to the test.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use keel_common::testsuite::{self, ServiceProcess, TestDatabase, passing_ports};
+
+/// An accounts process and the names its caches register under.
+pub struct Deployment {
+    /// Consul name of the accounts process.
+    pub accounts_name: String,
+    /// Consul name of the cache processes.
+    pub cache_name: String,
+    /// The accounts database.
+    pub db: TestDatabase,
+    /// The accounts process.
+    pub accounts: ServiceProcess,
+    /// Its port.
+    pub accounts_port: u16,
+}
+
+impl Deployment {
+    /// Starts the accounts process and waits until it passes in Consul (so caches started next find it at once).
+    pub async fn start() -> Self {
+        let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let (accounts_name, cache_name) = (format!("accounts-{run}"), format!("cache-{run}"));
+        let db = testsuite::postgres().await;
+        let accounts = ServiceProcess::spawn(
+            "accounts",
+            &accounts_name,
+            &[("KEEL_DATABASE__URL", db.url.clone())],
+        );
+        let accounts_port = passing_ports(&accounts_name, 1, Duration::from_secs(60)).await[0];
+        Self {
+            accounts_port,
+            accounts_name,
+            cache_name,
+            db,
+            accounts,
+        }
+    }
+
+    /// Starts one cache process asking this accounts service, with `env` on top.
+    pub fn cache(&self, env: &[(&str, String)]) -> ServiceProcess {
+        let mut all = vec![("KEEL_CACHE__ACCOUNTS_SERVICE", self.accounts_name.clone())];
+        all.extend(env.iter().cloned());
+        ServiceProcess::spawn("cache", &self.cache_name, &all)
+    }
+}
