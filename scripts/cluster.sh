@@ -6,13 +6,13 @@
 #   scripts/cluster.sh start | stop | status
 #
 # INSTANCES (default 2) instances of each service; logs and PID files under $KEEL_RUN_DIR/cluster.
-# Each KillrVideo service gets its own PostgreSQL database, kv_<service> (created here if missing); the
+# Each service gets its own PostgreSQL database, kv_<service> (created here if missing); the
 # instances of one service share it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${KEEL_RUN_DIR:-/var/tmp/keel}/cluster
 INSTANCES=${INSTANCES:-2}
-SERVICES=(echo user-management video-catalog comments ratings statistics search suggested-videos uploads accounts cache)
+SERVICES=(echo user-management video-catalog comments ratings statistics search suggested-videos uploads accounts cache geo-search)
 mkdir -p "$RUN"
 
 start() {

@@ -176,6 +176,23 @@ impl ServiceProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Its exit status once it exits, waiting at most `within`; `None` while it still runs.
+    ///
+    /// # Panics
+    /// The status cannot be read.
+    pub async fn wait(&mut self, within: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("child status") {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// SIGKILL, and wait for it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

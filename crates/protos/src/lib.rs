@@ -18,6 +18,11 @@ pub use tonic;
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
 
 /// The KillrVideo service tier (`shared/spec/killrvideo-api.md`).
+/// The geo-search service of `shared/seeds/001` (its search.proto has no package: service `Search`).
+pub mod geo {
+    include!(concat!(env!("OUT_DIR"), "/_.rs"));
+}
+
 pub mod killrvideo {
     /// `killrvideo.common`: `Uuid` and `TimeUuid`, carried as canonical lowercase hyphenated strings.
     pub mod common {
@@ -122,6 +127,7 @@ macro_rules! server_codec {
     )*};
 }
 
+use geo::search_server::SearchServer as GeoSearchServer;
 use keel::example::v1::echo_server::EchoServer;
 use killrvideo::comments::comments_service_server::CommentsServiceServer;
 use killrvideo::ratings::ratings_service_server::RatingsServiceServer;
@@ -146,4 +152,5 @@ server_codec! {
     VideoCatalogServiceServer <- killrvideo::video_catalog::video_catalog_service_server::VideoCatalogService,
     AccountsServer <- rpc::accounts_server::Accounts,
     CacheServer <- rpc::cache_server::Cache,
+    GeoSearchServer <- geo::search_server::Search,
 }
