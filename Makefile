@@ -5,7 +5,7 @@ INFRA := scripts/infra.sh
 WITH_INFRA = eval "$$($(INFRA) env)" &&
 
 .DEFAULT_GOAL := help
-.PHONY: help build run test test-unit lint fmt infra-install infra-up infra-down infra-status up down status
+.PHONY: help build run test test-unit bench lint fmt infra-install infra-up infra-down infra-status up down status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -23,6 +23,9 @@ test: infra-install infra-up ## every test, against the real Consul, Kafka, Post
 test-unit: ## tests that need no server (pure logic and generated code)
 	cargo test --workspace --lib
 	cargo test -p keel-protos
+
+bench: ## benchmarks over real gRPC on loopback (no server needed); prints a table. BENCH_ARGS="--duration 10s"
+	cargo run --release -p keel-bench -- $(BENCH_ARGS)
 
 lint: ## rustfmt and clippy, as CI runs them
 	cargo fmt --all --check
