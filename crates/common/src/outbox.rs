@@ -12,9 +12,14 @@
 //!
 //! The relay publishes pending rows oldest first (ids are UUIDv7, time-ordered) and deletes each once the bus
 //! acknowledged it; on a failed publish it stops the batch (keeping the order) and retries with backoff
-//! (100 ms doubling to 5 s), so delivery resumes by itself when Kafka returns. Delivery is at least once:
-//! a crash between the acknowledgement and the delete, or two instances sharing one database, can publish an
-//! event twice, which is why consumers are idempotent.
+//! (100 ms doubling to 5 s), so delivery resumes by itself when Kafka returns.
+//!
+//! Instances of a service share its PostgreSQL database, and so its outbox: one relay at a time works on it.
+//! Each batch runs in a transaction holding `pg_try_advisory_xact_lock` on [`RELAY_LOCK`]; an instance that
+//! does not get the lock skips the round (another one is relaying), so events are neither published twice
+//! nor out of order between instances, and when the relaying instance dies its lock goes with its
+//! transaction. (An SQLite file belongs to one process: no lock.) Delivery is still at least once — a crash
+//! between the acknowledgement and the commit publishes again — which is why consumers are idempotent.
 
 use std::{sync::Arc, time::Duration};
 
@@ -22,7 +27,11 @@ use base64::{Engine, engine::general_purpose::STANDARD};
 use sqlx::{AnyConnection, AnyPool, Row};
 use tokio::sync::Notify;
 
-use crate::events::EventBus;
+use crate::{db::Backend, events::EventBus};
+
+/// Key of the PostgreSQL advisory lock a relay holds while it works on its database's outbox (advisory locks
+/// are per database, so services never contend).
+pub const RELAY_LOCK: i64 = 0x006b_6565_6c72_656c;
 
 /// Creates the outbox table if missing; [`crate::db::connect`] calls it.
 ///
@@ -57,6 +66,7 @@ pub async fn enqueue(conn: &mut AnyConnection, topic: &str, payload: &[u8]) -> s
 #[derive(Clone, Debug)]
 pub struct Outbox {
     pool: AnyPool,
+    backend: Backend,
     bus: EventBus,
     wake: Arc<Notify>,
 }
@@ -65,6 +75,7 @@ impl Outbox {
     /// The outbox in `pool`, relayed to `bus`.
     pub fn new(pool: AnyPool, bus: EventBus) -> Self {
         Self {
+            backend: Backend::of_url(pool.connect_options().database_url.as_str()),
             pool,
             bus,
             wake: Arc::new(Notify::new()),
@@ -87,28 +98,64 @@ impl Outbox {
             .try_get::<i64, _>(0)
     }
 
-    /// Publishes up to 100 pending events, oldest first; returns how many were published.
+    /// Publishes up to 100 pending events, oldest first; returns how many were published (0 as well when
+    /// another instance holds the relay lock).
     ///
     /// # Errors
-    /// The database or the bus failed; what was published before the failure stays published.
+    /// The database or the bus failed; what was published before the failure is removed from the outbox.
     pub async fn relay_once(&self) -> anyhow::Result<usize> {
-        let rows = sqlx::query("SELECT id, topic, payload FROM keel_outbox ORDER BY id LIMIT 100")
-            .fetch_all(&self.pool)
-            .await?;
+        const BATCH: &str = "SELECT id, topic, payload FROM keel_outbox ORDER BY id LIMIT 100";
+        const DELETE: &str = "DELETE FROM keel_outbox WHERE id = $1";
+        if self.backend == Backend::Sqlite {
+            let rows = sqlx::query(BATCH).fetch_all(&self.pool).await?;
+            let mut sent = 0;
+            for row in rows {
+                self.publish(&row).await?;
+                sqlx::query(DELETE)
+                    .bind(row.try_get::<String, _>(0)?)
+                    .execute(&self.pool)
+                    .await?;
+                sent += 1;
+            }
+            return Ok(sent);
+        }
+        let mut tx = self.pool.begin().await?;
+        let mine: bool = sqlx::query("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(RELAY_LOCK)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        if !mine {
+            return Ok(0);
+        }
+        let rows = sqlx::query(BATCH).fetch_all(&mut *tx).await?;
         let mut sent = 0;
+        let mut failure = None;
         for row in rows {
-            let id: String = row.try_get(0)?;
-            let topic: String = row.try_get(1)?;
-            let payload: String = row.try_get(2)?;
-            let bytes = STANDARD.decode(payload.as_bytes())?;
-            self.bus.publish(&topic, &bytes).await?;
-            sqlx::query("DELETE FROM keel_outbox WHERE id = $1")
-                .bind(&id)
-                .execute(&self.pool)
+            if let Err(e) = self.publish(&row).await {
+                failure = Some(e);
+                break;
+            }
+            sqlx::query(DELETE)
+                .bind(row.try_get::<String, _>(0)?)
+                .execute(&mut *tx)
                 .await?;
             sent += 1;
         }
-        Ok(sent)
+        // What was published leaves the outbox even when a later event failed.
+        tx.commit().await?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(sent),
+        }
+    }
+
+    async fn publish(&self, row: &sqlx::any::AnyRow) -> anyhow::Result<()> {
+        let topic: String = row.try_get(1)?;
+        let payload: String = row.try_get(2)?;
+        let bytes = STANDARD.decode(payload.as_bytes())?;
+        self.bus.publish(&topic, &bytes).await?;
+        Ok(())
     }
 
     /// Starts the relay task: runs until the process ends.
