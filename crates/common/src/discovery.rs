@@ -5,8 +5,9 @@
 //! instance's port) and puts the target's A record in the **additional** section; addresses are matched to
 //! targets by name, and a target with no additional record is resolved with an A lookup. Consul's TTL is 0, so
 //! the resolver cache is off and [`watch`] polls. A failed lookup (DNS down) keeps the last known endpoints; an
-//! empty answer (no healthy instance) empties the set, and polling speeds up to every [`EMPTY_POLL`] until an
-//! instance appears (a dependency starting at the same time is found within a fraction of a second).
+//! empty answer (no healthy instance) empties the set, and polling speeds up to [`EMPTY_POLL`], doubling back to
+//! the interval, until an instance appears (a dependency starting at the same time is found within a second or
+//! two, not an interval later).
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -136,12 +137,11 @@ pub enum Source {
     Static(Vec<SocketAddr>),
 }
 
-/// How often [`watch`] polls while the service has no healthy instance (when that is shorter than the
-/// configured interval).
+/// The first re-poll of [`watch`] after an empty answer (no healthy instance); it doubles up to the interval.
 pub const EMPTY_POLL: Duration = Duration::from_millis(100);
 
-/// Publishes the current endpoints of `name`, re-resolving every `interval` (every [`EMPTY_POLL`] while there
-/// is none) until every receiver is gone. The first value is `None` until the first lookup finishes.
+/// Publishes the current endpoints of `name`, re-resolving every `interval` (sooner while there is none:
+/// [`EMPTY_POLL`], doubling) until every receiver is gone. The first value is `None` until the first lookup finishes.
 pub fn watch(
     name: String,
     source: Source,
@@ -157,16 +157,23 @@ pub fn watch(
         Source::Consul(resolver) => {
             tokio::spawn(async move {
                 let mut wait = Duration::ZERO;
+                // Re-poll delay while answers are empty, from EMPTY_POLL doubling up to the interval.
+                let mut empty_backoff: Option<Duration> = None;
                 loop {
                     tokio::select! {
                         _ = tx.closed() => return,
                         _ = tokio::time::sleep(wait) => {}
                     }
                     let answer = resolver.resolve(&name).await;
-                    wait = match &answer {
-                        Ok(list) if list.is_empty() => interval.min(EMPTY_POLL),
-                        _ => interval,
+                    // Soon after an empty answer, backing off to the interval: a service that never appears
+                    // (a typo) soon costs no more polling than one that is up.
+                    empty_backoff = match &answer {
+                        Ok(list) if list.is_empty() => {
+                            Some(empty_backoff.map_or(EMPTY_POLL, |w| w * 2).min(interval))
+                        }
+                        _ => None,
                     };
+                    wait = empty_backoff.unwrap_or(interval);
                     match answer {
                         Ok(list) => {
                             tx.send_if_modified(|cur| {
