@@ -126,6 +126,16 @@ impl ClientFactory {
             channels: Arc::default(),
             connect: self.connector()?,
         };
+        Ok(self.outer(router))
+    }
+
+    /// The layers every channel shares (1–3 of the module docs) on top of `routing`, what picks the endpoint.
+    fn outer<S>(&self, routing: S) -> Channel
+    where
+        S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+    {
         let svc = ServiceBuilder::new()
             .layer(ClientContextLayer::new(
                 self.settings.client.default_timeout,
@@ -136,8 +146,8 @@ impl ClientFactory {
                 HashSet::new(),
             ))
             .layer_fn(|inner| ErrorToStatus { inner })
-            .service(router);
-        Ok(BoxCloneSyncService::new(svc))
+            .service(routing);
+        BoxCloneSyncService::new(svc)
     }
 
     /// Makes the lazily connecting channel of one endpoint (TLS when configured).
@@ -203,22 +213,11 @@ impl ClientFactory {
         );
         let balance = Balance::new(discover);
         let buffer = Buffer::new(balance, 1024);
-        let svc = ServiceBuilder::new()
-            .layer(ClientContextLayer::new(
-                self.settings.client.default_timeout,
-            ))
-            .layer(GrpcMetricsLayer::new(
-                self.metrics.clone(),
-                Side::Client,
-                HashSet::new(),
-            ))
-            .layer_fn(|inner| ErrorToStatus { inner })
-            .service(NoEndpointFastFail {
-                inner: buffer,
-                endpoints,
-                service: Arc::from(service),
-            });
-        BoxCloneSyncService::new(svc)
+        self.outer(NoEndpointFastFail {
+            inner: buffer,
+            endpoints,
+            service: Arc::from(service),
+        })
     }
 }
 

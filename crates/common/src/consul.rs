@@ -508,10 +508,9 @@ impl Registrar {
 mod tests {
     use super::*;
 
-    #[test]
-    fn registration_uses_consul_field_names() {
-        let s = crate::config::Settings::from_env("echo", &Default::default()).unwrap();
-        let agent = ConsulAgent::new("127.0.0.1:8500", Secret::default());
+    /// The registrar of instance `echo-1` at 127.0.0.1:5000 under the settings of `env`.
+    fn registrar(env: &crate::config::Env, tls: bool) -> Registrar {
+        let s = crate::config::Settings::from_env("echo", env).unwrap();
         let instance = Instance {
             name: "echo".into(),
             id: "echo-1".into(),
@@ -519,9 +518,18 @@ mod tests {
             port: 5000,
             version: "1.0.0".into(),
             tags: vec!["a".into()],
-            tls: false,
+            tls,
         };
-        let r = Registrar::new(&s.consul, agent, &instance);
+        Registrar::new(
+            &s.consul,
+            ConsulAgent::new("127.0.0.1:8500", Secret::default()),
+            &instance,
+        )
+    }
+
+    #[test]
+    fn registration_uses_consul_field_names() {
+        let r = registrar(&Default::default(), false);
         let json = serde_json::to_value(&r.registration).unwrap();
         assert_eq!(json["ID"], "echo-1");
         assert_eq!(json["Port"], 5000);
@@ -537,21 +545,7 @@ mod tests {
     #[test]
     fn a_ttl_check_has_no_grpc_target() {
         let env = crate::config::Env::default().with("KEEL_CONSUL__CHECK", "ttl");
-        let s = crate::config::Settings::from_env("echo", &env).unwrap();
-        let instance = Instance {
-            name: "echo".into(),
-            id: "echo-1".into(),
-            address: "127.0.0.1".into(),
-            port: 5000,
-            version: "1.0.0".into(),
-            tags: vec![],
-            tls: true,
-        };
-        let r = Registrar::new(
-            &s.consul,
-            ConsulAgent::new("127.0.0.1:8500", Secret::default()),
-            &instance,
-        );
+        let r = registrar(&env, true);
         assert!(r.needs_heartbeat());
         let check = &serde_json::to_value(&r.registration).unwrap()["Checks"][0];
         assert_eq!(check["CheckID"], "echo-1:ttl");

@@ -129,6 +129,24 @@ where
     .await
 }
 
+/// Starts the server `build` makes for `settings` inside this process, on `grpc.listen_addr` (port 0: a free
+/// port), serving in the background for the life of the runtime; returns the address it listens on. For tests,
+/// benchmarks and embedding: unlike [`run`], it sets up no logging and handles no signal.
+///
+/// # Errors
+/// The address cannot be bound, or the platform or `build` fails.
+pub async fn spawn_server<F>(settings: Settings, build: F) -> anyhow::Result<std::net::SocketAddr>
+where
+    F: AsyncFnOnce(&Platform) -> anyhow::Result<Server>,
+{
+    let listener = tokio::net::TcpListener::bind(settings.grpc.listen_addr).await?;
+    let addr = listener.local_addr()?;
+    let platform = Platform::new(settings, addr.port())?;
+    let server = build(&platform).await?;
+    tokio::spawn(server.serve(listener, std::future::pending()));
+    Ok(addr)
+}
+
 /// [`run`], stopping when `stop` resolves instead of on a signal.
 pub async fn run_until<F>(name: &str, build: F, stop: impl Future<Output = ()>) -> ExitCode
 where

@@ -104,20 +104,11 @@ impl Outbox {
     /// # Errors
     /// The database or the bus failed; what was published before the failure is removed from the outbox.
     pub async fn relay_once(&self) -> anyhow::Result<usize> {
-        const BATCH: &str = "SELECT id, topic, payload FROM keel_outbox ORDER BY id LIMIT 100";
-        const DELETE: &str = "DELETE FROM keel_outbox WHERE id = $1";
         if self.backend == Backend::Sqlite {
-            let rows = sqlx::query(BATCH).fetch_all(&self.pool).await?;
-            let mut sent = 0;
-            for row in rows {
-                self.publish(&row).await?;
-                sqlx::query(DELETE)
-                    .bind(row.try_get::<String, _>(0)?)
-                    .execute(&self.pool)
-                    .await?;
-                sent += 1;
-            }
-            return Ok(sent);
+            // Autocommit: every delete commits on its own.
+            let mut conn = self.pool.acquire().await?;
+            let (sent, failure) = self.relay_batch(&mut conn).await?;
+            return failure.map_or(Ok(sent), Err);
         }
         let mut tx = self.pool.begin().await?;
         let mine: bool = sqlx::query("SELECT pg_try_advisory_xact_lock($1)")
@@ -128,26 +119,33 @@ impl Outbox {
         if !mine {
             return Ok(0);
         }
-        let rows = sqlx::query(BATCH).fetch_all(&mut *tx).await?;
+        let (sent, failure) = self.relay_batch(&mut tx).await?;
+        // What was published leaves the outbox even when a later event failed.
+        tx.commit().await?;
+        failure.map_or(Ok(sent), Err)
+    }
+
+    /// Publishes the oldest 100 events on `conn`, deleting each once the bus has it, until one fails; returns
+    /// how many went out and the failure of the one that did not (database errors end the batch at once).
+    async fn relay_batch(
+        &self,
+        conn: &mut AnyConnection,
+    ) -> anyhow::Result<(usize, Option<anyhow::Error>)> {
+        let rows = sqlx::query("SELECT id, topic, payload FROM keel_outbox ORDER BY id LIMIT 100")
+            .fetch_all(&mut *conn)
+            .await?;
         let mut sent = 0;
-        let mut failure = None;
         for row in rows {
             if let Err(e) = self.publish(&row).await {
-                failure = Some(e);
-                break;
+                return Ok((sent, Some(e)));
             }
-            sqlx::query(DELETE)
+            sqlx::query("DELETE FROM keel_outbox WHERE id = $1")
                 .bind(row.try_get::<String, _>(0)?)
-                .execute(&mut *tx)
+                .execute(&mut *conn)
                 .await?;
             sent += 1;
         }
-        // What was published leaves the outbox even when a later event failed.
-        tx.commit().await?;
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(sent),
-        }
+        Ok((sent, None))
     }
 
     async fn publish(&self, row: &sqlx::any::AnyRow) -> anyhow::Result<()> {

@@ -20,6 +20,15 @@ async fn service(db: &testsuite::TestDatabase) -> (Accounts, sqlx::AnyPool) {
     (Accounts::new(pool.clone()), pool)
 }
 
+/// A reservation of `count` keys of `account_id` (`up_to`: as many as are left, up to `count`).
+fn keys(account_id: &str, count: i64, up_to: bool) -> ReserveKeysReq {
+    ReserveKeysReq {
+        account_id: account_id.to_owned(),
+        count,
+        up_to,
+    }
+}
+
 /// A new account allowed `max` keys.
 async fn create(svc: &Accounts, name: &str, max: i64) -> Account {
     svc.create_account(Request::new(CreateAccountReq {
@@ -166,14 +175,7 @@ async fn the_key_quota_holds_exactly_under_concurrent_reservations() {
         let results = futures::future::join_all((0..150).map(|_| {
             let svc = svc.clone();
             let id = acct.id.clone();
-            async move {
-                svc.reserve_keys(Request::new(ReserveKeysReq {
-                    account_id: id,
-                    count: 1,
-                    ..Default::default()
-                }))
-                .await
-            }
+            async move { svc.reserve_keys(Request::new(keys(&id, 1, false))).await }
         }))
         .await;
         assert_eq!(
@@ -196,20 +198,12 @@ async fn the_key_quota_holds_exactly_under_concurrent_reservations() {
         .await
         .unwrap();
         let r = svc
-            .reserve_keys(Request::new(ReserveKeysReq {
-                account_id: acct.id.clone(),
-                count: 2,
-                ..Default::default()
-            }))
+            .reserve_keys(Request::new(keys(&acct.id, 2, false)))
             .await
             .unwrap();
         assert_eq!(r.into_inner().used_cache_keys, 100, "{b}");
         let err = svc
-            .reserve_keys(Request::new(ReserveKeysReq {
-                account_id: acct.id.clone(),
-                count: 0,
-                ..Default::default()
-            }))
+            .reserve_keys(Request::new(keys(&acct.id, 0, false)))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{b}");
@@ -223,11 +217,7 @@ async fn up_to_reservations_take_what_is_left() {
         let (svc, _) = service(&db).await;
         let b = db.backend;
         let acct = create(&svc, "batch", 100).await;
-        let up_to = |count: i64| ReserveKeysReq {
-            account_id: acct.id.clone(),
-            count,
-            up_to: true,
-        };
+        let up_to = |count: i64| keys(&acct.id, count, true);
         let r = svc
             .reserve_keys(Request::new(up_to(30)))
             .await
@@ -264,11 +254,7 @@ async fn up_to_reservations_take_what_is_left() {
         assert_eq!(none_left.code(), Code::FailedPrecondition, "{b}");
         assert!(none_left.get_details_quota_failure().is_some(), "{b}");
         let all_or_nothing = svc
-            .reserve_keys(Request::new(ReserveKeysReq {
-                account_id: acct.id.clone(),
-                count: 1,
-                up_to: false,
-            }))
+            .reserve_keys(Request::new(keys(&acct.id, 1, false)))
             .await
             .unwrap_err();
         assert_eq!(all_or_nothing.code(), Code::FailedPrecondition, "{b}");
@@ -322,11 +308,7 @@ async fn dry_runs_validate_and_change_nothing() {
             .account
             .unwrap();
         let would = svc
-            .reserve_keys(dry(ReserveKeysReq {
-                account_id: acct.id.clone(),
-                count: 1,
-                ..Default::default()
-            }))
+            .reserve_keys(dry(keys(&acct.id, 1, false)))
             .await
             .unwrap();
         assert_eq!(
@@ -335,11 +317,7 @@ async fn dry_runs_validate_and_change_nothing() {
             "{b}: what would happen"
         );
         let err = svc
-            .reserve_keys(dry(ReserveKeysReq {
-                account_id: acct.id.clone(),
-                count: 2,
-                ..Default::default()
-            }))
+            .reserve_keys(dry(keys(&acct.id, 2, false)))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition, "{b}");

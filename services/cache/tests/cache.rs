@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use cache::{Cache, CacheSettings};
 use keel_common::{
-    ClientFactory, Metrics, Platform, Server,
+    ClientFactory, Metrics,
     config::{Env, Settings},
     error::Failure,
     testsuite,
@@ -24,12 +24,12 @@ async fn accounts_server() -> ClientFactory {
     let env = Env::default()
         .with("KEEL_DATABASE__URL", &db.url)
         .with("KEEL_LOG__STDOUT", "false");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let platform =
-        Platform::new(Settings::from_env("accounts", &env).unwrap(), addr.port()).unwrap();
-    let server: Server = accounts::build(&platform).await.unwrap();
-    tokio::spawn(server.serve(listener, std::future::pending()));
+    let addr = keel_common::spawn_server(
+        Settings::from_env("accounts", &env).unwrap(),
+        accounts::build,
+    )
+    .await
+    .unwrap();
     let client_env =
         Env::default().with("KEEL_CLIENT__STATIC_ENDPOINTS", format!("accounts={addr}"));
     ClientFactory::new(

@@ -52,18 +52,11 @@ struct Args {
 }
 
 /// Serves what `build` makes on 127.0.0.1:0, with `env` as its configuration; returns the address.
-async fn serve<F, Fut>(name: &str, env: Env, build: F) -> anyhow::Result<SocketAddr>
+async fn serve<F>(name: &str, env: Env, build: F) -> anyhow::Result<SocketAddr>
 where
-    F: FnOnce(Platform) -> Fut,
-    Fut: Future<Output = anyhow::Result<Server>>,
+    F: AsyncFnOnce(&Platform) -> anyhow::Result<Server>,
 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let env = env.with("KEEL_LOG__STDOUT", "false");
-    let platform = Platform::new(Settings::from_env(name, &env)?, addr.port())?;
-    let server = build(platform).await?;
-    tokio::spawn(server.serve(listener, std::future::pending()));
-    Ok(addr)
+    keel_common::spawn_server(Settings::from_env(name, &env)?, build).await
 }
 
 fn clients(name: &str, routes: &[(&str, SocketAddr)]) -> anyhow::Result<ClientFactory> {
@@ -166,7 +159,7 @@ async fn cache_server(accounts: SocketAddr, token_ttl: &str) -> anyhow::Result<S
         )
         .with("KEEL_CACHE__TOKEN_TTL", token_ttl)
         .with("KEEL_CACHE__MAX_BYTES", (1usize << 30).to_string());
-    serve("cache", env, |p| async move { cache::build(&p).await }).await
+    serve("cache", env, cache::build).await
 }
 
 #[tokio::main]
@@ -174,12 +167,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut rows = Vec::new();
 
-    let echo = serve(
-        "echo",
-        Env::default(),
-        |p| async move { echo::build(&p).await },
-    )
-    .await?;
+    let echo = serve("echo", Env::default(), echo::build).await?;
     let plain = EchoClient::new(
         tonic::transport::Endpoint::from_shared(format!("http://{echo}"))?
             .connect()
@@ -210,10 +198,7 @@ async fn main() -> anyhow::Result<()> {
         "KEEL_DATABASE__URL",
         format!("sqlite://{}/accounts.db?mode=rwc", dir.display()),
     );
-    let accounts = serve("accounts", accounts_env, |p| async move {
-        accounts::build(&p).await
-    })
-    .await?;
+    let accounts = serve("accounts", accounts_env, accounts::build).await?;
     let token =
         AccountsClient::new(clients("bench", &[("accounts", accounts)])?.channel("accounts")?)
             .create_account(CreateAccountReq {

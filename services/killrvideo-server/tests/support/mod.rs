@@ -2,10 +2,7 @@
 
 use std::net::SocketAddr;
 
-use keel_common::{
-    Platform,
-    config::{Env, Settings},
-};
+use keel_common::config::{Env, Settings};
 use tonic::transport::Channel;
 use uuid::Uuid;
 
@@ -16,11 +13,9 @@ pub async fn start_embedded() -> (SocketAddr, Channel) {
         .with("KEEL_DATABASE__DIR", dir.display().to_string())
         .with("KEEL_LOG__STDOUT", "false");
     let settings = Settings::from_env("killrvideo", &env).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let platform = Platform::new(settings, addr.port()).unwrap();
-    let server = killrvideo_server::build(&platform).await.unwrap();
-    tokio::spawn(server.serve(listener, std::future::pending()));
+    let addr = keel_common::spawn_server(settings, killrvideo_server::build)
+        .await
+        .unwrap();
     let ch = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
