@@ -28,6 +28,13 @@ async fn over_the_concurrency_limit_calls_are_shed_and_oversized_requests_refuse
         })
         .await
     });
+    // Only once the slow call is in the handler does it hold the slot; a call sent before could take it first.
+    eventually(
+        "the slow call reaches the handler",
+        Duration::from_secs(5),
+        || async { p.output().contains("\"text\":\"slow\"").then_some(()) },
+    )
+    .await;
     let shed = eventually(
         "a call over the limit is shed",
         Duration::from_secs(5),
