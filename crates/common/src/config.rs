@@ -11,6 +11,17 @@
 
 use std::{collections::HashMap, fmt, net::SocketAddr, time::Duration};
 
+pub use crate::{
+    client::ClientSettings,
+    consul::{CheckKind, ConsulSettings},
+    db::DatabaseSettings,
+    events::EventSettings,
+    logs::LogSettings,
+    metrics::StatsdSettings,
+    server::GrpcSettings,
+    tls::TlsSettings,
+};
+
 use config::{Config, Environment, File, FileFormat};
 use serde::de::DeserializeOwned;
 
@@ -82,183 +93,22 @@ pub struct ServiceSettings {
     pub tags: Vec<String>,
 }
 
-/// The gRPC server: address, HTTP/2 and resource limits, shutdown.
-#[derive(Clone, Debug)]
-pub struct GrpcSettings {
-    /// Address to bind (`grpc.listen_addr`), default `127.0.0.1:0` (any free port).
-    pub listen_addr: SocketAddr,
-    /// Address announced to Consul (`grpc.advertise_addr`); default: the bound address, with `127.0.0.1` for an
-    /// unspecified IP.
-    pub advertise_addr: Option<String>,
-    /// Requests handled at once by this instance (`grpc.max_concurrent_requests`); more are rejected with
-    /// RESOURCE_EXHAUSTED before any handler runs.
-    pub max_concurrent_requests: usize,
-    /// HTTP/2 streams per connection (`grpc.max_concurrent_streams`).
-    pub max_concurrent_streams: u32,
-    /// Largest decoded request message in bytes (`grpc.max_request_bytes`); larger is refused with OUT_OF_RANGE (tonic's code).
-    pub max_request_bytes: usize,
-    /// Largest encoded response message in bytes (`grpc.max_response_bytes`).
-    pub max_response_bytes: usize,
-    /// Connections are closed (GOAWAY) after this age so clients rebalance after a scale-up
-    /// (`grpc.max_connection_age`).
-    pub max_connection_age: Duration,
-    /// HTTP/2 PING interval (`grpc.keepalive_interval`).
-    pub keepalive_interval: Duration,
-    /// HTTP/2 PING ack timeout (`grpc.keepalive_timeout`).
-    pub keepalive_timeout: Duration,
-    /// Longest a request may run when the caller sent no deadline (`grpc.request_timeout`).
-    pub request_timeout: Duration,
-    /// Hard limit on draining in-flight calls at shutdown (`grpc.drain_timeout`).
-    pub drain_timeout: Duration,
-}
-
-/// Consul: agent registration and DNS discovery.
-#[derive(Clone, Debug)]
-pub struct ConsulSettings {
-    /// Agent HTTP address (`CONSUL_HTTP_ADDR` or `consul.http_addr`), `host:port` or a URL. Unset: no
-    /// registration.
-    pub http_addr: Option<String>,
-    /// ACL token (`CONSUL_HTTP_TOKEN` or `consul.token`), sent as `X-Consul-Token`.
-    pub token: Secret,
-    /// Consul DNS server (`consul.dns_addr`, `host:port`, resolved at start), default `127.0.0.1:8600`.
-    pub dns_addr: SocketAddr,
-    /// Use Consul DNS to find peers (`consul.dns_enabled`); default: on when `http_addr` is set.
-    pub dns_enabled: bool,
-    /// How Consul learns this instance's health (`consul.check`: `grpc`, `ttl`, or `auto`, the default: `ttl`
-    /// when `tls.require_client_cert` is set, since Consul's agent cannot present a client certificate, else
-    /// `grpc`).
-    pub check: CheckKind,
-    /// Interval of the `GRPC` health check, or of the instance's TTL heartbeats (`consul.check_interval`).
-    pub check_interval: Duration,
-    /// Consecutive failed `GRPC` checks before Consul marks the instance critical
-    /// (`consul.failures_before_critical`, default 3): a busy instance answering one check late stays in DNS;
-    /// a dead one leaves after about this many intervals.
-    pub failures_before_critical: u32,
-    /// Consul removes an instance whose check stays critical this long (`consul.deregister_critical_after`).
-    pub deregister_critical_after: Duration,
-    /// How often clients re-resolve peers; also how long shutdown waits after deregistering
-    /// (`consul.discovery_interval`).
-    pub discovery_interval: Duration,
-}
-
-/// The kind of Consul health check an instance registers with
-/// (<https://developer.hashicorp.com/consul/docs/services/usage/checks>).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CheckKind {
-    /// Consul's agent calls the instance's `grpc.health.v1` every `check_interval`.
-    Grpc,
-    /// The instance reports its own health status to the agent every `check_interval`
-    /// (`PUT /v1/agent/check/update/:check_id`); Consul marks it critical when no report came for
-    /// [`ConsulSettings::ttl`] (a killed instance drops out after at most that).
-    Ttl,
-}
-
-impl ConsulSettings {
-    /// The TTL of a [`CheckKind::Ttl`] check: three heartbeat intervals, so one lost heartbeat is no outage.
-    pub fn ttl(&self) -> Duration {
-        self.check_interval * 3
-    }
-}
-
-/// StatsD metrics.
-#[derive(Clone, Debug)]
-pub struct StatsdSettings {
-    /// StatsD daemon address (`statsd.addr`), `host:port` (UDP). Unset: metrics are counted but not sent.
-    pub addr: Option<String>,
-    /// First segment of every metric name (`statsd.prefix`), default `keel`.
-    pub prefix: String,
-    /// Metrics queued for the sender thread before new ones are dropped (`statsd.queue_capacity`).
-    pub queue_capacity: usize,
-}
-
-/// Logs: JSON lines on stdout and shipped to Kafka.
-#[derive(Clone, Debug)]
-pub struct LogSettings {
-    /// `tracing` filter directives (`log.level`, or `RUST_LOG`), default `info`.
-    pub level: String,
-    /// Write JSON lines to stdout (`log.stdout`), default true.
-    pub stdout: bool,
-    /// Kafka bootstrap servers (`kafka.brokers`, comma separated). Unset: logs are not shipped.
-    pub kafka_brokers: Option<String>,
-    /// Log topic (`log.topic`), default `logs.<service>`.
-    pub topic: Option<String>,
-    /// Lines buffered for the Kafka shipper before new ones are dropped (`log.buffer_lines`).
-    pub buffer_lines: usize,
-    /// A line Kafka has not acknowledged within this time is dropped and counted (`log.delivery_timeout`).
-    pub delivery_timeout: Duration,
-}
-
-/// Outgoing calls: deadlines, retries, balancing.
-#[derive(Clone, Debug)]
-pub struct ClientSettings {
-    /// Deadline of an outgoing call when neither the caller nor the incoming request set one
-    /// (`client.default_timeout`).
-    pub default_timeout: Duration,
-    /// TCP connect timeout per endpoint (`client.connect_timeout`).
-    pub connect_timeout: Duration,
-    /// Attempts per idempotent call, first included (`client.max_attempts`).
-    pub max_attempts: u32,
-    /// Static endpoints by service, used when Consul DNS is off: `client.static_endpoints`, e.g.
-    /// `echo=127.0.0.1:5000|127.0.0.1:5001,accounts=127.0.0.1:6000`.
-    pub static_endpoints: HashMap<String, Vec<SocketAddr>>,
-}
-
-/// The service's own database.
-#[derive(Clone, Debug)]
-pub struct DatabaseSettings {
-    /// sqlx URL (`database.url`): `postgres://user:pass@host:port/db` in deployment, or
-    /// `sqlite://path/file.db?mode=rwc`; `{service}` in it is replaced by the service's name, so one setting
-    /// can give every service its own database. Default: `sqlite://<database.dir>/{service}.db?mode=rwc`,
-    /// the embedded default.
-    pub url: Option<Secret>,
-    /// Directory of the default SQLite files (`database.dir`), default `var`.
-    pub dir: String,
-    /// Connections in the pool (`database.max_connections`), default 8.
-    pub max_connections: u32,
-    /// Longest wait for a pooled connection before the call fails UNAVAILABLE (`database.acquire_timeout`).
-    pub acquire_timeout: Duration,
-}
-
-/// Domain events: Kafka when `kafka.brokers` is set, otherwise an in-process bus.
-#[derive(Clone, Debug)]
-pub struct EventSettings {
-    /// Kafka bootstrap servers for events (`events.brokers`), default `kafka.brokers`. Unset: in-process bus.
-    pub brokers: Option<String>,
-    /// Namespace of this process's consumer groups (`events.group_prefix`), default none. A consumer's group is
-    /// `<prefix>.<consumer>` (or just `<consumer>`, e.g. `search`), so every instance of a service shares the
-    /// partitions, and a test or a second environment on the same brokers can keep its own offsets.
-    pub group_prefix: Option<String>,
-    /// Longest wait for Kafka to acknowledge one event before the outbox retries it (`events.delivery_timeout`).
-    pub delivery_timeout: Duration,
-}
-
-/// TLS (rustls) for the server and for outgoing calls; PEM files, read at start.
-#[derive(Clone, Debug, Default)]
-pub struct TlsSettings {
-    /// This process's certificate chain (`tls.cert_file`). With `tls.key_file`, the server speaks TLS only, and
-    /// outgoing calls present it as a client certificate (mutual TLS).
-    pub cert_file: Option<String>,
-    /// Its private key (`tls.key_file`).
-    pub key_file: Option<String>,
-    /// CA certificates (`tls.ca_file`): set, outgoing calls use TLS and verify servers against them, and the
-    /// server can require client certificates signed by them.
-    pub ca_file: Option<String>,
-    /// The server refuses clients without a certificate signed by `tls.ca_file` (`tls.require_client_cert`).
-    pub require_client_cert: bool,
-    /// Name expected in servers' certificates (`tls.server_name`), default `localhost`: instances are dialled by
-    /// IP address, so every instance's certificate carries one shared service name.
-    pub server_name: String,
-}
-
-impl TlsSettings {
-    /// Whether the server speaks TLS.
-    pub fn server_enabled(&self) -> bool {
-        self.cert_file.is_some() && self.key_file.is_some()
-    }
-
-    /// Whether outgoing calls use TLS.
-    pub fn client_enabled(&self) -> bool {
-        self.ca_file.is_some()
+impl ServiceSettings {
+    /// Reads the `service` section; `name` is the process's own name, the default of `service.name`.
+    pub fn read(r: &mut Reader, name: &str) -> Self {
+        let name = r.string("service.name", name);
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            r.fail(
+                "service.name",
+                format!("{name:?}: use letters, digits and '-' (a DNS label)"),
+            );
+        }
+        Self {
+            name,
+            instance_id: r.opt_string("service.instance_id"),
+            version: r.string("service.version", env!("CARGO_PKG_VERSION")),
+            tags: r.list("service.tags"),
+        }
     }
 }
 
@@ -285,6 +135,8 @@ pub struct Settings {
     pub tls: TlsSettings,
     /// Every layered value, for the service's own section ([`Settings::section`]).
     raw: Raw,
+    /// What [`Settings::effective`] reports.
+    effective: Vec<(String, String)>,
 }
 
 /// The layered configuration, kept for service-specific sections; never printed (it may hold secrets).
@@ -320,21 +172,50 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// Reads typed values out of the layered [`Config`], collecting every error instead of stopping at the first.
-struct Reader {
+/// Reads typed values out of the layered [`Config`], collecting every error instead of stopping at the first,
+/// and recording every key it reads with its effective value (secrets redacted): the start-up report
+/// ([`Settings::effective`]) is generated from the same calls that read the settings, so it cannot omit one.
+///
+/// Each section reads itself next to the code it configures (`GrpcSettings::read` in `server`, …), naming each
+/// key and its default once.
+pub struct Reader {
     cfg: Config,
     errors: Vec<ConfigError>,
+    effective: Vec<(String, String)>,
+}
+
+impl fmt::Debug for Reader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reader")
+            .field("errors", &self.errors)
+            .finish()
+    }
+}
+
+/// How a value shows in the effective-settings report.
+fn show_opt(v: &Option<String>) -> String {
+    v.clone().unwrap_or_else(|| "(none)".into())
 }
 
 impl Reader {
-    fn fail(&mut self, key: &str, message: impl Into<String>) {
+    /// Records one bad value.
+    pub fn fail(&mut self, key: &str, message: impl Into<String>) {
         self.errors.push(ConfigError {
             key: key.to_owned(),
             message: message.into(),
         });
     }
 
-    fn get<T: DeserializeOwned>(&mut self, key: &str, default: T) -> T {
+    /// Records (or replaces) the effective value reported for `key`, for a value resolved after reading.
+    pub fn report(&mut self, key: &str, value: impl Into<String>) {
+        let value = value.into();
+        match self.effective.iter_mut().find(|(k, _)| k == key) {
+            Some(entry) => entry.1 = value,
+            None => self.effective.push((key.to_owned(), value)),
+        }
+    }
+
+    fn raw<T: DeserializeOwned>(&mut self, key: &str, default: T) -> T {
         match self.cfg.get::<T>(key) {
             Ok(v) => v,
             Err(config::ConfigError::NotFound(_)) => default,
@@ -346,16 +227,46 @@ impl Reader {
         }
     }
 
-    fn opt_string(&mut self, key: &str) -> Option<String> {
-        let v: Option<String> = self.get(key, None);
+    fn raw_opt_string(&mut self, key: &str) -> Option<String> {
+        let v: Option<String> = self.raw(key, None);
         v.filter(|s| !s.trim().is_empty())
     }
 
-    fn parsed<T: std::str::FromStr>(&mut self, key: &str, default: T) -> T
+    /// A string, `default` when unset.
+    pub fn string(&mut self, key: &str, default: &str) -> String {
+        let v = self.raw(key, default.to_owned());
+        self.report(key, v.clone());
+        v
+    }
+
+    /// A boolean, `default` when unset.
+    pub fn bool(&mut self, key: &str, default: bool) -> bool {
+        let v = self.raw(key, default);
+        self.report(key, v.to_string());
+        v
+    }
+
+    /// A string that may be unset (blank counts as unset).
+    pub fn opt_string(&mut self, key: &str) -> Option<String> {
+        let v = self.raw_opt_string(key);
+        self.report(key, show_opt(&v));
+        v
+    }
+
+    /// A secret: reported as `<redacted>` when set.
+    pub fn secret(&mut self, key: &str) -> Secret {
+        let v = Secret(self.raw_opt_string(key).unwrap_or_default());
+        self.report(key, format!("{v:?}").trim_matches('"').to_owned());
+        v
+    }
+
+    /// A value parsed with `FromStr`, `default` when unset.
+    pub fn parsed<T>(&mut self, key: &str, default: T) -> T
     where
+        T: std::str::FromStr + fmt::Display,
         T::Err: fmt::Display,
     {
-        match self.opt_string(key) {
+        let v = match self.raw_opt_string(key) {
             None => default,
             Some(s) => match s.trim().parse() {
                 Ok(v) => v,
@@ -364,13 +275,15 @@ impl Reader {
                     default
                 }
             },
-        }
+        };
+        self.report(key, v.to_string());
+        v
     }
 
     /// A `host:port`, resolved once at start (a hostname such as `consul:8600` is fine).
-    fn socket_addr(&mut self, key: &str, default: SocketAddr) -> SocketAddr {
+    pub fn socket_addr(&mut self, key: &str, default: SocketAddr) -> SocketAddr {
         use std::net::ToSocketAddrs;
-        match self.opt_string(key) {
+        let v = match self.raw_opt_string(key) {
             None => default,
             Some(s) => match s.trim().to_socket_addrs().map(|mut a| a.next()) {
                 Ok(Some(addr)) => addr,
@@ -383,11 +296,14 @@ impl Reader {
                     default
                 }
             },
-        }
+        };
+        self.report(key, v.to_string());
+        v
     }
 
-    fn duration(&mut self, key: &str, default: Duration) -> Duration {
-        match self.opt_string(key) {
+    /// A humantime duration (`250ms`, `5s`, `1m`), `default` when unset.
+    pub fn duration(&mut self, key: &str, default: Duration) -> Duration {
+        let v = match self.raw_opt_string(key) {
             None => default,
             Some(s) => match humantime::parse_duration(s.trim()) {
                 Ok(d) => d,
@@ -399,15 +315,15 @@ impl Reader {
                     default
                 }
             },
-        }
+        };
+        self.report(key, humantime::format_duration(v).to_string());
+        v
     }
 
-    fn positive<T: PartialOrd + Default + Copy + std::str::FromStr>(
-        &mut self,
-        key: &str,
-        default: T,
-    ) -> T
+    /// A number greater than zero, `default` when unset.
+    pub fn positive<T>(&mut self, key: &str, default: T) -> T
     where
+        T: PartialOrd + Default + Copy + std::str::FromStr + fmt::Display,
         T::Err: fmt::Display,
     {
         let v = self.parsed(key, default);
@@ -417,8 +333,10 @@ impl Reader {
         v
     }
 
-    fn list(&mut self, key: &str) -> Vec<String> {
-        self.opt_string(key)
+    /// A comma-separated list.
+    pub fn list(&mut self, key: &str) -> Vec<String> {
+        let v: Vec<String> = self
+            .raw_opt_string(key)
             .map(|s| {
                 s.split(',')
                     .map(str::trim)
@@ -426,9 +344,27 @@ impl Reader {
                     .map(str::to_owned)
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default();
+        self.report(key, v.join(","));
+        v
     }
 }
+
+/// A service's own configuration section (`[cache]`): serde fields with `#[serde(default)]`, checked by
+/// [`SectionSettings::validate`] beside the platform's settings before anything is bound. `()` is the section
+/// of a service that has none.
+pub trait SectionSettings:
+    DeserializeOwned + serde::Serialize + Default + fmt::Debug + Send + Sync + 'static
+{
+    /// What serde cannot check (ranges, combinations), each error under its dotted key
+    /// (`<section>.<field>`). None by default.
+    fn validate(&self, section: &str) -> Vec<ConfigError> {
+        let _ = section;
+        Vec::new()
+    }
+}
+
+impl SectionSettings for () {}
 
 impl Settings {
     /// A service's own configuration section (`[cache]` in the file, `KEEL_CACHE__MAX_BYTES` in the environment),
@@ -470,6 +406,18 @@ impl Settings {
     /// # Errors
     /// Every bad value, each with its key; an unreadable file is reported under `KEEL_CONFIG_FILE`.
     pub fn from_env(name: &str, env: &Env) -> Result<Self, ConfigErrors> {
+        match Self::read(name, env)? {
+            (settings, errors) if errors.is_empty() => Ok(settings),
+            (_, errors) => Err(ConfigErrors(errors)),
+        }
+    }
+
+    /// [`Settings::from_env`], returning the settings (defaults in place of bad values) beside the errors, so
+    /// the services' sections can be checked against them and reported with them.
+    ///
+    /// # Errors
+    /// Only an unreadable `KEEL_CONFIG_FILE`.
+    pub fn read(name: &str, env: &Env) -> Result<(Self, Vec<ConfigError>), ConfigErrors> {
         let mut builder = Config::builder();
         if let Some(path) = env.get("KEEL_CONFIG_FILE") {
             builder = builder.add_source(File::new(path, FileFormat::Toml).required(true));
@@ -507,158 +455,24 @@ impl Settings {
         let mut r = Reader {
             cfg,
             errors: Vec::new(),
+            effective: Vec::new(),
         };
-
-        let service_name: String = r.get("service.name", name.to_owned());
-        if service_name.is_empty()
-            || !service_name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-')
-        {
-            r.fail(
-                "service.name",
-                format!("{service_name:?}: use letters, digits and '-' (a DNS label)"),
-            );
-        }
-        let service = ServiceSettings {
-            name: service_name.clone(),
-            instance_id: r.opt_string("service.instance_id"),
-            version: r.get("service.version", env!("CARGO_PKG_VERSION").to_owned()),
-            tags: r.list("service.tags"),
-        };
-
-        let grpc = GrpcSettings {
-            listen_addr: r.parsed("grpc.listen_addr", SocketAddr::from(([127, 0, 0, 1], 0))),
-            advertise_addr: r.opt_string("grpc.advertise_addr"),
-            max_concurrent_requests: r.positive("grpc.max_concurrent_requests", 1024usize),
-            max_concurrent_streams: r.positive("grpc.max_concurrent_streams", 256u32),
-            max_request_bytes: r.positive("grpc.max_request_bytes", 4 * 1024 * 1024usize),
-            max_response_bytes: r.positive("grpc.max_response_bytes", 16 * 1024 * 1024usize),
-            max_connection_age: r.duration("grpc.max_connection_age", Duration::from_secs(300)),
-            keepalive_interval: r.duration("grpc.keepalive_interval", Duration::from_secs(30)),
-            keepalive_timeout: r.duration("grpc.keepalive_timeout", Duration::from_secs(10)),
-            request_timeout: r.duration("grpc.request_timeout", Duration::from_secs(30)),
-            drain_timeout: r.duration("grpc.drain_timeout", Duration::from_secs(10)),
-        };
-
-        let http_addr = r.opt_string("consul.http_addr");
-        let check = r.opt_string("consul.check");
-        let mut consul = ConsulSettings {
-            dns_enabled: r.get("consul.dns_enabled", http_addr.is_some()),
-            http_addr,
-            token: Secret(r.opt_string("consul.token").unwrap_or_default()),
-            dns_addr: r.socket_addr("consul.dns_addr", SocketAddr::from(([127, 0, 0, 1], 8600))),
-            // Resolved below, once the TLS settings are known.
-            check: CheckKind::Grpc,
-            check_interval: r.duration("consul.check_interval", Duration::from_secs(2)),
-            failures_before_critical: r.positive("consul.failures_before_critical", 3u32),
-            deregister_critical_after: r
-                .duration("consul.deregister_critical_after", Duration::from_secs(60)),
-            discovery_interval: r.duration("consul.discovery_interval", Duration::from_secs(2)),
-        };
-
-        let statsd = StatsdSettings {
-            addr: r.opt_string("statsd.addr"),
-            prefix: r.get("statsd.prefix", "keel".to_owned()),
-            queue_capacity: r.positive("statsd.queue_capacity", 10_000usize),
-        };
-
-        let log = LogSettings {
-            level: r.get("log.level", "info".to_owned()),
-            stdout: r.get("log.stdout", true),
-            kafka_brokers: r.opt_string("kafka.brokers"),
-            topic: r.opt_string("log.topic"),
-            buffer_lines: r.positive("log.buffer_lines", 10_000usize),
-            delivery_timeout: r.duration("log.delivery_timeout", Duration::from_secs(5)),
-        };
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
-            r.fail("log.level", format!("{:?}: {e}", log.level));
-        }
-
-        let static_raw = r.opt_string("client.static_endpoints").unwrap_or_default();
-        let mut static_endpoints = HashMap::new();
-        for entry in static_raw
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-        {
-            match parse_static_entry(entry) {
-                Ok((svc, addrs)) => {
-                    static_endpoints.insert(svc, addrs);
-                }
-                Err(msg) => r.fail("client.static_endpoints", msg),
-            }
-        }
-        let client = ClientSettings {
-            default_timeout: r.duration("client.default_timeout", Duration::from_secs(10)),
-            connect_timeout: r.duration("client.connect_timeout", Duration::from_secs(1)),
-            max_attempts: r.positive("client.max_attempts", 3u32),
-            static_endpoints,
-        };
-
-        let database = DatabaseSettings {
-            url: r.opt_string("database.url").map(Secret),
-            dir: r.get("database.dir", "var".to_owned()),
-            max_connections: r.positive("database.max_connections", 8u32),
-            acquire_timeout: r.duration("database.acquire_timeout", Duration::from_secs(3)),
-        };
-        let events = EventSettings {
-            brokers: r
-                .opt_string("events.brokers")
-                .or_else(|| log.kafka_brokers.clone()),
-            group_prefix: r.opt_string("events.group_prefix"),
-            delivery_timeout: r.duration("events.delivery_timeout", Duration::from_secs(5)),
-        };
-
-        let tls = TlsSettings {
-            cert_file: r.opt_string("tls.cert_file"),
-            key_file: r.opt_string("tls.key_file"),
-            ca_file: r.opt_string("tls.ca_file"),
-            require_client_cert: r.get("tls.require_client_cert", false),
-            server_name: r.get("tls.server_name", "localhost".to_owned()),
-        };
-        if tls.cert_file.is_some() != tls.key_file.is_some() {
-            r.fail("tls.key_file", "tls.cert_file and tls.key_file go together");
-        }
-        if tls.require_client_cert && (tls.ca_file.is_none() || !tls.server_enabled()) {
-            r.fail(
-                "tls.require_client_cert",
-                "needs tls.cert_file, tls.key_file and tls.ca_file (the CA client certificates are checked against)",
-            );
-        }
-        for (key, file) in [
-            ("tls.cert_file", &tls.cert_file),
-            ("tls.key_file", &tls.key_file),
-            ("tls.ca_file", &tls.ca_file),
-        ] {
-            if let Some(f) = file
-                && !std::path::Path::new(f).is_file()
-            {
-                r.fail(key, format!("{f:?} is not a readable file"));
-            }
-        }
-        consul.check = match check.as_deref().map(str::to_ascii_lowercase).as_deref() {
-            None | Some("auto") if tls.require_client_cert => CheckKind::Ttl,
-            None | Some("auto") | Some("grpc") => CheckKind::Grpc,
-            Some("ttl") => CheckKind::Ttl,
-            Some(other) => {
-                r.fail(
-                    "consul.check",
-                    format!("{other:?}: expected grpc, ttl or auto"),
-                );
-                CheckKind::Grpc
-            }
-        };
-        if consul.check == CheckKind::Grpc && tls.require_client_cert {
-            r.fail(
-                "consul.check",
-                "grpc: Consul's agent cannot present a client certificate to a server with \
-                 tls.require_client_cert; use ttl (or auto)",
-            );
-        }
-
-        if r.errors.is_empty() {
-            Ok(Settings {
+        let service = ServiceSettings::read(&mut r, name);
+        let grpc = GrpcSettings::read(&mut r);
+        let statsd = StatsdSettings::read(&mut r);
+        let log = LogSettings::read(&mut r);
+        let client = ClientSettings::read(&mut r);
+        let database = DatabaseSettings::read(&mut r);
+        let events = EventSettings::read(&mut r, log.kafka_brokers.as_deref());
+        let tls = TlsSettings::read(&mut r);
+        let consul = ConsulSettings::read(&mut r, &tls);
+        let log_topic = log
+            .topic
+            .clone()
+            .unwrap_or_else(|| format!("logs.{}", service.name));
+        r.report("log.topic", log_topic);
+        Ok((
+            Settings {
                 service,
                 grpc,
                 consul,
@@ -669,10 +483,10 @@ impl Settings {
                 events,
                 tls,
                 raw,
-            })
-        } else {
-            Err(ConfigErrors(r.errors))
-        }
+                effective: r.effective,
+            },
+            r.errors,
+        ))
     }
 
     /// The Kafka topic this service's logs go to: `log.topic`, or `logs.<service>`.
@@ -691,14 +505,7 @@ impl Settings {
     /// The database URL of service `service` in this process (the all-in-one process hosts several, each with
     /// its own database).
     pub fn database_url_of(&self, service: &str) -> String {
-        let pattern = match &self.database.url {
-            Some(url) => url.expose().to_owned(),
-            None => format!(
-                "sqlite://{}/{{service}}.db?mode=rwc",
-                self.database.dir.trim_end_matches('/')
-            ),
-        };
-        pattern.replace("{service}", service)
+        self.database.url_pattern().replace("{service}", service)
     }
 
     /// [`Self::database_url`] with any password replaced by `***`, for logs.
@@ -727,79 +534,12 @@ pub fn redact_url(url: &str) -> String {
 }
 
 impl Settings {
-    /// The effective settings as `key=value` pairs, secrets redacted, for the start-up log line.
-    pub fn effective(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("service.name", self.service.name.clone()),
-            ("grpc.listen_addr", self.grpc.listen_addr.to_string()),
-            (
-                "grpc.max_concurrent_requests",
-                self.grpc.max_concurrent_requests.to_string(),
-            ),
-            (
-                "grpc.request_timeout",
-                format!("{:?}", self.grpc.request_timeout),
-            ),
-            (
-                "grpc.drain_timeout",
-                format!("{:?}", self.grpc.drain_timeout),
-            ),
-            (
-                "consul.http_addr",
-                self.consul
-                    .http_addr
-                    .clone()
-                    .unwrap_or_else(|| "(none)".into()),
-            ),
-            ("consul.token", format!("{:?}", self.consul.token)),
-            ("consul.dns_addr", self.consul.dns_addr.to_string()),
-            ("consul.dns_enabled", self.consul.dns_enabled.to_string()),
-            (
-                "statsd.addr",
-                self.statsd.addr.clone().unwrap_or_else(|| "(none)".into()),
-            ),
-            ("statsd.prefix", self.statsd.prefix.clone()),
-            (
-                "kafka.brokers",
-                self.log
-                    .kafka_brokers
-                    .clone()
-                    .unwrap_or_else(|| "(none)".into()),
-            ),
-            ("log.topic", self.log_topic()),
-            ("log.level", self.log.level.clone()),
-            ("database.url", self.database_url_redacted()),
-            (
-                "events.brokers",
-                self.events
-                    .brokers
-                    .clone()
-                    .unwrap_or_else(|| "(none: in-process bus)".into()),
-            ),
-            (
-                "events.group_prefix",
-                self.events
-                    .group_prefix
-                    .clone()
-                    .unwrap_or_else(|| "(none)".into()),
-            ),
-        ]
+    /// The effective value of every platform setting as `key=value` pairs, secrets redacted, in reading order:
+    /// recorded by the [`Reader`] as each section read its keys, so nothing is left out. The services'
+    /// sections are added by [`crate::App`]'s report.
+    pub fn effective(&self) -> &[(String, String)] {
+        &self.effective
     }
-}
-
-fn parse_static_entry(entry: &str) -> Result<(String, Vec<SocketAddr>), String> {
-    let (svc, addrs) = entry
-        .split_once('=')
-        .ok_or_else(|| format!("{entry:?}: expected service=host:port|host:port"))?;
-    let addrs = addrs
-        .split('|')
-        .map(|a| {
-            a.trim()
-                .parse::<SocketAddr>()
-                .map_err(|e| format!("{entry:?}: {a:?}: {e}"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((svc.trim().to_owned(), addrs))
 }
 
 #[cfg(test)]

@@ -21,7 +21,104 @@ use std::{collections::HashMap, time::Duration};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{CheckKind, ConsulSettings, Secret};
+use std::net::SocketAddr;
+
+use crate::{
+    config::{Reader, Secret},
+    tls::TlsSettings,
+};
+
+/// Consul: agent registration and DNS discovery.
+#[derive(Clone, Debug)]
+pub struct ConsulSettings {
+    /// Agent HTTP address (`CONSUL_HTTP_ADDR` or `consul.http_addr`), `host:port` or a URL. Unset: no
+    /// registration.
+    pub http_addr: Option<String>,
+    /// ACL token (`CONSUL_HTTP_TOKEN` or `consul.token`), sent as `X-Consul-Token`.
+    pub token: Secret,
+    /// Consul DNS server (`consul.dns_addr`, `host:port`, resolved at start), default `127.0.0.1:8600`.
+    pub dns_addr: SocketAddr,
+    /// Use Consul DNS to find peers (`consul.dns_enabled`); default: on when `http_addr` is set.
+    pub dns_enabled: bool,
+    /// How Consul learns this instance's health (`consul.check`: `grpc`, `ttl`, or `auto`, the default: `ttl`
+    /// when `tls.require_client_cert` is set, since Consul's agent cannot present a client certificate, else
+    /// `grpc`).
+    pub check: CheckKind,
+    /// Interval of the `GRPC` health check, or of the instance's TTL heartbeats (`consul.check_interval`).
+    pub check_interval: Duration,
+    /// Consecutive failed `GRPC` checks before Consul marks the instance critical
+    /// (`consul.failures_before_critical`, default 3): a busy instance answering one check late stays in DNS;
+    /// a dead one leaves after about this many intervals.
+    pub failures_before_critical: u32,
+    /// Consul removes an instance whose check stays critical this long (`consul.deregister_critical_after`).
+    pub deregister_critical_after: Duration,
+    /// How often clients re-resolve peers; also how long shutdown waits after deregistering
+    /// (`consul.discovery_interval`).
+    pub discovery_interval: Duration,
+}
+
+/// The kind of Consul health check an instance registers with
+/// (<https://developer.hashicorp.com/consul/docs/services/usage/checks>).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckKind {
+    /// Consul's agent calls the instance's `grpc.health.v1` every `check_interval`.
+    Grpc,
+    /// The instance reports its own health status to the agent every `check_interval`
+    /// (`PUT /v1/agent/check/update/:check_id`); Consul marks it critical when no report came for
+    /// [`ConsulSettings::ttl`] (a killed instance drops out after at most that).
+    Ttl,
+}
+
+impl ConsulSettings {
+    /// The TTL of a [`CheckKind::Ttl`] check: three heartbeat intervals, so one lost heartbeat is no outage.
+    pub fn ttl(&self) -> Duration {
+        self.check_interval * 3
+    }
+}
+
+impl ConsulSettings {
+    /// Reads the `consul` section (`CONSUL_HTTP_ADDR` / `CONSUL_HTTP_TOKEN` are layered in as
+    /// `consul.http_addr` / `consul.token`); the check kind depends on `tls`.
+    pub fn read(r: &mut Reader, tls: &TlsSettings) -> Self {
+        let http_addr = r.opt_string("consul.http_addr");
+        let check = match r
+            .string("consul.check", "auto")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "auto" if tls.require_client_cert => CheckKind::Ttl,
+            "auto" | "grpc" => CheckKind::Grpc,
+            "ttl" => CheckKind::Ttl,
+            other => {
+                r.fail(
+                    "consul.check",
+                    format!("{other:?}: expected grpc, ttl or auto"),
+                );
+                CheckKind::Grpc
+            }
+        };
+        if check == CheckKind::Grpc && tls.require_client_cert {
+            r.fail(
+                "consul.check",
+                "grpc: Consul's agent cannot present a client certificate to a server with \
+                 tls.require_client_cert; use ttl (or auto)",
+            );
+        }
+        r.report("consul.check", format!("{check:?}").to_ascii_lowercase());
+        Self {
+            dns_enabled: r.bool("consul.dns_enabled", http_addr.is_some()),
+            http_addr,
+            token: r.secret("consul.token"),
+            dns_addr: r.socket_addr("consul.dns_addr", SocketAddr::from(([127, 0, 0, 1], 8600))),
+            check,
+            check_interval: r.duration("consul.check_interval", Duration::from_secs(2)),
+            failures_before_critical: r.positive("consul.failures_before_critical", 3u32),
+            deregister_critical_after: r
+                .duration("consul.deregister_critical_after", Duration::from_secs(60)),
+            discovery_interval: r.duration("consul.discovery_interval", Duration::from_secs(2)),
+        }
+    }
+}
 
 /// A failed Consul call.
 #[derive(Debug, thiserror::Error)]

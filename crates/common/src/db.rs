@@ -10,9 +10,57 @@ use std::time::Duration;
 
 use sqlx::{AnyPool, any::AnyPoolOptions, migrate::Migrator};
 
-use crate::{ServiceError, config::Settings};
+use crate::{
+    ServiceError,
+    config::{Reader, Secret, Settings},
+};
 
 pub use sqlx;
+
+/// The service's own database.
+#[derive(Clone, Debug)]
+pub struct DatabaseSettings {
+    /// sqlx URL (`database.url`): `postgres://user:pass@host:port/db` in deployment, or
+    /// `sqlite://path/file.db?mode=rwc`; `{service}` in it is replaced by the service's name, so one setting
+    /// can give every service its own database. Default: `sqlite://<database.dir>/{service}.db?mode=rwc`,
+    /// the embedded default.
+    pub url: Option<Secret>,
+    /// Directory of the default SQLite files (`database.dir`), default `var`.
+    pub dir: String,
+    /// Connections in the pool (`database.max_connections`), default 8.
+    pub max_connections: u32,
+    /// Longest wait for a pooled connection before the call fails UNAVAILABLE (`database.acquire_timeout`).
+    pub acquire_timeout: Duration,
+}
+
+impl DatabaseSettings {
+    /// Reads the `database` section; the URL is reported with its password redacted.
+    pub fn read(r: &mut Reader) -> Self {
+        let url = r.secret("database.url");
+        let this = Self {
+            url: (!url.expose().is_empty()).then_some(url),
+            dir: r.string("database.dir", "var"),
+            max_connections: r.positive("database.max_connections", 8u32),
+            acquire_timeout: r.duration("database.acquire_timeout", Duration::from_secs(3)),
+        };
+        r.report(
+            "database.url",
+            crate::config::redact_url(&this.url_pattern()),
+        );
+        this
+    }
+
+    /// `database.url`, or the SQLite default, with `{service}` still in it.
+    pub fn url_pattern(&self) -> String {
+        match &self.url {
+            Some(url) => url.expose().to_owned(),
+            None => format!(
+                "sqlite://{}/{{service}}.db?mode=rwc",
+                self.dir.trim_end_matches('/')
+            ),
+        }
+    }
+}
 
 /// Key of the PostgreSQL advisory lock held while a database is migrated at start.
 const MIGRATION_LOCK: i64 = 0x006b_6565_6c6d_6967;
@@ -118,7 +166,7 @@ pub async fn connect_url(
     }
     let migrated = async {
         migrations.run(&mut *conn).await?;
-        crate::outbox::create_table(&mut conn).await?;
+        create_outbox_table(&mut conn).await?;
         anyhow::Ok(())
     }
     .await;
@@ -131,6 +179,18 @@ pub async fn connect_url(
     migrated?;
     drop(conn);
     Ok(pool)
+}
+
+/// Creates the platform's outbox table (`keel_outbox`, used by [`crate::outbox`]) if missing, under the same
+/// lock as the service's migrations. It lives here, with the schema, so storage never depends on the relay.
+async fn create_outbox_table(conn: &mut sqlx::AnyConnection) -> sqlx::Result<()> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS keel_outbox (\
+           id TEXT PRIMARY KEY, topic TEXT NOT NULL, payload TEXT NOT NULL, created_ms BIGINT NOT NULL)",
+    )
+    .execute(conn)
+    .await
+    .map(drop)
 }
 
 /// A readiness check for [`crate::Server::readiness`]: `SELECT 1`.

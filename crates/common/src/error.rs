@@ -131,6 +131,34 @@ impl From<ServiceError> for Status {
     }
 }
 
+/// The statuses the platform's layers ([`crate::layers`], [`crate::routing`]) answer with when a call never
+/// reaches a handler or never reaches an instance. Bare statuses, as gRPC's own transports give them (no
+/// details, so a client's reading of them is unchanged), built here so this stays the one place statuses are
+/// made.
+pub(crate) mod layer_status {
+    use tonic::Status;
+
+    /// DEADLINE_EXCEEDED: the caller's deadline passed before or during the call.
+    pub(crate) fn deadline_exceeded(message: impl Into<String>) -> Status {
+        Status::deadline_exceeded(message)
+    }
+
+    /// UNAVAILABLE: no instance, or the transport to it failed; the caller may retry.
+    pub(crate) fn unavailable(message: impl Into<String>) -> Status {
+        Status::unavailable(message)
+    }
+
+    /// RESOURCE_EXHAUSTED: shed at the concurrency limit before any handler ran.
+    pub(crate) fn overloaded(message: impl Into<String>) -> Status {
+        Status::resource_exhausted(message)
+    }
+
+    /// An unexpected failure of the server stack itself: logged in full, opaque INTERNAL to the caller.
+    pub(crate) fn internal(error: anyhow::Error) -> Status {
+        super::ServiceError::Internal(error).into()
+    }
+}
+
 /// Whether a failed call may succeed if tried again: UNAVAILABLE, RESOURCE_EXHAUSTED or ABORTED, or any status
 /// whose details carry `RetryInfo`.
 pub fn is_retryable(status: &Status) -> bool {

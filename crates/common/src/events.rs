@@ -30,7 +30,40 @@ use rdkafka::{
 };
 use tokio::sync::mpsc;
 
-use crate::config::Settings;
+use crate::config::{Reader, Settings};
+
+/// Domain events: Kafka when `kafka.brokers` is set, otherwise an in-process bus.
+#[derive(Clone, Debug)]
+pub struct EventSettings {
+    /// Kafka bootstrap servers for events (`events.brokers`), default `kafka.brokers`. Unset: in-process bus.
+    pub brokers: Option<String>,
+    /// Namespace of this process's consumer groups (`events.group_prefix`), default none. A consumer's group is
+    /// `<prefix>.<consumer>` (or just `<consumer>`, e.g. `search`), so every instance of a service shares the
+    /// partitions, and a test or a second environment on the same brokers can keep its own offsets.
+    pub group_prefix: Option<String>,
+    /// Longest wait for Kafka to acknowledge one event before the outbox retries it (`events.delivery_timeout`).
+    pub delivery_timeout: Duration,
+}
+
+impl EventSettings {
+    /// Reads the `events` section; `events.brokers` defaults to `kafka_brokers` (`kafka.brokers`).
+    pub fn read(r: &mut Reader, kafka_brokers: Option<&str>) -> Self {
+        let brokers = r
+            .opt_string("events.brokers")
+            .or_else(|| kafka_brokers.map(str::to_owned));
+        r.report(
+            "events.brokers",
+            brokers
+                .clone()
+                .unwrap_or_else(|| "(none: in-process bus)".into()),
+        );
+        Self {
+            brokers,
+            group_prefix: r.opt_string("events.group_prefix"),
+            delivery_timeout: r.duration("events.delivery_timeout", Duration::from_secs(5)),
+        }
+    }
+}
 
 /// Why a publish failed; the outbox retries.
 #[derive(Debug, thiserror::Error)]

@@ -36,7 +36,42 @@ use serde_json::{Map, Value};
 use tracing::{Event, Subscriber, field::Field, span};
 use tracing_subscriber::{EnvFilter, Layer, layer::Context, prelude::*, registry::LookupSpan};
 
-use crate::config::Settings;
+use crate::config::{Reader, Settings};
+
+/// Logs: JSON lines on stdout and shipped to Kafka.
+#[derive(Clone, Debug)]
+pub struct LogSettings {
+    /// `tracing` filter directives (`log.level`, or `RUST_LOG`), default `info`.
+    pub level: String,
+    /// Write JSON lines to stdout (`log.stdout`), default true.
+    pub stdout: bool,
+    /// Kafka bootstrap servers (`kafka.brokers`, comma separated). Unset: logs are not shipped.
+    pub kafka_brokers: Option<String>,
+    /// Log topic (`log.topic`), default `logs.<service>`.
+    pub topic: Option<String>,
+    /// Lines buffered for the Kafka shipper before new ones are dropped (`log.buffer_lines`).
+    pub buffer_lines: usize,
+    /// A line Kafka has not acknowledged within this time is dropped and counted (`log.delivery_timeout`).
+    pub delivery_timeout: Duration,
+}
+
+impl LogSettings {
+    /// Reads the `log` section and `kafka.brokers` (`RUST_LOG` is layered in as the default `log.level`).
+    pub fn read(r: &mut Reader) -> Self {
+        let level = r.string("log.level", "info");
+        if let Err(e) = EnvFilter::try_new(&level) {
+            r.fail("log.level", format!("{level:?}: {e}"));
+        }
+        Self {
+            level,
+            stdout: r.bool("log.stdout", true),
+            kafka_brokers: r.opt_string("kafka.brokers"),
+            topic: r.opt_string("log.topic"),
+            buffer_lines: r.positive("log.buffer_lines", 10_000usize),
+            delivery_timeout: r.duration("log.delivery_timeout", Duration::from_secs(5)),
+        }
+    }
+}
 
 const SELF_TARGET: &str = module_path!();
 

@@ -33,20 +33,6 @@ use crate::{db::Backend, events::EventBus};
 /// are per database, so services never contend).
 pub const RELAY_LOCK: i64 = 0x006b_6565_6c72_656c;
 
-/// Creates the outbox table if missing; [`crate::db::connect`] calls it.
-///
-/// # Errors
-/// The statement fails.
-pub async fn create_table(conn: &mut AnyConnection) -> sqlx::Result<()> {
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS keel_outbox (\
-           id TEXT PRIMARY KEY, topic TEXT NOT NULL, payload TEXT NOT NULL, created_ms BIGINT NOT NULL)",
-    )
-    .execute(conn)
-    .await
-    .map(drop)
-}
-
 /// Queues `payload` for `topic` inside the caller's transaction.
 ///
 /// # Errors

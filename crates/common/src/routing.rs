@@ -20,8 +20,10 @@ use std::{
 
 use http::{Request, Response};
 use tokio::sync::watch;
-use tonic::{Status, body::Body};
+use tonic::body::Body;
 use tower::{Service, ServiceExt};
+
+use crate::error::layer_status;
 
 /// Metadata key carrying a call's routing key.
 pub const ROUTING_KEY: &str = "x-routing-key";
@@ -72,7 +74,7 @@ pub(crate) struct KeyRouter {
     pub(crate) service: Arc<str>,
     pub(crate) endpoints: watch::Receiver<Option<Vec<SocketAddr>>>,
     pub(crate) channels: Arc<Mutex<HashMap<SocketAddr, tonic::transport::Channel>>>,
-    pub(crate) connect: crate::client::Connector,
+    pub(crate) connect: crate::connect::Connector,
 }
 
 impl Service<Request<Body>> for KeyRouter {
@@ -106,7 +108,7 @@ impl Service<Request<Body>> for KeyRouter {
                 Err(_) => Vec::new(),
             };
             let Some(addr) = owner(&key, &list) else {
-                return Ok(Status::unavailable(format!(
+                return Ok(layer_status::unavailable(format!(
                     "no healthy instance of service {:?}",
                     this.service
                 ))
@@ -124,7 +126,7 @@ impl Service<Request<Body>> for KeyRouter {
             let ready = match channel.ready().await {
                 Ok(c) => c,
                 Err(e) => {
-                    return Ok(Status::unavailable(format!(
+                    return Ok(layer_status::unavailable(format!(
                         "instance {addr} of {:?} unreachable: {e}",
                         this.service
                     ))
@@ -139,10 +141,10 @@ impl Service<Request<Body>> for KeyRouter {
                     // surfaces as a transport error: either is the deadline, not a broken instance.
                     let at_deadline = deadline
                         .is_some_and(|d| std::time::Instant::now() + Duration::from_millis(5) >= d);
-                    if crate::client::is_timeout(&*e) || at_deadline {
-                        Status::deadline_exceeded("deadline exceeded").into_http()
+                    if crate::connect::is_timeout(&*e) || at_deadline {
+                        layer_status::deadline_exceeded("deadline exceeded").into_http()
                     } else {
-                        Status::unavailable(format!(
+                        layer_status::unavailable(format!(
                             "instance {addr} of {:?} unreachable: {e}",
                             this.service
                         ))

@@ -14,14 +14,8 @@
 //! most `grpc.drain_timeout` → flush metrics. Logs are flushed by the caller ([`crate::run`]) last.
 
 use std::{
-    collections::HashSet,
-    convert::Infallible,
-    future::Future,
-    net::SocketAddr,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
+    collections::HashSet, convert::Infallible, future::Future, net::SocketAddr, pin::Pin,
+    sync::Arc, time::Duration,
 };
 
 use http::{Request, Response};
@@ -29,20 +23,69 @@ use keel_protos::ServerCodec;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
-    Status, body::Body, server::NamedService, service::RoutesBuilder,
-    transport::server::TcpIncoming,
+    body::Body, server::NamedService, service::RoutesBuilder, transport::server::TcpIncoming,
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::{
-    BoxError, Service, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::LoadShedLayer,
+    Service, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::LoadShedLayer,
 };
 
 use crate::{
     Platform,
+    config::Reader,
     consul::{ConsulAgent, Instance, Registrar},
-    context::ServerContextLayer,
-    metrics::{GrpcMetricsLayer, Side},
+    layers::{GrpcMetricsLayer, ServerContextLayer, ShedToStatusLayer},
+    metrics::Side,
 };
+
+/// The gRPC server: address, HTTP/2 and resource limits, shutdown.
+#[derive(Clone, Debug)]
+pub struct GrpcSettings {
+    /// Address to bind (`grpc.listen_addr`), default `127.0.0.1:0` (any free port).
+    pub listen_addr: SocketAddr,
+    /// Address announced to Consul (`grpc.advertise_addr`); default: the bound address, with `127.0.0.1` for an
+    /// unspecified IP.
+    pub advertise_addr: Option<String>,
+    /// Requests handled at once by this instance (`grpc.max_concurrent_requests`); more are rejected with
+    /// RESOURCE_EXHAUSTED before any handler runs.
+    pub max_concurrent_requests: usize,
+    /// HTTP/2 streams per connection (`grpc.max_concurrent_streams`).
+    pub max_concurrent_streams: u32,
+    /// Largest decoded request message in bytes (`grpc.max_request_bytes`); larger is refused with OUT_OF_RANGE (tonic's code).
+    pub max_request_bytes: usize,
+    /// Largest encoded response message in bytes (`grpc.max_response_bytes`).
+    pub max_response_bytes: usize,
+    /// Connections are closed (GOAWAY) after this age so clients rebalance after a scale-up
+    /// (`grpc.max_connection_age`).
+    pub max_connection_age: Duration,
+    /// HTTP/2 PING interval (`grpc.keepalive_interval`).
+    pub keepalive_interval: Duration,
+    /// HTTP/2 PING ack timeout (`grpc.keepalive_timeout`).
+    pub keepalive_timeout: Duration,
+    /// Longest a request may run when the caller sent no deadline (`grpc.request_timeout`).
+    pub request_timeout: Duration,
+    /// Hard limit on draining in-flight calls at shutdown (`grpc.drain_timeout`).
+    pub drain_timeout: Duration,
+}
+
+impl GrpcSettings {
+    /// Reads the `grpc` section.
+    pub fn read(r: &mut Reader) -> Self {
+        Self {
+            listen_addr: r.parsed("grpc.listen_addr", SocketAddr::from(([127, 0, 0, 1], 0))),
+            advertise_addr: r.opt_string("grpc.advertise_addr"),
+            max_concurrent_requests: r.positive("grpc.max_concurrent_requests", 1024usize),
+            max_concurrent_streams: r.positive("grpc.max_concurrent_streams", 256u32),
+            max_request_bytes: r.positive("grpc.max_request_bytes", 4 * 1024 * 1024usize),
+            max_response_bytes: r.positive("grpc.max_response_bytes", 16 * 1024 * 1024usize),
+            max_connection_age: r.duration("grpc.max_connection_age", Duration::from_secs(300)),
+            keepalive_interval: r.duration("grpc.keepalive_interval", Duration::from_secs(30)),
+            keepalive_timeout: r.duration("grpc.keepalive_timeout", Duration::from_secs(10)),
+            request_timeout: r.duration("grpc.request_timeout", Duration::from_secs(30)),
+            drain_timeout: r.duration("grpc.drain_timeout", Duration::from_secs(10)),
+        }
+    }
+}
 
 /// A readiness check: `Ok` when a dependency answers, `Err(why)` when it does not.
 pub type ReadinessCheck =
@@ -148,7 +191,7 @@ impl Server {
                 Side::Server,
                 known,
             ))
-            .layer_fn(|inner| ShedToStatus { inner })
+            .layer(ShedToStatusLayer)
             .layer(LoadShedLayer::new())
             .layer(GlobalConcurrencyLimitLayer::new(g.max_concurrent_requests))
             .into_inner();
@@ -321,48 +364,5 @@ async fn readiness_loop(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-    }
-}
-
-/// Turns load shedding's `Overloaded` into RESOURCE_EXHAUSTED before any handler ran.
-#[derive(Clone)]
-struct ShedToStatus<S> {
-    inner: S,
-}
-
-impl<S, B> Service<Request<B>> for ShedToStatus<S>
-where
-    S: Service<Request<B>, Response = Response<Body>, Error = BoxError>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // LoadShed is always ready (it sheds in `call`); any other readiness error surfaces on the call.
-        match self.inner.poll_ready(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(_) => Poll::Ready(Ok(())),
-        }
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            Ok(match fut.await {
-                Ok(resp) => resp,
-                Err(e) if e.is::<tower::load_shed::error::Overloaded>() => {
-                    Status::resource_exhausted(
-                        "server overloaded: concurrency limit reached; retry later",
-                    )
-                    .into_http()
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "server stack error");
-                    Status::internal("internal error").into_http()
-                }
-            })
-        })
     }
 }

@@ -8,7 +8,71 @@
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-use crate::config::TlsSettings;
+use crate::config::Reader;
+
+/// TLS (rustls) for the server and for outgoing calls; PEM files, read at start.
+#[derive(Clone, Debug, Default)]
+pub struct TlsSettings {
+    /// This process's certificate chain (`tls.cert_file`). With `tls.key_file`, the server speaks TLS only, and
+    /// outgoing calls present it as a client certificate (mutual TLS).
+    pub cert_file: Option<String>,
+    /// Its private key (`tls.key_file`).
+    pub key_file: Option<String>,
+    /// CA certificates (`tls.ca_file`): set, outgoing calls use TLS and verify servers against them, and the
+    /// server can require client certificates signed by them.
+    pub ca_file: Option<String>,
+    /// The server refuses clients without a certificate signed by `tls.ca_file` (`tls.require_client_cert`).
+    pub require_client_cert: bool,
+    /// Name expected in servers' certificates (`tls.server_name`), default `localhost`: instances are dialled by
+    /// IP address, so every instance's certificate carries one shared service name.
+    pub server_name: String,
+}
+
+impl TlsSettings {
+    /// Whether the server speaks TLS.
+    pub fn server_enabled(&self) -> bool {
+        self.cert_file.is_some() && self.key_file.is_some()
+    }
+
+    /// Whether outgoing calls use TLS.
+    pub fn client_enabled(&self) -> bool {
+        self.ca_file.is_some()
+    }
+}
+
+impl TlsSettings {
+    /// Reads the `tls` section; the files must exist, and go together as documented on each field.
+    pub fn read(r: &mut Reader) -> Self {
+        let tls = Self {
+            cert_file: r.opt_string("tls.cert_file"),
+            key_file: r.opt_string("tls.key_file"),
+            ca_file: r.opt_string("tls.ca_file"),
+            require_client_cert: r.bool("tls.require_client_cert", false),
+            server_name: r.string("tls.server_name", "localhost"),
+        };
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            r.fail("tls.key_file", "tls.cert_file and tls.key_file go together");
+        }
+        if tls.require_client_cert && (tls.ca_file.is_none() || !tls.server_enabled()) {
+            r.fail(
+                "tls.require_client_cert",
+                "needs tls.cert_file, tls.key_file and tls.ca_file (the CA client certificates are checked against)",
+            );
+        }
+        for (key, file) in [
+            ("tls.cert_file", &tls.cert_file),
+            ("tls.key_file", &tls.key_file),
+            ("tls.ca_file", &tls.ca_file),
+        ] {
+            if let Some(f) = file
+                && !std::path::Path::new(f).is_file()
+            {
+                r.fail(key, format!("{f:?} is not a readable file"));
+            }
+        }
+        tls
+    }
+}
 
 fn read(path: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {path}: {e}"))

@@ -26,7 +26,7 @@ use std::{
 use clap::Parser;
 use hdrhistogram::Histogram;
 use keel_common::{
-    ClientFactory, Metrics, Platform, Server,
+    App, ClientFactory, Metrics,
     config::{Env, Settings},
 };
 use keel_protos::{
@@ -51,12 +51,10 @@ struct Args {
     value_bytes: usize,
 }
 
-/// Serves what `build` makes on 127.0.0.1:0, with `env` as its configuration; returns the address.
-async fn serve<F>(name: &str, env: Env, build: F) -> anyhow::Result<SocketAddr>
-where
-    F: AsyncFnOnce(&Platform) -> anyhow::Result<Server>,
-{
-    keel_common::spawn_server(Settings::from_env(name, &env)?, build).await
+/// Serves `app` on 127.0.0.1:0, with `env` as its configuration; returns the address.
+async fn serve(app: App, env: Env) -> anyhow::Result<SocketAddr> {
+    let settings = app.settings(&env)?;
+    app.spawn(settings).await
 }
 
 fn clients(name: &str, routes: &[(&str, SocketAddr)]) -> anyhow::Result<ClientFactory> {
@@ -159,7 +157,7 @@ async fn cache_server(accounts: SocketAddr, token_ttl: &str) -> anyhow::Result<S
         )
         .with("KEEL_CACHE__TOKEN_TTL", token_ttl)
         .with("KEEL_CACHE__MAX_BYTES", (1usize << 30).to_string());
-    serve("cache", env, cache::build).await
+    serve(App::of::<cache::Cache>(), env).await
 }
 
 #[tokio::main]
@@ -167,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut rows = Vec::new();
 
-    let echo = serve("echo", Env::default(), echo::build).await?;
+    let echo = serve(App::of::<echo::EchoService>(), Env::default()).await?;
     let plain = EchoClient::new(
         tonic::transport::Endpoint::from_shared(format!("http://{echo}"))?
             .connect()
@@ -198,7 +196,7 @@ async fn main() -> anyhow::Result<()> {
         "KEEL_DATABASE__URL",
         format!("sqlite://{}/accounts.db?mode=rwc", dir.display()),
     );
-    let accounts = serve("accounts", accounts_env, accounts::build).await?;
+    let accounts = serve(App::of::<accounts::Accounts>(), accounts_env).await?;
     let token =
         AccountsClient::new(clients("bench", &[("accounts", accounts)])?.channel("accounts")?)
             .create_account(CreateAccountReq {

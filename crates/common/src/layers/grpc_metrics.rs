@@ -1,0 +1,221 @@
+//! Per-RPC metrics and the call log: every call through it is counted, timed and logged once, when it ends
+//! however it ends (trailers, error, or the body dropped early: CANCELLED). Metric names: [`crate::metrics`].
+//! The log line (target `keel::calls`, so `log.level` can quiet it: `info,keel::calls=warn`) gives side,
+//! method, peer, duration, deadline and status; failures at WARN, health checks at DEBUG.
+
+use std::{
+    collections::HashSet,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body as HttpBody, Frame};
+use pin_project_lite::pin_project;
+use tonic::{Code, body::Body};
+use tower::{Layer, Service};
+
+use crate::metrics::{Metrics, Side, code_name, method_metric_name};
+
+/// Records count, latency, status and in-flight for every call through it.
+#[derive(Clone, Debug)]
+pub struct GrpcMetricsLayer {
+    metrics: Metrics,
+    side: Side,
+    known: Arc<HashSet<String>>,
+}
+
+impl GrpcMetricsLayer {
+    /// `known`: full names of the services served (server side), so unknown paths fold into one name.
+    pub fn new(metrics: Metrics, side: Side, known: HashSet<String>) -> Self {
+        Self {
+            metrics,
+            side,
+            known: Arc::new(known),
+        }
+    }
+}
+
+impl<S> Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetrics<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetrics {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// Service made by [`GrpcMetricsLayer`].
+#[derive(Clone, Debug)]
+pub struct GrpcMetrics<S> {
+    inner: S,
+    layer: GrpcMetricsLayer,
+}
+
+/// Records once, when the call ends however it ends (trailers, error, or the body dropped early: CANCELLED).
+struct CallRecord {
+    metrics: Metrics,
+    side: Side,
+    method: String,
+    /// `/package.Service/Method`, for the call log line.
+    path: String,
+    /// The remote address (server side: the caller; client side: the target's authority when known).
+    peer: String,
+    /// The deadline the call carried (`grpc-timeout`), in ms; logged so a call's budget can be traced hop by hop.
+    deadline_ms: Option<f64>,
+    start: Instant,
+    code: Option<Code>,
+}
+
+impl CallRecord {
+    fn finish(&mut self, code: Code) {
+        if self.code.is_none() {
+            self.code = Some(code);
+        }
+    }
+}
+
+impl Drop for CallRecord {
+    /// Records the metrics and logs one line per call (target `keel::calls`, so `log.level` can quiet it:
+    /// `info,keel::calls=warn`): side, method, peer, duration, status; failures at WARN.
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or(Code::Cancelled);
+        let elapsed = self.start.elapsed();
+        self.metrics.record(self.side, &self.method, code, elapsed);
+        self.metrics.inflight(self.side, -1);
+        let (side, method, peer) = (self.side.as_str(), self.path.as_str(), self.peer.as_str());
+        let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        let status = code_name(code);
+        let deadline_ms = self.deadline_ms;
+        if code == Code::Ok && method.starts_with("/grpc.health.v1.Health/") {
+            // Consul's GRPC check calls every few seconds: not worth a line each at INFO.
+            tracing::debug!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, "grpc call");
+        } else if matches!(
+            code,
+            Code::Ok | Code::NotFound | Code::AlreadyExists | Code::InvalidArgument
+        ) {
+            tracing::info!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, "grpc call");
+        } else {
+            tracing::warn!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, "grpc call");
+        }
+    }
+}
+
+fn status_of(headers: &http::HeaderMap) -> Option<Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(Code::from)
+}
+
+impl<S, B> Service<Request<B>> for GrpcMetrics<S>
+where
+    S: Service<Request<B>, Response = Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let method = method_metric_name(req.uri().path(), &self.layer.known);
+        let metrics = self.layer.metrics.clone();
+        metrics.inflight(self.layer.side, 1);
+        let peer = req
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|i| i.remote_addr())
+            .map(|a| a.to_string())
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        let mut record = CallRecord {
+            metrics,
+            side: self.layer.side,
+            path: req.uri().path().to_owned(),
+            peer,
+            deadline_ms: req
+                .headers()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::context::parse_grpc_timeout)
+                .map(|d| d.as_secs_f64() * 1000.0),
+            method,
+            start: Instant::now(),
+            code: None,
+        };
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            match fut.await {
+                Ok(resp) => {
+                    if let Some(code) = status_of(resp.headers()) {
+                        record.finish(code); // trailers-only response
+                    }
+                    let (parts, body) = resp.into_parts();
+                    Ok(Response::from_parts(
+                        parts,
+                        Body::new(MeteredBody {
+                            inner: body,
+                            record,
+                        }),
+                    ))
+                }
+                Err(e) => {
+                    record.finish(Code::Unavailable);
+                    Err(e)
+                }
+            }
+        })
+    }
+}
+
+pin_project! {
+    /// A response body that reads `grpc-status` from the trailers as they pass.
+    struct MeteredBody {
+        #[pin]
+        inner: Body,
+        record: CallRecord,
+    }
+}
+
+impl HttpBody for MeteredBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(status_of) {
+                    this.record.finish(code);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.record.finish(Code::Unknown),
+            Poll::Ready(None) => this.record.finish(Code::Ok),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,6 +1,0 @@
-//! The cache service as its own process.
-
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    keel_common::run("cache", cache::build).await
-}

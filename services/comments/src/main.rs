@@ -1,6 +1,0 @@
-//! The comments service as its own process.
-
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    keel_common::run("comments", comments::build).await
-}

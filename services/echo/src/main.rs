@@ -1,6 +1,0 @@
-//! `echo`: serves `keel.example.v1.Echo` on the platform. Configuration: see `keel_common::config`.
-
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    keel_common::run("echo", echo::build).await
-}

@@ -1,0 +1,178 @@
+//! Named areas in the service's own PostgreSQL + PostGIS database: a GiST index answers `ST_Contains`, a trigram
+//! index answers name searches (migrations). Geometries are WGS 84 (SRID 4326), longitude first.
+
+use keel_common::db;
+use sqlx::{AnyPool, Row};
+
+/// A search, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Query {
+    /// (longitude, latitude) the things must contain; `None`: anywhere.
+    pub point: Option<(f64, f64)>,
+    /// Part of the name, as a LIKE pattern (`%`, `_` and `\` escaped); `None`: any name.
+    pub name_pattern: Option<String>,
+    /// Rows to skip.
+    pub offset: i64,
+    /// Rows of the page.
+    pub limit: i64,
+}
+
+/// One stored area, as searches return it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Thing {
+    /// Its id.
+    pub id: i64,
+    /// Its name.
+    pub name: String,
+}
+
+/// One page of a search.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page {
+    /// The things of the page, by name then id.
+    pub things: Vec<Thing>,
+    /// Whether a further page has at least one thing.
+    pub has_more: bool,
+}
+
+/// What PostGIS makes of a WKT text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Shape {
+    /// `GeometryType`, e.g. `POLYGON`.
+    pub kind: String,
+    /// `ST_IsValidReason`: `Valid Geometry`, or why not.
+    pub validity: String,
+    /// Bounding box: x min, x max, y min, y max (degrees).
+    pub bounds: [f64; 4],
+}
+
+/// The things table.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+}
+
+impl Store {
+    /// The store over a migrated PostgreSQL `pool`.
+    pub fn new(pool: AnyPool) -> Self {
+        Self { pool }
+    }
+
+    /// How many things are stored.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn count(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query("SELECT COUNT(*) FROM things")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)
+    }
+
+    /// Parses `wkt` with PostGIS: `Ok(Err(why))` when it is not WKT PostGIS can read.
+    ///
+    /// # Errors
+    /// Database failures other than the text's.
+    pub async fn inspect(&self, wkt: &str) -> Result<Result<Shape, String>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT GeometryType(g), ST_IsValidReason(g), ST_XMin(g), ST_XMax(g), ST_YMin(g), ST_YMax(g) \
+             FROM (SELECT ST_GeomFromText($1, 4326) AS g) AS t",
+        )
+        .bind(wkt)
+        .fetch_one(&self.pool)
+        .await;
+        let row = match row {
+            Ok(row) => row,
+            // The only input is the text: PostGIS could not parse it.
+            Err(sqlx::Error::Database(d)) => return Ok(Err(d.message().to_owned())),
+            Err(other) => return Err(other),
+        };
+        Ok(Ok(Shape {
+            kind: row.try_get(0)?,
+            validity: row.try_get(1)?,
+            bounds: [
+                row.try_get(2)?,
+                row.try_get(3)?,
+                row.try_get(4)?,
+                row.try_get(5)?,
+            ],
+        }))
+    }
+
+    /// One page of the things matching `q`, by name then id; `has_more` from one extra row, not a second
+    /// query.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn search(&self, q: &Query) -> Result<Page, sqlx::Error> {
+        let (lng, lat) = q.point.unwrap_or_default();
+        let rows = sqlx::query(
+            "SELECT id, name FROM things \
+             WHERE ($1 OR ST_Contains(geom, ST_SetSRID(ST_MakePoint($2, $3), 4326))) \
+               AND ($4 OR name ILIKE $5) \
+             ORDER BY name, id LIMIT $6 OFFSET $7",
+        )
+        .bind(q.point.is_none())
+        .bind(lng)
+        .bind(lat)
+        .bind(q.name_pattern.is_none())
+        .bind(q.name_pattern.clone().unwrap_or_default())
+        .bind(q.limit + 1)
+        .bind(q.offset)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut things = rows
+            .iter()
+            .map(|r| {
+                Ok(Thing {
+                    id: r.try_get(0)?,
+                    name: r.try_get(1)?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let has_more = things.len() as i64 > q.limit;
+        things.truncate(usize::try_from(q.limit).unwrap_or(0));
+        Ok(Page { things, has_more })
+    }
+
+    /// Stores a thing named `name` covering `wkt` (already inspected); returns its id.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn add(&self, name: &str, wkt: &str) -> Result<i64, sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO things (name, geom, created_ms) VALUES ($1, ST_GeomFromText($2, 4326), $3) \
+             RETURNING id",
+        )
+        .bind(name)
+        .bind(wkt)
+        .bind(db::now_ms())
+        .fetch_one(&self.pool)
+        .await?
+        .try_get(0)
+    }
+
+    /// Whether thing `id` exists.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn exists(&self, id: i64) -> Result<bool, sqlx::Error> {
+        Ok(sqlx::query("SELECT id FROM things WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some())
+    }
+
+    /// Deletes thing `id`; false when there was none.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn delete(&self, id: i64) -> Result<bool, sqlx::Error> {
+        Ok(sqlx::query("DELETE FROM things WHERE id = $1 RETURNING id")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some())
+    }
+}

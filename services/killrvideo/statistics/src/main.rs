@@ -1,0 +1,6 @@
+//! The statistics service as its own process.
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    keel_common::App::of::<statistics::Statistics>().run().await
+}

@@ -1,0 +1,6 @@
+//! The uploads service as its own process.
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    keel_common::App::of::<uploads::Uploads>().run().await
+}

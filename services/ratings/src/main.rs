@@ -1,6 +1,0 @@
-//! The ratings service as its own process.
-
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    keel_common::run("ratings", ratings::build).await
-}

@@ -1,6 +1,0 @@
-//! The search service as its own process.
-
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    keel_common::run("search", search::build).await
-}

@@ -1,6 +1,0 @@
-//! The statistics service as its own process.
-
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    keel_common::run("statistics", statistics::build).await
-}

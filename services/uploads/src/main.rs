@@ -1,6 +1,0 @@
-//! The uploads service as its own process.
-
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    keel_common::run("uploads", uploads::build).await
-}
