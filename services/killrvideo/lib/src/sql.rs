@@ -86,6 +86,20 @@ impl From<uuid::Uuid> for Value {
     }
 }
 
+/// Column `index` of `row`, a UUID stored as canonical text, as a [`uuid::Uuid`]: storage hands domain types
+/// to its callers, never the text form.
+///
+/// # Errors
+/// The column is missing, not text, or not a UUID (a decode error).
+pub fn uuid_at(row: &sqlx::any::AnyRow, index: usize) -> Result<uuid::Uuid, sqlx::Error> {
+    use sqlx::Row;
+    let text: String = row.try_get(index)?;
+    uuid::Uuid::parse_str(&text).map_err(|e| sqlx::Error::ColumnDecode {
+        index: index.to_string(),
+        source: Box::new(e),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

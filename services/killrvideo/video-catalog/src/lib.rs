@@ -97,7 +97,7 @@ fn start_point(
 ) -> Result<Option<Position>, ServiceError> {
     let video = ids::optional("starting_video_id", video)?;
     match (date, video) {
-        (Some(d), Some(v)) => Ok(Some((time::to_millis(d), v.hyphenated().to_string()))),
+        (Some(d), Some(v)) => Ok(Some((time::to_millis(d), v))),
         (None, None) => Ok(None),
         (None, Some(_)) => Err(ServiceError::invalid(
             "starting_added_date",
@@ -112,11 +112,11 @@ fn start_point(
 
 fn to_wire(p: Preview) -> VideoPreview {
     VideoPreview {
-        video_id: Some(ids::uuid_str(&p.video_id)),
+        video_id: Some(ids::uuid(p.video_id)),
         added_date: Some(time::to_timestamp(p.added_ms)),
         name: p.name,
         preview_image_location: p.preview_image_location,
-        user_id: Some(ids::uuid_str(&p.user_id)),
+        user_id: Some(ids::uuid(p.user_id)),
     }
 }
 
@@ -154,8 +154,8 @@ impl VideoCatalogService for VideoCatalog {
         required_text("description", &r.description, REQ)?;
         let yt = required_text("you_tube_video_id", &r.you_tube_video_id, REQ)?.trim();
         let video = Video {
-            video_id: video_id.hyphenated().to_string(),
-            user_id: user_id.hyphenated().to_string(),
+            video_id,
+            user_id,
             name: r.name.clone(),
             description: r.description.clone(),
             location: yt.to_owned(),
@@ -198,8 +198,8 @@ impl VideoCatalogService for VideoCatalog {
             .map_err(ServiceError::from)?
             .ok_or_else(|| ServiceError::NotFound(format!("Video with id {id} was not found")))?;
         Ok(Response::new(GetVideoResponse {
-            video_id: Some(ids::uuid_str(&v.video_id)),
-            user_id: Some(ids::uuid_str(&v.user_id)),
+            video_id: Some(ids::uuid(v.video_id)),
+            user_id: Some(ids::uuid(v.user_id)),
             name: v.name,
             description: v.description,
             location: v.location,
@@ -252,7 +252,7 @@ impl VideoCatalogService for VideoCatalog {
             .map_err(ServiceError::from)?;
         let (rows, paging_state) = paging::page(rows, size, |p| LatestCursor {
             since,
-            after: (p.added_ms, p.video_id.clone()),
+            after: (p.added_ms, p.video_id),
         });
         Ok(Response::new(GetLatestVideoPreviewsResponse {
             video_previews: rows.into_iter().map(to_wire).collect(),
@@ -280,7 +280,7 @@ impl VideoCatalogService for VideoCatalog {
             .await
             .map_err(ServiceError::from)?;
         let (rows, paging_state) = paging::page(rows, size, |p| UserCursor {
-            after: (p.added_ms, p.video_id.clone()),
+            after: (p.added_ms, p.video_id),
         });
         Ok(Response::new(GetUserVideoPreviewsResponse {
             user_id: Some(ids::uuid(user)),

@@ -2,7 +2,11 @@
 
 use keel_common::{outbox, outbox::Outbox};
 use keel_protos::killrvideo::video_catalog::events::YouTubeVideoAdded;
-use killrvideo::{ids, sql::Sql, time, topics};
+use killrvideo::{
+    ids,
+    sql::{Sql, uuid_at},
+    time, topics,
+};
 use prost::Message;
 use sqlx::{AnyPool, Row, any::AnyRow};
 use uuid::Uuid;
@@ -10,10 +14,10 @@ use uuid::Uuid;
 /// A video as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Video {
-    /// Canonical UUID text.
-    pub video_id: String,
+    /// Its id.
+    pub video_id: Uuid,
     /// Uploader.
-    pub user_id: String,
+    pub user_id: Uuid,
     /// Name.
     pub name: String,
     /// Description.
@@ -33,8 +37,8 @@ pub struct Video {
 /// What lists show of a video.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Preview {
-    /// Canonical UUID text.
-    pub video_id: String,
+    /// Its id.
+    pub video_id: Uuid,
     /// Milliseconds since the epoch.
     pub added_ms: i64,
     /// Name.
@@ -42,12 +46,12 @@ pub struct Preview {
     /// Thumbnail URL.
     pub preview_image_location: String,
     /// Uploader.
-    pub user_id: String,
+    pub user_id: Uuid,
 }
 
 /// A position in a list ordered by `added DESC, videoid ASC`: a start point (inclusive) or a paging cursor
 /// (exclusive).
-pub type Position = (i64, String);
+pub type Position = (i64, Uuid);
 
 /// Milliseconds in a day.
 pub const DAY_MS: i64 = 86_400_000;
@@ -90,8 +94,8 @@ impl Store {
              preview_image_location, tags, added_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (videoid) DO NOTHING",
         )
-        .bind(&v.video_id)
-        .bind(&v.user_id)
+        .bind(v.video_id.hyphenated().to_string())
+        .bind(v.user_id.hyphenated().to_string())
         .bind(&v.name)
         .bind(&v.description)
         .bind(&v.location)
@@ -109,9 +113,9 @@ impl Store {
             "INSERT INTO user_videos (userid, added_ms, videoid, name, preview_image_location) \
              VALUES ($1, $2, $3, $4, $5)",
         )
-        .bind(&v.user_id)
+        .bind(v.user_id.hyphenated().to_string())
         .bind(v.added_ms)
-        .bind(&v.video_id)
+        .bind(v.video_id.hyphenated().to_string())
         .bind(&v.name)
         .bind(&v.preview_image_location)
         .execute(&mut *tx)
@@ -121,8 +125,8 @@ impl Store {
              VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(v.added_ms)
-        .bind(&v.video_id)
-        .bind(&v.user_id)
+        .bind(v.video_id.hyphenated().to_string())
+        .bind(v.user_id.hyphenated().to_string())
         .bind(&v.name)
         .bind(&v.preview_image_location)
         .execute(&mut *tx)
@@ -131,11 +135,9 @@ impl Store {
             .bind(latest_window_start(time::now_ms()))
             .execute(&mut *tx)
             .await?;
-        let video_id = Uuid::parse_str(&v.video_id).unwrap_or_default();
-        let user_id = Uuid::parse_str(&v.user_id).unwrap_or_default();
         let event = YouTubeVideoAdded {
-            video_id: Some(ids::uuid(video_id)),
-            user_id: Some(ids::uuid(user_id)),
+            video_id: Some(ids::uuid(v.video_id)),
+            user_id: Some(ids::uuid(v.user_id)),
             name: v.name.clone(),
             description: v.description.clone(),
             location: v.location.clone(),
@@ -165,8 +167,8 @@ impl Store {
         row.map(|r| {
             let tags: String = r.try_get(7)?;
             Ok(Video {
-                video_id: r.try_get(0)?,
-                user_id: r.try_get(1)?,
+                video_id: uuid_at(&r, 0)?,
+                user_id: uuid_at(&r, 1)?,
                 name: r.try_get(2)?,
                 description: r.try_get(3)?,
                 location: r.try_get(4)?,
@@ -199,8 +201,7 @@ impl Store {
             .iter()
             .map(preview)
             .collect::<Result<Vec<_>, _>>()?;
-        let order: Vec<String> = ids.iter().map(|i| i.hyphenated().to_string()).collect();
-        found.sort_by_key(|p| order.iter().position(|o| *o == p.video_id));
+        found.sort_by_key(|p| ids.iter().position(|o| *o == p.video_id));
         Ok(found)
     }
 
@@ -253,14 +254,14 @@ impl Store {
     ) -> Result<Vec<Preview>, sqlx::Error> {
         if let Some((added, video)) = start {
             // Cassandra's `(added_date, videoid) <= (?, ?)`: a comparison of values, inclusive.
-            let (a1, a2, v) = (sql.bind(*added), sql.bind(*added), sql.bind(video.as_str()));
+            let (a1, a2, v) = (sql.bind(*added), sql.bind(*added), sql.bind(*video));
             sql.push(&format!(
                 " AND (added_ms < {a1} OR (added_ms = {a2} AND videoid <= {v}))"
             ));
         }
         if let Some((added, video)) = after {
             // Strictly after the last row returned, in list order.
-            let (a1, a2, v) = (sql.bind(*added), sql.bind(*added), sql.bind(video.as_str()));
+            let (a1, a2, v) = (sql.bind(*added), sql.bind(*added), sql.bind(*video));
             sql.push(&format!(
                 " AND (added_ms < {a1} OR (added_ms = {a2} AND videoid > {v}))"
             ));
@@ -278,10 +279,10 @@ impl Store {
 
 fn preview(r: &AnyRow) -> Result<Preview, sqlx::Error> {
     Ok(Preview {
-        video_id: r.try_get(0)?,
+        video_id: uuid_at(r, 0)?,
         added_ms: r.try_get(1)?,
         name: r.try_get(2)?,
         preview_image_location: r.try_get(3)?,
-        user_id: r.try_get(4)?,
+        user_id: uuid_at(r, 4)?,
     })
 }
