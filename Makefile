@@ -27,9 +27,11 @@ test-unit: ## tests that need no server (pure logic and generated code)
 bench: ## benchmarks over real gRPC on loopback (no server needed); prints a table. BENCH_ARGS="--duration 10s"
 	cargo run --release -p keel-bench -- $(BENCH_ARGS)
 
-lint: ## rustfmt and clippy, as CI runs them
+lint: ## rustfmt, clippy and cargo-deny (licences, duplicate versions, sources: deny.toml), as CI runs them
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	@cargo deny --version >/dev/null 2>&1 || cargo install cargo-deny --locked --version 0.20.2
+	cargo deny check licenses bans sources
 
 fmt: ## format the code
 	cargo fmt --all

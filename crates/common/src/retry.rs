@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rand::Rng;
+use rand::RngExt;
 use tonic::{Code, Status};
 
 /// Whether repeating a call is safe.

@@ -1,4 +1,6 @@
-//! Test support (feature `testsuite`): every storage test runs on both backends, a fresh database each time.
+//! Test support (feature `testsuite`), the one place the services' test suites take their helpers from: a
+//! fresh database per test on both backends, service processes started from the built binaries, polling
+//! assertions ([`eventually`]), Consul and Kafka readers, unique names.
 //!
 //! PostgreSQL is the real server started by `scripts/infra.sh` (`make infra-up`); its admin URL comes from
 //! `KEEL_DATABASE_URL` (`scripts/infra.sh env`). When it is not set the PostgreSQL half of a test fails with a
@@ -125,6 +127,96 @@ pub fn binary(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// A name unique to this test run, `<prefix>-<8 hex>`, so tests running in parallel never see each other.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, failing the test after `limit` (instead of a fixed sleep).
+///
+/// # Panics
+/// `f` still answers `None` after `limit`.
+pub async fn eventually<T, F, Fut>(what: &str, limit: std::time::Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// A Kafka topic read from its beginning in a fresh consumer group, for tests that check what reached it.
+pub struct TopicReader {
+    consumer: rdkafka::consumer::BaseConsumer,
+}
+
+impl std::fmt::Debug for TopicReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TopicReader")
+    }
+}
+
+impl TopicReader {
+    /// Subscribes to `topic` on `brokers`.
+    ///
+    /// # Panics
+    /// The consumer cannot be configured.
+    pub fn new(brokers: &str, topic: &str) -> Self {
+        use rdkafka::consumer::Consumer;
+        let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", unique("test"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("topic.metadata.refresh.interval.ms", "500")
+            .create()
+            .expect("consumer");
+        consumer.subscribe(&[topic]).expect("subscribe");
+        Self { consumer }
+    }
+
+    /// Reads until a message's payload, parsed as JSON, satisfies `pred` (at most `limit`); returns it and the
+    /// reader, positioned after it.
+    ///
+    /// # Panics
+    /// No such message within `limit`.
+    pub async fn until(
+        self,
+        limit: std::time::Duration,
+        pred: impl Fn(&serde_json::Value) -> bool + Send + 'static,
+    ) -> (serde_json::Value, Self) {
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::Message;
+            let start = std::time::Instant::now();
+            while start.elapsed() < limit {
+                if let Some(Ok(m)) = self.consumer.poll(std::time::Duration::from_millis(200))
+                    && let Some(p) = m.payload()
+                    && let Ok(v) = serde_json::from_slice::<serde_json::Value>(p)
+                    && pred(&v)
+                {
+                    drop(m);
+                    return (v, self);
+                }
+            }
+            panic!("no matching message on the topic within {limit:?}");
+        })
+        .await
+        .expect("consumer task")
+    }
+}
+
 /// A service process of a test, on the real Consul and Kafka; SIGKILLed on drop.
 #[derive(Debug)]
 pub struct ServiceProcess {
@@ -166,9 +258,93 @@ impl ServiceProcess {
         }
     }
 
+    /// Starts binary `binary_name` in a clean environment (only PATH and HOME kept, `log.level` info) with just
+    /// `env`: for tests that set every address themselves (a server that is down, TLS, limits).
+    ///
+    /// # Panics
+    /// The binary is missing or does not start.
+    pub fn bare(binary_name: &str, env: &[(&str, String)]) -> Self {
+        let log = std::env::temp_dir().join(format!(
+            "keel-test-{binary_name}-{}.log",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = std::process::Command::new(binary(binary_name));
+        cmd.env_clear();
+        for k in ["PATH", "HOME"] {
+            if let Ok(v) = std::env::var(k) {
+                cmd.env(k, v);
+            }
+        }
+        cmd.env("KEEL_LOG__LEVEL", "info")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file);
+        Self {
+            child: cmd.spawn().expect("start the service"),
+            log,
+        }
+    }
+
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The JSON log lines it printed so far.
+    pub fn lines(&self) -> Vec<serde_json::Value> {
+        self.output()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The address its server logged it listens on (waits up to 20 s).
+    ///
+    /// # Panics
+    /// It does not log one in time.
+    pub async fn addr(&self) -> std::net::SocketAddr {
+        eventually(
+            "the service logs its listening address",
+            std::time::Duration::from_secs(20),
+            || async {
+                self.lines().iter().find_map(|l| {
+                    (l["message"] == "grpc server listening")
+                        .then(|| l["fields"]["addr"].as_str()?.parse().ok())
+                        .flatten()
+                })
+            },
+        )
+        .await
+    }
+
+    /// Sends signal `sig` (`TERM`, `KILL`, `STOP`, …) with `kill(1)`.
+    ///
+    /// # Panics
+    /// `kill` fails.
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} {}", self.pid());
+    }
+
+    /// Its exit status, waiting at most `limit`.
+    ///
+    /// # Panics
+    /// It still runs after `limit` (the message shows its output).
+    pub async fn wait_exit(&mut self, limit: std::time::Duration) -> std::process::ExitStatus {
+        match self.wait(limit).await {
+            Some(status) => status,
+            None => panic!(
+                "the service did not exit within {limit:?}; output:\n{}",
+                self.output()
+            ),
+        }
     }
 
     /// What it printed so far.

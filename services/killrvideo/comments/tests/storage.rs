@@ -6,18 +6,12 @@ use keel_protos::killrvideo::{
         CommentOnVideoRequest, GetUserCommentsRequest, GetVideoCommentsRequest,
         comments_service_server::CommentsService, events::UserCommentedOnVideo,
     },
-    common::{TimeUuid, Uuid as PbUuid},
+    common::TimeUuid,
 };
-use killrvideo::testsuite;
+use killrvideo::testsuite::{self, pb};
 use prost::Message;
 use tonic::{Code, Request};
 use uuid::{Uuid, timestamp::context::ContextV1};
-
-fn pb(id: Uuid) -> Option<PbUuid> {
-    Some(PbUuid {
-        value: id.to_string(),
-    })
-}
 
 fn tu(id: Uuid) -> Option<TimeUuid> {
     Some(TimeUuid {

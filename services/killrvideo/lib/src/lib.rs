@@ -7,9 +7,10 @@
 //!   start points.
 //! - [`paging`]: `page_size` validation and opaque, URL-safe paging tokens (§2.3).
 //! - [`sql`]: dynamic SQL with numbered, bound parameters.
-//! - [`topics`]: the Kafka topics of the KillrVideo events (§10.2).
+//! - [`topics`]: the Kafka topics of the KillrVideo events (§10.2); [`events`]: those events as domain values.
 //! - `testsuite` (feature): a fresh database per test on SQLite and on the real PostgreSQL.
 
+pub mod events;
 pub mod ids;
 pub mod paging;
 pub mod sql;

@@ -1,23 +1,15 @@
 //! Every RPC of the ratings service, in process, on SQLite and on the real PostgreSQL.
 
-use keel_protos::killrvideo::{
-    common::Uuid as PbUuid,
-    ratings::{
-        GetRatingRequest, GetUserRatingRequest, RateVideoRequest, events::UserRatedVideo,
-        ratings_service_server::RatingsService,
-    },
+use keel_protos::killrvideo::ratings::{
+    GetRatingRequest, GetUserRatingRequest, RateVideoRequest, events::UserRatedVideo,
+    ratings_service_server::RatingsService,
 };
 use killrvideo::testsuite;
+use killrvideo::testsuite::pb;
 use prost::Message;
 use ratings::{MIGRATIONS, Ratings};
 use tonic::{Code, Request};
 use uuid::Uuid;
-
-fn pb(id: Uuid) -> Option<PbUuid> {
-    Some(PbUuid {
-        value: id.to_string(),
-    })
-}
 
 #[tokio::test]
 async fn ratings_total_counts_and_per_user_values() {

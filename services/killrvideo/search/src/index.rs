@@ -2,8 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use keel_protos::killrvideo::video_catalog::events::YouTubeVideoAdded;
-use killrvideo::{ids, sql::Sql, time, words};
+use killrvideo::{
+    events::VideoAdded,
+    sql::{Sql, uuid_at},
+    words,
+};
 use sqlx::{AnyPool, Row};
 
 /// Weight of a word found in the name, a tag, the description.
@@ -22,8 +25,8 @@ const STOP_WORDS: &[&str] = &[
 /// One hit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hit {
-    /// Canonical UUID text.
-    pub video_id: String,
+    /// The video.
+    pub video_id: uuid::Uuid,
     /// Milliseconds since the epoch.
     pub added_ms: i64,
     /// Name.
@@ -31,7 +34,7 @@ pub struct Hit {
     /// Thumbnail.
     pub preview_image_location: String,
     /// Uploader.
-    pub user_id: String,
+    pub user_id: uuid::Uuid,
 }
 
 /// The term weights of a video.
@@ -76,31 +79,12 @@ impl Index {
         Self { pool }
     }
 
-    /// The pool (for readiness checks).
-    pub fn pool(&self) -> &AnyPool {
-        &self.pool
-    }
-
     /// Indexes a video; applying the same event again leaves the index as it was (idempotent).
     ///
     /// # Errors
     /// Database failures.
-    pub async fn add(&self, e: &YouTubeVideoAdded) -> Result<(), sqlx::Error> {
-        let video_id = e
-            .video_id
-            .as_ref()
-            .map(|v| v.value.to_lowercase())
-            .unwrap_or_default();
-        let user_id = e
-            .user_id
-            .as_ref()
-            .map(|v| v.value.to_lowercase())
-            .unwrap_or_default();
-        let added = e
-            .added_date
-            .as_ref()
-            .map(time::to_millis)
-            .unwrap_or_else(time::now_ms);
+    pub async fn add(&self, e: &VideoAdded) -> Result<(), sqlx::Error> {
+        let video_id = e.video_id.hyphenated().to_string();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO search_videos (videoid, userid, name, preview_image_location, added_ms) \
@@ -109,10 +93,10 @@ impl Index {
              added_ms = excluded.added_ms",
         )
         .bind(&video_id)
-        .bind(&user_id)
+        .bind(e.user_id.hyphenated().to_string())
         .bind(&e.name)
         .bind(&e.preview_image_location)
-        .bind(added)
+        .bind(e.added_ms)
         .execute(&mut *tx)
         .await?;
         sqlx::query("DELETE FROM search_terms WHERE videoid = $1")
@@ -171,11 +155,11 @@ impl Index {
             .iter()
             .map(|r| {
                 Ok(Hit {
-                    video_id: r.try_get(0)?,
+                    video_id: uuid_at(r, 0)?,
                     added_ms: r.try_get(1)?,
                     name: r.try_get(2)?,
                     preview_image_location: r.try_get(3)?,
-                    user_id: r.try_get(4)?,
+                    user_id: uuid_at(r, 4)?,
                 })
             })
             .collect()
@@ -203,11 +187,6 @@ impl Index {
             .map(|r| r.try_get(0))
             .collect()
     }
-}
-
-/// The canonical id text of an event's video, if it has a valid one.
-pub fn event_video_id(e: &YouTubeVideoAdded) -> Option<uuid::Uuid> {
-    ids::required("video_id", e.video_id.as_ref()).ok()
 }
 
 #[cfg(test)]

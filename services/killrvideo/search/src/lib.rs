@@ -15,16 +15,12 @@ use keel_common::{
     Resources, Server, Service, ServiceError, Storage,
     events::{Event, HandlerError},
 };
-use keel_protos::killrvideo::{
-    search::{
-        GetQuerySuggestionsRequest, GetQuerySuggestionsResponse, SearchResultsVideoPreview,
-        SearchVideosRequest, SearchVideosResponse,
-        search_service_server::{SearchService, SearchServiceServer},
-    },
-    video_catalog::events::YouTubeVideoAdded,
+use keel_protos::killrvideo::search::{
+    GetQuerySuggestionsRequest, GetQuerySuggestionsResponse, SearchResultsVideoPreview,
+    SearchVideosRequest, SearchVideosResponse,
+    search_service_server::{SearchService, SearchServiceServer},
 };
-use killrvideo::{ids, paging, required_text, time, topics};
-use prost::Message;
+use killrvideo::{events::VideoAdded, ids, paging, required_text, time, topics};
 use sqlx::AnyPool;
 use tonic::{Request, Response, Status};
 
@@ -74,13 +70,7 @@ impl Service for Search {
     /// [`HandlerError::Malformed`] for an undecodable event or one without a video id; database failures are
     /// transient.
     async fn handle(&self, event: Event) -> Result<(), HandlerError> {
-        let e = YouTubeVideoAdded::decode(event.payload.as_slice())?;
-        if index::event_video_id(&e).is_none() {
-            return Err(HandlerError::Malformed(
-                "YouTubeVideoAdded without a valid video_id".into(),
-            ));
-        }
-        self.index.add(&e).await?;
+        self.index.add(&VideoAdded::decode(&event.payload)?).await?;
         Ok(())
     }
 
@@ -111,11 +101,11 @@ impl SearchService for Search {
             videos: hits
                 .into_iter()
                 .map(|h| SearchResultsVideoPreview {
-                    video_id: Some(ids::uuid_str(&h.video_id)),
+                    video_id: Some(ids::uuid(h.video_id)),
                     added_date: Some(time::to_timestamp(h.added_ms)),
                     name: h.name,
                     preview_image_location: h.preview_image_location,
-                    user_id: Some(ids::uuid_str(&h.user_id)),
+                    user_id: Some(ids::uuid(h.user_id)),
                 })
                 .collect(),
             paging_state,

@@ -7,16 +7,13 @@ use keel_protos::killrvideo::{
         statistics_service_server::StatisticsService,
     },
 };
-use killrvideo::testsuite;
+use killrvideo::{
+    ids::uuid as pb_uuid,
+    testsuite::{self, pb},
+};
 use statistics::{MIGRATIONS, Statistics};
 use tonic::{Code, Request};
 use uuid::Uuid;
-
-fn pb(id: Uuid) -> PbUuid {
-    PbUuid {
-        value: id.to_string(),
-    }
-}
 
 #[tokio::test]
 async fn plays_are_counted_and_every_requested_id_answered_in_order() {
@@ -29,15 +26,15 @@ async fn plays_are_counted_and_every_requested_id_answered_in_order() {
         for (v, n) in videos.iter().zip(plays) {
             for _ in 0..n {
                 svc.record_playback_started(Request::new(RecordPlaybackStartedRequest {
-                    video_id: Some(pb(*v)),
+                    video_id: pb(*v),
                 }))
                 .await
                 .unwrap();
             }
         }
         let never = Uuid::new_v4();
-        let mut ask: Vec<PbUuid> = videos.iter().rev().map(|v| pb(*v)).collect();
-        ask.push(pb(never));
+        let mut ask: Vec<PbUuid> = videos.iter().rev().map(|v| pb_uuid(*v)).collect();
+        ask.push(pb_uuid(never));
         let stats = svc
             .get_number_of_plays(Request::new(GetNumberOfPlaysRequest { video_ids: ask }))
             .await
@@ -59,7 +56,7 @@ async fn plays_are_counted_and_every_requested_id_answered_in_order() {
 
         let err = svc
             .get_number_of_plays(Request::new(GetNumberOfPlaysRequest {
-                video_ids: (0..21).map(|_| pb(Uuid::new_v4())).collect(),
+                video_ids: (0..21).map(|_| pb_uuid(Uuid::new_v4())).collect(),
             }))
             .await
             .unwrap_err();

@@ -18,17 +18,15 @@ use keel_common::{
     Resources, Server, Service, ServiceError, Storage,
     events::{Event, HandlerError},
 };
-use keel_protos::killrvideo::{
-    ratings::events::UserRatedVideo,
-    suggested_videos::{
-        GetRelatedVideosRequest, GetRelatedVideosResponse, GetSuggestedForUserRequest,
-        GetSuggestedForUserResponse, SuggestedVideoPreview,
-        suggested_video_service_server::{SuggestedVideoService, SuggestedVideoServiceServer},
-    },
-    video_catalog::events::YouTubeVideoAdded,
+use keel_protos::killrvideo::suggested_videos::{
+    GetRelatedVideosRequest, GetRelatedVideosResponse, GetSuggestedForUserRequest,
+    GetSuggestedForUserResponse, SuggestedVideoPreview,
+    suggested_video_service_server::{SuggestedVideoService, SuggestedVideoServiceServer},
 };
-use killrvideo::{ids, time, topics};
-use prost::Message;
+use killrvideo::{
+    events::{VideoAdded, VideoRated},
+    ids, time, topics,
+};
 use sqlx::AnyPool;
 use tonic::{Request, Response, Status};
 
@@ -87,20 +85,14 @@ impl Service for SuggestedVideos {
     async fn handle(&self, event: Event) -> Result<(), HandlerError> {
         match event.topic.as_str() {
             topics::YOUTUBE_VIDEO_ADDED => {
-                let e = YouTubeVideoAdded::decode(event.payload.as_slice())?;
-                ids::required("video_id", e.video_id.as_ref()).map_err(|_| {
-                    HandlerError::Malformed("YouTubeVideoAdded without a valid video_id".into())
-                })?;
-                self.model.add_video(&e).await?;
+                self.model
+                    .add_video(&VideoAdded::decode(&event.payload)?)
+                    .await?;
             }
             topics::USER_RATED_VIDEO => {
-                let e = UserRatedVideo::decode(event.payload.as_slice())?;
-                ids::required("video_id", e.video_id.as_ref())
-                    .and_then(|_| ids::required("user_id", e.user_id.as_ref()))
-                    .map_err(|_| {
-                        HandlerError::Malformed("UserRatedVideo without valid ids".into())
-                    })?;
-                self.model.add_rating(&e).await?;
+                self.model
+                    .add_rating(&VideoRated::decode(&event.payload)?)
+                    .await?;
             }
             other => return Err(HandlerError::Malformed(format!("unexpected topic {other}"))),
         }
@@ -125,11 +117,11 @@ fn size(page_size: i32, default: usize) -> Result<usize, ServiceError> {
 
 fn to_wire(s: Suggestion) -> SuggestedVideoPreview {
     SuggestedVideoPreview {
-        video_id: Some(ids::uuid_str(&s.video_id)),
+        video_id: Some(ids::uuid(s.video_id)),
         added_date: Some(time::to_timestamp(s.added_ms)),
         name: s.name,
         preview_image_location: s.preview_image_location,
-        user_id: Some(ids::uuid_str(&s.user_id)),
+        user_id: Some(ids::uuid(s.user_id)),
     }
 }
 
@@ -144,7 +136,7 @@ impl SuggestedVideoService for SuggestedVideos {
         let n = size(r.page_size, DEFAULT_RELATED)?;
         let videos = self
             .model
-            .related(&video.hyphenated().to_string(), n)
+            .related(video, n)
             .await
             .map_err(ServiceError::from)?;
         Ok(Response::new(GetRelatedVideosResponse {
@@ -163,7 +155,7 @@ impl SuggestedVideoService for SuggestedVideos {
         let n = size(r.page_size, DEFAULT_SUGGESTIONS)?;
         let videos = self
             .model
-            .for_user(&user.hyphenated().to_string(), n)
+            .for_user(user, n)
             .await
             .map_err(ServiceError::from)?;
         Ok(Response::new(GetSuggestedForUserResponse {

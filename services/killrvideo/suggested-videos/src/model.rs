@@ -1,10 +1,11 @@
 //! The read model: videos with their tags, and who rated what.
 
-use keel_protos::killrvideo::{
-    ratings::events::UserRatedVideo, video_catalog::events::YouTubeVideoAdded,
+use killrvideo::{
+    events::{VideoAdded, VideoRated},
+    sql::uuid_at,
 };
-use killrvideo::time;
 use sqlx::{AnyPool, Row, any::AnyRow};
+use uuid::Uuid;
 
 /// A rating counts as liking a video from this value up (the graph references' MIN_RATING).
 pub const MIN_RATING: i64 = 3;
@@ -12,8 +13,8 @@ pub const MIN_RATING: i64 = 3;
 /// One suggested video.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Suggestion {
-    /// Canonical UUID text.
-    pub video_id: String,
+    /// The video.
+    pub video_id: Uuid,
     /// Milliseconds since the epoch.
     pub added_ms: i64,
     /// Name.
@@ -21,24 +22,23 @@ pub struct Suggestion {
     /// Thumbnail.
     pub preview_image_location: String,
     /// Uploader.
-    pub user_id: String,
+    pub user_id: Uuid,
 }
 
 const COLUMNS: &str = "v.videoid, v.added_ms, v.name, v.preview_image_location, v.userid";
 
 fn suggestion(r: &AnyRow) -> Result<Suggestion, sqlx::Error> {
     Ok(Suggestion {
-        video_id: r.try_get(0)?,
+        video_id: uuid_at(r, 0)?,
         added_ms: r.try_get(1)?,
         name: r.try_get(2)?,
         preview_image_location: r.try_get(3)?,
-        user_id: r.try_get(4)?,
+        user_id: uuid_at(r, 4)?,
     })
 }
 
-fn id_text(id: Option<&keel_protos::killrvideo::common::Uuid>) -> String {
-    id.map(|v| v.value.trim().to_lowercase())
-        .unwrap_or_default()
+fn text(id: Uuid) -> String {
+    id.hyphenated().to_string()
 }
 
 /// The model's tables.
@@ -53,17 +53,12 @@ impl Model {
         Self { pool }
     }
 
-    /// The pool (for readiness checks).
-    pub fn pool(&self) -> &AnyPool {
-        &self.pool
-    }
-
     /// Records a video and its tags (idempotent).
     ///
     /// # Errors
     /// Database failures.
-    pub async fn add_video(&self, e: &YouTubeVideoAdded) -> Result<(), sqlx::Error> {
-        let video = id_text(e.video_id.as_ref());
+    pub async fn add_video(&self, e: &VideoAdded) -> Result<(), sqlx::Error> {
+        let video = text(e.video_id);
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO sv_videos (videoid, userid, name, preview_image_location, added_ms) \
@@ -72,10 +67,10 @@ impl Model {
              added_ms = excluded.added_ms",
         )
         .bind(&video)
-        .bind(id_text(e.user_id.as_ref()))
+        .bind(text(e.user_id))
         .bind(&e.name)
         .bind(&e.preview_image_location)
-        .bind(e.added_date.as_ref().map(time::to_millis).unwrap_or_else(time::now_ms))
+        .bind(e.added_ms)
         .execute(&mut *tx)
         .await?;
         for tag in &e.tags {
@@ -96,13 +91,13 @@ impl Model {
     ///
     /// # Errors
     /// Database failures.
-    pub async fn add_rating(&self, e: &UserRatedVideo) -> Result<(), sqlx::Error> {
+    pub async fn add_rating(&self, e: &VideoRated) -> Result<(), sqlx::Error> {
         sqlx::query(
             "INSERT INTO sv_ratings (userid, videoid, rating) VALUES ($1, $2, $3) \
              ON CONFLICT (userid, videoid) DO UPDATE SET rating = excluded.rating",
         )
-        .bind(id_text(e.user_id.as_ref()))
-        .bind(id_text(e.video_id.as_ref()))
+        .bind(text(e.user_id))
+        .bind(text(e.video_id))
         .bind(i64::from(e.rating))
         .execute(&self.pool)
         .await
@@ -113,7 +108,7 @@ impl Model {
     ///
     /// # Errors
     /// Database failures.
-    pub async fn related(&self, video: &str, limit: usize) -> Result<Vec<Suggestion>, sqlx::Error> {
+    pub async fn related(&self, video: Uuid, limit: usize) -> Result<Vec<Suggestion>, sqlx::Error> {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM sv_video_tags s \
              JOIN sv_video_tags o ON o.tag = s.tag AND o.videoid <> s.videoid \
@@ -121,7 +116,7 @@ impl Model {
              WHERE s.videoid = $1 GROUP BY {COLUMNS} \
              ORDER BY COUNT(*) DESC, v.added_ms DESC, v.videoid LIMIT $2"
         )))
-        .bind(video)
+        .bind(text(video))
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?
@@ -135,7 +130,8 @@ impl Model {
     ///
     /// # Errors
     /// Database failures.
-    pub async fn for_user(&self, user: &str, limit: usize) -> Result<Vec<Suggestion>, sqlx::Error> {
+    pub async fn for_user(&self, user: Uuid, limit: usize) -> Result<Vec<Suggestion>, sqlx::Error> {
+        let user = text(user);
         let mut out: Vec<Suggestion> = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM sv_ratings mine \
              JOIN sv_ratings peer ON peer.videoid = mine.videoid AND peer.userid <> mine.userid AND peer.rating >= $1 \
@@ -147,9 +143,9 @@ impl Model {
         )))
         .bind(MIN_RATING)
         .bind(MIN_RATING)
-        .bind(user)
+        .bind(&user)
         .bind(MIN_RATING)
-        .bind(user)
+        .bind(&user)
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?
@@ -162,7 +158,7 @@ impl Model {
                  WHERE v.videoid NOT IN (SELECT videoid FROM sv_ratings WHERE userid = $1) \
                  GROUP BY {COLUMNS} ORDER BY COALESCE(SUM(r.rating), 0) DESC, v.added_ms DESC, v.videoid LIMIT $2"
             )))
-            .bind(user)
+            .bind(&user)
             .bind((limit * 2) as i64)
             .fetch_all(&self.pool)
             .await?

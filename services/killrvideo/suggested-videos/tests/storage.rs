@@ -2,7 +2,6 @@
 
 use keel_common::{Service, events::Event};
 use keel_protos::killrvideo::{
-    common::Uuid as PbUuid,
     ratings::events::UserRatedVideo,
     suggested_videos::{
         GetRelatedVideosRequest, GetSuggestedForUserRequest,
@@ -10,17 +9,12 @@ use keel_protos::killrvideo::{
     },
     video_catalog::events::YouTubeVideoAdded,
 };
+use killrvideo::testsuite::pb;
 use killrvideo::{testsuite, time, topics};
 use prost::Message;
 use suggested_videos::{MIGRATIONS, SuggestedVideos};
 use tonic::Request;
 use uuid::Uuid;
-
-fn pb(id: Uuid) -> Option<PbUuid> {
-    Some(PbUuid {
-        value: id.to_string(),
-    })
-}
 
 fn video(name: &str, tags: &[&str], added_ms: i64) -> (Uuid, Event) {
     let id = Uuid::new_v4();

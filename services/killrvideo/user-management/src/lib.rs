@@ -72,13 +72,10 @@ impl Service for UserManagement {
 }
 
 fn hash_password(password: &str) -> anyhow::Result<String> {
-    use argon2::{
-        Argon2, PasswordHasher,
-        password_hash::{SaltString, rand_core::OsRng},
-    };
-    let salt = SaltString::generate(&mut OsRng);
+    use argon2::{Argon2, PasswordHasher};
+    // A fresh random salt per hash (argon2's `getrandom` feature), PHC string format.
     Ok(Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
+        .hash_password(password.as_bytes())
         .map_err(|e| anyhow::anyhow!("argon2: {e}"))?
         .to_string())
 }

@@ -1,12 +1,10 @@
 //! Every RPC of the user-management service, in process, on SQLite and on the real PostgreSQL.
 
-use keel_protos::killrvideo::{
-    common::Uuid as PbUuid,
-    user_management::{
-        CreateUserRequest, GetUserProfileRequest, VerifyCredentialsRequest, events::UserCreated,
-        user_management_service_server::UserManagementService,
-    },
+use keel_protos::killrvideo::user_management::{
+    CreateUserRequest, GetUserProfileRequest, VerifyCredentialsRequest, events::UserCreated,
+    user_management_service_server::UserManagementService,
 };
+use killrvideo::testsuite::pb;
 use killrvideo::testsuite::{self, TestDatabase};
 use prost::Message;
 use tonic::{Code, Request};
@@ -16,12 +14,6 @@ use uuid::Uuid;
 async fn service(db: &TestDatabase) -> (UserManagement, sqlx::AnyPool) {
     let (pool, outbox) = testsuite::open(db, &MIGRATIONS).await;
     (UserManagement::new(pool.clone(), outbox), pool)
-}
-
-fn pb(id: Uuid) -> Option<PbUuid> {
-    Some(PbUuid {
-        value: id.to_string(),
-    })
 }
 
 fn create(id: Uuid, email: &str, password: &str) -> Request<CreateUserRequest> {

@@ -2,14 +2,12 @@
 
 use std::time::Duration;
 
-use keel_protos::killrvideo::{
-    common::Uuid as PbUuid,
-    video_catalog::{
-        GetLatestVideoPreviewsRequest, GetUserVideoPreviewsRequest, GetVideoPreviewsRequest,
-        GetVideoRequest, SubmitUploadedVideoRequest, SubmitYouTubeVideoRequest, VideoPreview,
-        events::YouTubeVideoAdded, video_catalog_service_server::VideoCatalogService,
-    },
+use keel_protos::killrvideo::video_catalog::{
+    GetLatestVideoPreviewsRequest, GetUserVideoPreviewsRequest, GetVideoPreviewsRequest,
+    GetVideoRequest, SubmitUploadedVideoRequest, SubmitYouTubeVideoRequest, VideoPreview,
+    events::YouTubeVideoAdded, video_catalog_service_server::VideoCatalogService,
 };
+use killrvideo::testsuite::pb;
 use killrvideo::testsuite::{self, TestDatabase};
 use prost::Message;
 use tonic::{Code, Request};
@@ -19,12 +17,6 @@ use video_catalog::{MIGRATIONS, VideoCatalog};
 async fn service(db: &TestDatabase) -> (VideoCatalog, sqlx::AnyPool) {
     let (pool, outbox) = testsuite::open(db, &MIGRATIONS).await;
     (VideoCatalog::new(pool.clone(), outbox), pool)
-}
-
-fn pb(id: Uuid) -> Option<PbUuid> {
-    Some(PbUuid {
-        value: id.to_string(),
-    })
 }
 
 fn submission(video: Uuid, user: Uuid, name: &str) -> SubmitYouTubeVideoRequest {

@@ -2,17 +2,15 @@
 //! RESOURCE_EXHAUSTED before any handler runs (load shedding, not queueing), and a request larger than
 //! `grpc.max_request_bytes` is refused with OUT_OF_RANGE (tonic's code for it; grpc-go says RESOURCE_EXHAUSTED).
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use keel_protos::keel::example::v1::{EchoRequest, echo_client::EchoClient};
-use support::*;
 use tonic::Code;
 
 #[tokio::test]
 async fn over_the_concurrency_limit_calls_are_shed_and_oversized_requests_refused() {
-    let p = EchoProcess::spawn(&[
+    let p = echo_process(&[
         ("KEEL_GRPC__MAX_CONCURRENT_REQUESTS", "1".into()),
         ("KEEL_GRPC__MAX_REQUEST_BYTES", "1024".into()),
     ]);

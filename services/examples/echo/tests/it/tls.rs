@@ -3,17 +3,15 @@
 //! the platform's client channels dial with TLS when `tls.ca_file` is set. Consul checks an mTLS instance by
 //! the TTL heartbeats the instance sends itself.
 
-mod support;
-
 use std::{path::Path, time::Duration};
 
+use crate::support::*;
 use keel_common::{
     ClientFactory, Idempotent, Metrics,
     config::{Env, Settings},
 };
 use keel_protos::keel::example::v1::{EchoRequest, echo_client::EchoClient};
 use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
-use support::*;
 use tonic::Code;
 
 struct Pki {
@@ -81,7 +79,7 @@ async fn call(addr: std::net::SocketAddr, env: Env) -> Result<String, tonic::Sta
 async fn mutual_tls_admits_only_clients_with_a_certificate_of_the_ca() {
     let pki = Pki::new();
     assert!(Path::new(&pki.path("ca.pem")).exists());
-    let p = EchoProcess::spawn(&[
+    let p = echo_process(&[
         ("KEEL_TLS__CERT_FILE", pki.path("server.pem")),
         ("KEEL_TLS__KEY_FILE", pki.path("server.key")),
         ("KEEL_TLS__CA_FILE", pki.path("ca.pem")),
@@ -130,7 +128,7 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_of_the_ca() {
 #[tokio::test]
 async fn server_tls_without_client_certificates() {
     let pki = Pki::new();
-    let p = EchoProcess::spawn(&[
+    let p = echo_process(&[
         ("KEEL_TLS__CERT_FILE", pki.path("server.pem")),
         ("KEEL_TLS__KEY_FILE", pki.path("server.key")),
     ]);
@@ -167,9 +165,9 @@ async fn mutual_tls_instances_report_their_own_health_to_consul() {
         ("KEEL_TLS__CA_FILE", pki.path("ca.pem")),
         ("KEEL_TLS__REQUIRE_CLIENT_CERT", "true".into()),
     ]);
-    let mut a = EchoProcess::spawn(&env);
-    let mut b = EchoProcess::spawn(&env);
-    passing_ports(&infra, &name, 2).await;
+    let mut a = echo_process(&env);
+    let mut b = echo_process(&env);
+    passing_ports(&name, 2, CONSUL_WAIT).await;
     let agent = infra.agent();
     for e in agent.health_service(&name, true).await.unwrap() {
         let ttl = format!("{}:ttl", e.service.id);
@@ -214,7 +212,7 @@ async fn mutual_tls_instances_report_their_own_health_to_consul() {
     a.signal("KILL");
     a.wait_exit(Duration::from_secs(5)).await;
     // Check interval 1 s: TTL 3 s.
-    passing_ports(&infra, &name, 1).await;
+    passing_ports(&name, 1, CONSUL_WAIT).await;
     let all = agent.health_service(&name, false).await.unwrap();
     assert_eq!(
         all.len(),

@@ -1,13 +1,11 @@
 //! Registration against the real Consul agent when it is down at start: the service serves anyway, retries in
-//! the background, and appears in Consul (with a passing check) once the agent is back. Its own test binary,
-//! because it stops the shared agent (cargo runs test binaries one at a time).
-
-mod support;
+//! the background, and appears in Consul (with a passing check) once the agent is back. It stops the shared
+//! agent: see `main.rs`.
 
 use std::{process::Command, time::Duration};
 
+use crate::support::*;
 use keel_protos::keel::example::v1::{EchoRequest, echo_client::EchoClient};
-use support::*;
 
 fn infra_cmd(infra: &Infra, action: &str) {
     let out = Command::new("bash")
@@ -24,10 +22,11 @@ fn infra_cmd(infra: &Infra, action: &str) {
 
 #[tokio::test]
 async fn serves_while_consul_is_down_and_registers_when_it_returns() {
+    let _one_at_a_time = crate::ONE_AT_A_TIME.lock().await;
     let infra = Infra::get();
     let name = unique("echo-late");
     infra_cmd(&infra, "stop");
-    let p = EchoProcess::spawn(&consul_env(&infra, &name));
+    let p = echo_process(&consul_env(&infra, &name));
     let served = async {
         let mut client = EchoClient::new(direct(p.addr().await));
         let mut req = tonic::Request::new(EchoRequest {
@@ -51,6 +50,6 @@ async fn serves_while_consul_is_down_and_registers_when_it_returns() {
     );
 
     // Backoff is at most 10 s between attempts.
-    let ports = passing_ports(&infra, &name, 1).await;
+    let ports = passing_ports(&name, 1, CONSUL_WAIT).await;
     assert_eq!(p.addr().await.port(), ports[0]);
 }

@@ -17,14 +17,14 @@ use std::{
 use keel_common::{
     ClientFactory, Metrics,
     config::{Env, Settings},
-    testsuite::{ServiceProcess, infra_var, passing_ports},
+    testsuite::{ServiceProcess, eventually, infra_var, passing_ports},
 };
 use keel_protos::killrvideo::{
     comments::{
         CommentOnVideoRequest, GetVideoCommentsRequest,
         comments_service_client::CommentsServiceClient,
     },
-    common::{TimeUuid, Uuid as PbUuid},
+    common::TimeUuid,
     ratings::{GetRatingRequest, RateVideoRequest, ratings_service_client::RatingsServiceClient},
     search::{SearchVideosRequest, search_service_client::SearchServiceClient},
     statistics::{
@@ -44,6 +44,7 @@ use keel_protos::killrvideo::{
         video_catalog_service_client::VideoCatalogServiceClient,
     },
 };
+use killrvideo::testsuite::pb;
 use tonic::{Code, Request};
 use uuid::Uuid;
 
@@ -126,30 +127,6 @@ impl Cluster {
             passing_ports(&self.name(s), 1, Duration::from_secs(60)).await;
         }
     }
-}
-
-async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    limit: Duration,
-    mut f: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn pb(id: Uuid) -> Option<PbUuid> {
-    Some(PbUuid {
-        value: id.to_string(),
-    })
 }
 
 fn req<T>(m: T) -> Request<T> {

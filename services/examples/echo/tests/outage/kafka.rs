@@ -1,14 +1,11 @@
 //! Proof 5 (second half), against the real broker: with Kafka stopped the service still answers within its
 //! callers' deadlines, the lines it cannot ship are counted as dropped, and shipping resumes when Kafka is
-//! back. Its own test binary with one test, because it stops the shared broker (cargo runs test binaries one at
-//! a time).
-
-mod support;
+//! back. It stops the shared broker: see `main.rs`.
 
 use std::{process::Command, time::Duration};
 
+use crate::support::*;
 use keel_protos::keel::example::v1::{EchoRequest, echo_client::EchoClient};
-use support::*;
 
 fn infra_cmd(infra: &Infra, action: &str) {
     let out = Command::new("bash")
@@ -40,9 +37,10 @@ async fn traced_call(client: &mut EchoClient<tonic::transport::Channel>, trace_i
 
 #[tokio::test]
 async fn kafka_outage_drops_are_counted_calls_stay_prompt_and_shipping_recovers() {
+    let _one_at_a_time = crate::ONE_AT_A_TIME.lock().await;
     let infra = Infra::get();
     let name = unique("echo-outage");
-    let mut p = EchoProcess::spawn(&[
+    let mut p = echo_process(&[
         ("KEEL_SERVICE__NAME", name.clone()),
         ("KEEL_KAFKA__BROKERS", infra.kafka.clone()),
         ("KEEL_LOG__DELIVERY_TIMEOUT", "2s".into()),
@@ -53,12 +51,11 @@ async fn kafka_outage_drops_are_counted_calls_stay_prompt_and_shipping_recovers(
     let before = unique("before");
     traced_call(&mut client, &before).await;
     let want = before.clone();
-    let (_, c) = consume_until(
-        consumer(&infra, &topic),
-        Duration::from_secs(40),
-        move |v| v["trace_id"] == want.as_str(),
-    )
-    .await;
+    let (_, c) = TopicReader::new(&infra.kafka, &topic)
+        .until(Duration::from_secs(40), move |v| {
+            v["trace_id"] == want.as_str()
+        })
+        .await;
     drop(c);
 
     infra_cmd(&infra, "stop");
@@ -88,7 +85,7 @@ async fn kafka_outage_drops_are_counted_calls_stay_prompt_and_shipping_recovers(
 
     let after = unique("after");
     let want = after.clone();
-    let c = consumer(&infra, &topic);
+    let c = TopicReader::new(&infra.kafka, &topic);
     // The shipper reconnects by itself; keep calling until a fresh line arrives.
     let mut probe = client.clone();
     let caller = tokio::spawn(async move {
@@ -97,10 +94,11 @@ async fn kafka_outage_drops_are_counted_calls_stay_prompt_and_shipping_recovers(
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
-    let (line, _c) = consume_until(c, Duration::from_secs(60), move |v| {
-        v["trace_id"] == want.as_str()
-    })
-    .await;
+    let (line, _c) = c
+        .until(Duration::from_secs(60), move |v| {
+            v["trace_id"] == want.as_str()
+        })
+        .await;
     caller.abort();
     assert_eq!(line["service"], name.as_str());
 

@@ -1,8 +1,6 @@
 //! The loader end to end against the embedded server: the real data sets go in through the gRPC APIs, the
 //! summary says so, and a second run creates nothing twice.
 
-mod support;
-
 use std::process::Command;
 
 use keel_common::testsuite::binary;
@@ -52,7 +50,7 @@ fn row(summary: &str, kind: &str) -> (u64, u64, u64) {
 // The loader runs as a blocking child process: the server needs threads of its own meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_data_loads_once_and_a_rerun_duplicates_nothing() {
-    let (addr, ch) = support::start_embedded().await;
+    let (addr, ch) = crate::support::start_embedded().await;
     let addr = addr.to_string();
     let first = load(&addr);
     let (users, _, _) = row(&first, "users");

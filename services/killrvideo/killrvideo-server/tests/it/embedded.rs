@@ -1,16 +1,14 @@
 //! The embedded default end to end, over real gRPC on one port: all eight services in one process, SQLite
 //! files, the in-process event bus. What a KillrVideo client does, in the order the web front end does it.
 
-use std::time::{Duration, Instant};
-
-mod support;
+use std::time::Duration;
 
 use keel_protos::killrvideo::{
     comments::{
         CommentOnVideoRequest, GetVideoCommentsRequest,
         comments_service_client::CommentsServiceClient,
     },
-    common::{TimeUuid, Uuid as PbUuid},
+    common::TimeUuid,
     ratings::{GetRatingRequest, RateVideoRequest, ratings_service_client::RatingsServiceClient},
     search::{
         GetQuerySuggestionsRequest, SearchVideosRequest, search_service_client::SearchServiceClient,
@@ -32,32 +30,13 @@ use keel_protos::killrvideo::{
         video_catalog_service_client::VideoCatalogServiceClient,
     },
 };
+use killrvideo::testsuite::{eventually, pb};
 use tonic::Code;
 use uuid::Uuid;
 
-fn pb(id: Uuid) -> Option<PbUuid> {
-    Some(PbUuid {
-        value: id.to_string(),
-    })
-}
-
-async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    mut f: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_user_signs_up_submits_comments_rates_plays_and_finds_videos_on_one_port() {
-    let ch = support::start_embedded().await.1;
+    let ch = crate::support::start_embedded().await.1;
     let mut users = UserManagementServiceClient::new(ch.clone());
     let mut videos = VideoCatalogServiceClient::new(ch.clone());
     let mut comments = CommentsServiceClient::new(ch.clone());
@@ -205,7 +184,7 @@ async fn a_user_signs_up_submits_comments_rates_plays_and_finds_videos_on_one_po
     );
 
     // Search and suggestions follow through events, within seconds.
-    let found = eventually("both videos searchable", || {
+    let found = eventually("both videos searchable", Duration::from_secs(10), || {
         let mut s = search.clone();
         async move {
             let r = s
@@ -235,21 +214,25 @@ async fn a_user_signs_up_submits_comments_rates_plays_and_finds_videos_on_one_po
         "{:?}",
         sugg.suggestions
     );
-    let related = eventually("related videos by shared tag", || {
-        let mut s = suggested.clone();
-        async move {
-            let r = s
-                .get_related_videos(GetRelatedVideosRequest {
-                    video_id: pb(a),
-                    page_size: 4,
-                    ..Default::default()
-                })
-                .await
-                .ok()?
-                .into_inner();
-            (!r.videos.is_empty()).then_some(r)
-        }
-    })
+    let related = eventually(
+        "related videos by shared tag",
+        Duration::from_secs(10),
+        || {
+            let mut s = suggested.clone();
+            async move {
+                let r = s
+                    .get_related_videos(GetRelatedVideosRequest {
+                        video_id: pb(a),
+                        page_size: 4,
+                        ..Default::default()
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (!r.videos.is_empty()).then_some(r)
+            }
+        },
+    )
     .await;
     assert_eq!(related.videos[0].video_id, pb(b));
 
@@ -270,7 +253,7 @@ async fn dry_runs_of_mutating_calls_write_nothing() {
         r.metadata_mut().insert("dry-run", "true".parse().unwrap());
         r
     }
-    let ch = support::start_embedded().await.1;
+    let ch = crate::support::start_embedded().await.1;
     let mut users = UserManagementServiceClient::new(ch.clone());
     let mut videos = VideoCatalogServiceClient::new(ch.clone());
     let mut comments = CommentsServiceClient::new(ch.clone());

@@ -1,8 +1,6 @@
 //! A client that knows only the .proto files (grpcurl with `-proto`, no reflection, no generated code) calls
 //! every KillrVideo service of the embedded server.
 
-mod support;
-
 use std::{path::PathBuf, process::Command};
 
 fn grpcurl(addr: &str, proto: &str, method: &str, body: &str) -> (bool, String) {
@@ -29,7 +27,7 @@ fn grpcurl(addr: &str, proto: &str, method: &str, body: &str) -> (bool, String) 
 // grpcurl runs as a blocking child process: the server needs threads of its own meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_answers_a_proto_only_client() {
-    let (addr, _) = support::start_embedded().await;
+    let (addr, _) = crate::support::start_embedded().await;
     let addr = addr.to_string();
     let user = uuid::Uuid::new_v4();
     let video = uuid::Uuid::new_v4();

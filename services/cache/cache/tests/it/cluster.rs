@@ -22,8 +22,7 @@ use keel_protos::rpc::{
 use tokio_stream::StreamExt;
 use tonic::{Code, Request};
 
-mod support;
-use support::Deployment;
+use crate::support::Deployment;
 
 fn keyed<T>(msg: T, key: &str) -> Request<T> {
     let mut r = Request::new(msg);

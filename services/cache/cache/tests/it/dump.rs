@@ -7,11 +7,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use keel_common::testsuite::passing_ports;
 
-mod support;
+use crate::support::Deployment;
 use keel_protos::rpc::{
     CreateAccountReq, DumpReq, StoreReq, accounts_client::AccountsClient, cache_client::CacheClient,
 };
-use support::Deployment;
 
 const KEYS: usize = 100_000;
 const VALUE_BYTES: usize = 1024;

@@ -1,13 +1,11 @@
 //! The platform of `crates/common`, proven end to end with real echo processes against the real Consul, Kafka,
 //! StatsD and Graphite started by `scripts/infra.sh` (issue 2, proofs 1–6).
 
-mod support;
-
 use std::{collections::HashMap, process::Command, time::Duration};
 
+use crate::support::*;
 use keel_common::{ClientFactory, Idempotent, Metrics, discovery::SrvResolver};
 use keel_protos::keel::example::v1::{EchoRequest, echo_client::EchoClient};
-use support::*;
 use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -26,8 +24,8 @@ fn echo(message: &str) -> EchoRequest {
 async fn registers_in_consul_resolves_by_srv_and_offers_reflection_and_health() {
     let infra = Infra::get();
     let name = unique("echo-reg");
-    let mut p = EchoProcess::spawn(&consul_env(&infra, &name));
-    let ports = passing_ports(&infra, &name, 1).await;
+    let mut p = echo_process(&consul_env(&infra, &name));
+    let ports = passing_ports(&name, 1, CONSUL_WAIT).await;
     let port = ports[0];
 
     let entry = infra
@@ -136,8 +134,8 @@ async fn a_client_finds_a_peer_that_starts_after_it_without_waiting_an_interval(
     let err = client.echo(echo("too early")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 
-    let _late = EchoProcess::spawn(&consul_env(&infra, &name));
-    passing_ports(&infra, &name, 1).await;
+    let _late = echo_process(&consul_env(&infra, &name));
+    passing_ports(&name, 1, CONSUL_WAIT).await;
     let reply = eventually(
         "the client finds the new instance well within its 60 s discovery interval",
         Duration::from_secs(10),
@@ -154,9 +152,9 @@ async fn a_client_finds_a_peer_that_starts_after_it_without_waiting_an_interval(
 async fn client_balances_over_consul_dns_and_survives_sigkill() {
     let infra = Infra::get();
     let name = unique("echo-lb");
-    let mut a = EchoProcess::spawn(&consul_env(&infra, &name));
-    let _b = EchoProcess::spawn(&consul_env(&infra, &name));
-    passing_ports(&infra, &name, 2).await;
+    let mut a = echo_process(&consul_env(&infra, &name));
+    let _b = echo_process(&consul_env(&infra, &name));
+    passing_ports(&name, 2, CONSUL_WAIT).await;
 
     let factory = ClientFactory::new(&infra.client_settings(), Metrics::disabled());
     let client = EchoClient::new(factory.channel(&name).unwrap());
@@ -185,8 +183,7 @@ async fn client_balances_over_consul_dns_and_survives_sigkill() {
         .iter()
         .find_map(|l| l["instance"].as_str().map(str::to_owned))
         .unwrap();
-    a.child.kill().unwrap(); // SIGKILL: no deregistration, no goodbye
-    a.child.wait().unwrap();
+    a.kill(); // SIGKILL: no deregistration, no goodbye
 
     let policy = factory.retry_policy();
     let mut answered_by = HashMap::<String, usize>::new();
@@ -214,8 +211,8 @@ async fn sigterm_goes_not_serving_deregisters_drains_and_exits_zero() {
     let name = unique("echo-term");
     let mut env = consul_env(&infra, &name);
     env.push(("KEEL_CONSUL__DISCOVERY_INTERVAL", "2s".into()));
-    let mut p = EchoProcess::spawn(&env);
-    let port = passing_ports(&infra, &name, 1).await[0];
+    let mut p = echo_process(&env);
+    let port = passing_ports(&name, 1, CONSUL_WAIT).await[0];
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
 
     let mut client = EchoClient::new(direct(addr));
@@ -332,7 +329,7 @@ fn whisper_sum(path: &std::path::Path) -> Option<f64> {
 async fn rpc_metrics_reach_graphite_through_statsd() {
     let infra = Infra::get();
     let prefix = unique("t").replace('-', "");
-    let mut p = EchoProcess::spawn(&[
+    let mut p = echo_process(&[
         ("KEEL_STATSD__ADDR", infra.statsd.clone()),
         ("KEEL_STATSD__PREFIX", prefix.clone()),
     ]);
@@ -406,7 +403,7 @@ async fn rpc_metrics_reach_graphite_through_statsd() {
 async fn log_lines_with_trace_id_reach_the_service_kafka_topic() {
     let infra = Infra::get();
     let name = unique("echo-logs");
-    let mut p = EchoProcess::spawn(&[
+    let mut p = echo_process(&[
         ("KEEL_SERVICE__NAME", name.clone()),
         ("KEEL_KAFKA__BROKERS", infra.kafka.clone()),
     ]);
@@ -422,12 +419,11 @@ async fn log_lines_with_trace_id_reach_the_service_kafka_topic() {
     );
 
     let want = trace_id.clone();
-    let (line, _c) = consume_until(
-        consumer(&infra, &format!("logs.{name}")),
-        Duration::from_secs(40),
-        move |v| v["trace_id"] == want.as_str(),
-    )
-    .await;
+    let (line, _c) = TopicReader::new(&infra.kafka, &format!("logs.{name}"))
+        .until(Duration::from_secs(40), move |v| {
+            v["trace_id"] == want.as_str()
+        })
+        .await;
     assert_eq!(line["service"], name.as_str());
     assert_eq!(line["level"], "INFO");
     assert_eq!(line["fields"]["text"], "logged");
@@ -444,10 +440,10 @@ async fn log_lines_with_trace_id_reach_the_service_kafka_topic() {
 async fn deadline_and_trace_id_propagate_to_downstream_services() {
     let infra = Infra::get();
     let (a_name, b_name) = (unique("echo-up"), unique("echo-down"));
-    let _a = EchoProcess::spawn(&consul_env(&infra, &a_name));
-    let _b = EchoProcess::spawn(&consul_env(&infra, &b_name));
-    passing_ports(&infra, &a_name, 1).await;
-    passing_ports(&infra, &b_name, 1).await;
+    let _a = echo_process(&consul_env(&infra, &a_name));
+    let _b = echo_process(&consul_env(&infra, &b_name));
+    passing_ports(&a_name, 1, CONSUL_WAIT).await;
+    passing_ports(&b_name, 1, CONSUL_WAIT).await;
 
     let factory = ClientFactory::new(&infra.client_settings(), Metrics::disabled());
     let mut client = EchoClient::new(factory.channel(&a_name).unwrap());
@@ -478,7 +474,7 @@ async fn deadline_and_trace_id_propagate_to_downstream_services() {
     assert_eq!(a.trace_id, trace_id);
     assert_eq!(b.trace_id, trace_id, "trace id propagated");
     // Every call is logged and timed on both sides: A's outgoing call to B, B's incoming one.
-    let call_logged = |p: &EchoProcess, side: &str| {
+    let call_logged = |p: &ServiceProcess, side: &str| {
         p.lines().iter().any(|l| {
             let f = &l["fields"];
             l["message"] == "grpc call"
@@ -546,7 +542,7 @@ async fn deadline_and_trace_id_propagate_to_downstream_services() {
 #[tokio::test]
 async fn deadline_propagates_and_is_enforced() {
     let _infra = Infra::get();
-    let p = EchoProcess::spawn(&[]);
+    let p = echo_process(&[]);
     let addr = p.addr().await;
     let settings = keel_common::config::Settings::from_env(
         "test-client",
