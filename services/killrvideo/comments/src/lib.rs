@@ -124,10 +124,8 @@ impl CommentsService for Comments {
             comments: rows
                 .into_iter()
                 .map(|c| UserComment {
-                    comment_id: Some(keel_protos::killrvideo::common::TimeUuid {
-                        value: c.comment_id,
-                    }),
-                    video_id: Some(ids::uuid_str(&c.other_id)),
+                    comment_id: Some(ids::time_uuid(c.comment_id)),
+                    video_id: Some(ids::uuid(c.other_id)),
                     comment: c.comment,
                     comment_timestamp: Some(time::to_timestamp(c.comment_ms)),
                 })
@@ -157,10 +155,8 @@ impl CommentsService for Comments {
             comments: rows
                 .into_iter()
                 .map(|c| VideoComment {
-                    comment_id: Some(keel_protos::killrvideo::common::TimeUuid {
-                        value: c.comment_id,
-                    }),
-                    user_id: Some(ids::uuid_str(&c.other_id)),
+                    comment_id: Some(ids::time_uuid(c.comment_id)),
+                    user_id: Some(ids::uuid(c.other_id)),
                     comment: c.comment,
                     comment_timestamp: Some(time::to_timestamp(c.comment_ms)),
                 })

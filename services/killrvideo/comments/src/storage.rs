@@ -2,7 +2,11 @@
 
 use keel_common::{outbox, outbox::Outbox};
 use keel_protos::killrvideo::comments::events::UserCommentedOnVideo;
-use killrvideo::{ids, sql::Sql, time, topics};
+use killrvideo::{
+    ids,
+    sql::{Sql, uuid_at},
+    time, topics,
+};
 use prost::Message;
 use sqlx::{AnyPool, Row};
 use uuid::Uuid;
@@ -13,9 +17,9 @@ pub struct Comment {
     /// Sort key of the comment id ([`ids::v1_sort_key`]).
     pub sortkey: String,
     /// The comment id (a version-1 UUID).
-    pub comment_id: String,
+    pub comment_id: Uuid,
     /// The other party: the user in a video's list, the video in a user's list.
-    pub other_id: String,
+    pub other_id: Uuid,
     /// Text.
     pub comment: String,
     /// The time embedded in the comment id, in milliseconds since the epoch.
@@ -42,11 +46,6 @@ impl Store {
     /// The store over a migrated `pool`.
     pub fn new(pool: AnyPool, outbox: Outbox) -> Self {
         Self { pool, outbox }
-    }
-
-    /// The pool (for readiness checks).
-    pub fn pool(&self) -> &AnyPool {
-        &self.pool
     }
 
     /// Writes the comment to both lists and queues UserCommentedOnVideo, in one transaction. A comment id
@@ -154,8 +153,8 @@ impl Store {
             .map(|r| {
                 Ok(Comment {
                     sortkey: r.try_get(0)?,
-                    comment_id: r.try_get(1)?,
-                    other_id: r.try_get(2)?,
+                    comment_id: uuid_at(r, 1)?,
+                    other_id: uuid_at(r, 2)?,
                     comment: r.try_get(3)?,
                     comment_ms: r.try_get(4)?,
                 })

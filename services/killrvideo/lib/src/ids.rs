@@ -84,13 +84,6 @@ pub fn uuid(id: Uuid) -> PbUuid {
     }
 }
 
-/// The wire form of a stored id (already canonical text).
-pub fn uuid_str(id: &str) -> PbUuid {
-    PbUuid {
-        value: id.to_owned(),
-    }
-}
-
 /// The wire form of a time-based id.
 pub fn time_uuid(id: Uuid) -> TimeUuid {
     TimeUuid {

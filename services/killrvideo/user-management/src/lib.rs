@@ -163,13 +163,13 @@ impl UserManagementService for UserManagement {
             .await
             .map_err(ServiceError::from)?;
         let (hash, user_id) = match &found {
-            Some((hash, user_id)) => (hash.clone(), Some(user_id.clone())),
+            Some((hash, user_id)) => (hash.clone(), Some(*user_id)),
             None => (self.dummy_hash.as_ref().clone(), None),
         };
         let ok = blocking(move || verify_password(&password, &hash)).await?;
         match user_id {
             Some(id) if ok => Ok(Response::new(VerifyCredentialsResponse {
-                user_id: Some(ids::uuid_str(&id)),
+                user_id: Some(ids::uuid(id)),
             })),
             _ => Err(ServiceError::Unauthenticated(BAD_CREDENTIALS.into()).into()),
         }
@@ -192,7 +192,7 @@ impl UserManagementService for UserManagement {
             .map_err(ServiceError::from)?
             .into_iter()
             .map(|u| UserProfile {
-                user_id: Some(ids::uuid_str(&u.user_id)),
+                user_id: Some(ids::uuid(u.user_id)),
                 first_name: u.first_name,
                 last_name: u.last_name,
                 email: u.email,

@@ -2,7 +2,11 @@
 
 use keel_common::{outbox, outbox::Outbox};
 use keel_protos::killrvideo::user_management::events::UserCreated;
-use killrvideo::{ids, sql::Sql, time, topics};
+use killrvideo::{
+    ids,
+    sql::{Sql, uuid_at},
+    time, topics,
+};
 use prost::Message;
 use sqlx::{AnyPool, Row};
 use uuid::Uuid;
@@ -21,8 +25,8 @@ pub enum CreateOutcome {
 /// One stored profile.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredUser {
-    /// Canonical UUID text.
-    pub user_id: String,
+    /// The user.
+    pub user_id: Uuid,
     /// First name.
     pub first_name: String,
     /// Last name.
@@ -42,11 +46,6 @@ impl Store {
     /// The store over a migrated `pool`.
     pub fn new(pool: AnyPool, outbox: Outbox) -> Self {
         Self { pool, outbox }
-    }
-
-    /// The pool (for readiness checks).
-    pub fn pool(&self) -> &AnyPool {
-        &self.pool
     }
 
     /// Writes credentials, profile and the UserCreated event in one transaction; the email's primary key makes
@@ -110,12 +109,13 @@ impl Store {
     ///
     /// # Errors
     /// Database failures.
-    pub async fn credentials(&self, email: &str) -> Result<Option<(String, String)>, sqlx::Error> {
+    pub async fn credentials(&self, email: &str) -> Result<Option<(String, Uuid)>, sqlx::Error> {
         let row = sqlx::query("SELECT password, userid FROM user_credentials WHERE email = $1")
             .bind(email)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+        row.map(|r| Ok((r.try_get(0)?, uuid_at(&r, 1)?)))
+            .transpose()
     }
 
     /// The profiles of those of `ids` that exist, in request order.
@@ -135,15 +135,14 @@ impl Store {
             .into_iter()
             .map(|r| {
                 Ok(StoredUser {
-                    user_id: r.try_get(0)?,
+                    user_id: uuid_at(&r, 0)?,
                     first_name: r.try_get(1)?,
                     last_name: r.try_get(2)?,
                     email: r.try_get(3)?,
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        let order: Vec<String> = ids.iter().map(|i| i.hyphenated().to_string()).collect();
-        users.sort_by_key(|u| order.iter().position(|o| *o == u.user_id));
+        users.sort_by_key(|u| ids.iter().position(|o| *o == u.user_id));
         Ok(users)
     }
 }

@@ -77,11 +77,6 @@ impl Store {
         Self { pool, outbox }
     }
 
-    /// The pool (for readiness checks).
-    pub fn pool(&self) -> &AnyPool {
-        &self.pool
-    }
-
     /// Writes the video, its user-list and latest-list rows and the YouTubeVideoAdded event in one transaction.
     /// Returns false (and writes nothing) when a video with this id exists.
     ///
