@@ -557,34 +557,6 @@ mod tests {
     }
 
     #[test]
-    fn database_defaults_to_an_sqlite_file_per_service_and_events_follow_kafka() {
-        let s = Settings::from_env("comments", &Env::default()).unwrap();
-        assert_eq!(s.database_url(), "sqlite://var/comments.db?mode=rwc");
-        assert_eq!(
-            s.database_url_of("ratings"),
-            "sqlite://var/ratings.db?mode=rwc"
-        );
-        assert_eq!(s.events.brokers, None);
-        assert_eq!(s.events.group_prefix, None);
-        let s = Settings::from_env(
-            "comments",
-            &Env::default()
-                .with(
-                    "KEEL_DATABASE__URL",
-                    "postgres://kv:hunter2@127.0.0.1:15432/comments",
-                )
-                .with("KEEL_KAFKA__BROKERS", "127.0.0.1:19092"),
-        )
-        .unwrap();
-        assert_eq!(
-            s.database_url_redacted(),
-            "postgres://kv:***@127.0.0.1:15432/comments"
-        );
-        assert!(!format!("{s:?}").contains("hunter2"));
-        assert_eq!(s.events.brokers.as_deref(), Some("127.0.0.1:19092"));
-    }
-
-    #[test]
     fn service_sections_are_typed_and_layered() {
         #[derive(serde::Deserialize, Default, Debug, PartialEq)]
         #[serde(default)]
@@ -612,50 +584,6 @@ mod tests {
         .unwrap();
         assert_eq!(s.section::<Cache>("cache").unwrap_err().0[0].key, "cache");
         assert!(!format!("{s:?}").contains("lots"));
-    }
-
-    #[test]
-    fn tls_settings_are_checked_together() {
-        let err = Settings::from_env(
-            "x",
-            &Env::default()
-                .with("KEEL_TLS__CERT_FILE", "/nonexistent.pem")
-                .with("KEEL_TLS__REQUIRE_CLIENT_CERT", "true"),
-        )
-        .unwrap_err();
-        let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
-        assert!(
-            keys.contains(&"tls.key_file") && keys.contains(&"tls.cert_file"),
-            "{keys:?}"
-        );
-        assert!(keys.contains(&"tls.require_client_cert"), "{keys:?}");
-        let s = Settings::from_env("x", &Env::default()).unwrap();
-        assert!(!s.tls.server_enabled() && !s.tls.client_enabled());
-    }
-
-    #[test]
-    fn consul_checks_by_ttl_when_clients_need_certificates() {
-        // Only their existence is checked here.
-        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
-        let mtls = Env::default()
-            .with("KEEL_TLS__CERT_FILE", file)
-            .with("KEEL_TLS__KEY_FILE", file)
-            .with("KEEL_TLS__CA_FILE", file)
-            .with("KEEL_TLS__REQUIRE_CLIENT_CERT", "true");
-        let s = Settings::from_env("x", &mtls).unwrap();
-        assert_eq!(s.consul.check, CheckKind::Ttl);
-        assert_eq!(s.consul.ttl(), s.consul.check_interval * 3);
-        let err =
-            Settings::from_env("x", &mtls.clone().with("KEEL_CONSUL__CHECK", "grpc")).unwrap_err();
-        assert_eq!(err.0[0].key, "consul.check", "{err}");
-        let plain = Settings::from_env("x", &Env::default()).unwrap();
-        assert_eq!(plain.consul.check, CheckKind::Grpc);
-        let ttl =
-            Settings::from_env("x", &Env::default().with("KEEL_CONSUL__CHECK", "TTL")).unwrap();
-        assert_eq!(ttl.consul.check, CheckKind::Ttl);
-        let bad = Settings::from_env("x", &Env::default().with("KEEL_CONSUL__CHECK", "http"))
-            .unwrap_err();
-        assert_eq!(bad.0[0].key, "consul.check");
     }
 
     #[test]
@@ -735,6 +663,32 @@ mod tests {
             &Env::default().with("KEEL_CONFIG_FILE", "/nonexistent.toml"),
         );
         assert_eq!(missing.unwrap_err().0[0].key, "KEEL_CONFIG_FILE");
+    }
+
+    #[test]
+    fn every_section_reports_every_key_it_reads() {
+        let s = Settings::from_env("echo", &Env::default()).unwrap();
+        let keys: Vec<&str> = s.effective().iter().map(|(k, _)| k.as_str()).collect();
+        for key in [
+            "service.name",
+            "grpc.max_concurrent_streams",
+            "grpc.keepalive_timeout",
+            "consul.check",
+            "consul.failures_before_critical",
+            "statsd.queue_capacity",
+            "log.buffer_lines",
+            "log.topic",
+            "client.default_timeout",
+            "client.static_endpoints",
+            "database.max_connections",
+            "events.delivery_timeout",
+            "tls.ca_file",
+            "tls.server_name",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+        let unique: std::collections::HashSet<&str> = keys.iter().copied().collect();
+        assert_eq!(unique.len(), keys.len(), "each key once: {keys:?}");
     }
 
     #[test]

@@ -604,6 +604,32 @@ impl Registrar {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Env, Settings};
+
+    #[test]
+    fn consul_checks_by_ttl_when_clients_need_certificates() {
+        // Only their existence is checked here.
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let mtls = Env::default()
+            .with("KEEL_TLS__CERT_FILE", file)
+            .with("KEEL_TLS__KEY_FILE", file)
+            .with("KEEL_TLS__CA_FILE", file)
+            .with("KEEL_TLS__REQUIRE_CLIENT_CERT", "true");
+        let s = Settings::from_env("x", &mtls).unwrap();
+        assert_eq!(s.consul.check, CheckKind::Ttl);
+        assert_eq!(s.consul.ttl(), s.consul.check_interval * 3);
+        let err =
+            Settings::from_env("x", &mtls.clone().with("KEEL_CONSUL__CHECK", "grpc")).unwrap_err();
+        assert_eq!(err.0[0].key, "consul.check", "{err}");
+        let plain = Settings::from_env("x", &Env::default()).unwrap();
+        assert_eq!(plain.consul.check, CheckKind::Grpc);
+        let ttl =
+            Settings::from_env("x", &Env::default().with("KEEL_CONSUL__CHECK", "TTL")).unwrap();
+        assert_eq!(ttl.consul.check, CheckKind::Ttl);
+        let bad = Settings::from_env("x", &Env::default().with("KEEL_CONSUL__CHECK", "http"))
+            .unwrap_err();
+        assert_eq!(bad.0[0].key, "consul.check");
+    }
 
     /// The registrar of instance `echo-1` at 127.0.0.1:5000 under the settings of `env`.
     fn registrar(env: &crate::config::Env, tls: bool) -> Registrar {

@@ -232,3 +232,36 @@ pub fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Env, Settings};
+
+    #[test]
+    fn database_defaults_to_an_sqlite_file_per_service_and_events_follow_kafka() {
+        let s = Settings::from_env("comments", &Env::default()).unwrap();
+        assert_eq!(s.database_url(), "sqlite://var/comments.db?mode=rwc");
+        assert_eq!(
+            s.database_url_of("ratings"),
+            "sqlite://var/ratings.db?mode=rwc"
+        );
+        assert_eq!(s.events.brokers, None);
+        assert_eq!(s.events.group_prefix, None);
+        let s = Settings::from_env(
+            "comments",
+            &Env::default()
+                .with(
+                    "KEEL_DATABASE__URL",
+                    "postgres://kv:hunter2@127.0.0.1:15432/comments",
+                )
+                .with("KEEL_KAFKA__BROKERS", "127.0.0.1:19092"),
+        )
+        .unwrap();
+        assert_eq!(
+            s.database_url_redacted(),
+            "postgres://kv:***@127.0.0.1:15432/comments"
+        );
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(s.events.brokers.as_deref(), Some("127.0.0.1:19092"));
+    }
+}

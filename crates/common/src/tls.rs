@@ -118,3 +118,27 @@ pub fn client_config(s: &TlsSettings) -> anyhow::Result<Option<ClientTlsConfig>>
     }
     Ok(Some(cfg))
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Env, Settings};
+
+    #[test]
+    fn tls_settings_are_checked_together() {
+        let err = Settings::from_env(
+            "x",
+            &Env::default()
+                .with("KEEL_TLS__CERT_FILE", "/nonexistent.pem")
+                .with("KEEL_TLS__REQUIRE_CLIENT_CERT", "true"),
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
+        assert!(
+            keys.contains(&"tls.key_file") && keys.contains(&"tls.cert_file"),
+            "{keys:?}"
+        );
+        assert!(keys.contains(&"tls.require_client_cert"), "{keys:?}");
+        let s = Settings::from_env("x", &Env::default()).unwrap();
+        assert!(!s.tls.server_enabled() && !s.tls.client_enabled());
+    }
+}
