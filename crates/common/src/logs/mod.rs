@@ -1,0 +1,205 @@
+//! Logs: `tracing` events as JSON lines on stdout, and shipped to Kafka (topic `logs.<service>` by default).
+//!
+//! One line per event:
+//! `{"timestamp":"2026-11-22T03:00:00.123456Z","level":"INFO","service":"echo","instance":"echo-host-5000-ab12",
+//!   "target":"echo","message":"...","trace_id":"…","span":"grpc.request","fields":{...}}`.
+//! `trace_id` comes from the nearest enclosing span that has one (the server's `grpc.request` span).
+//!
+//! Shipping never blocks the caller: lines go into a bounded queue (`log.buffer_lines`) drained by one thread
+//! that owns the Kafka producer. What cannot be shipped is dropped and counted by reason ([`ShipperStats`]):
+//! `queue_full` (the queue is full), `producer_full` (librdkafka's own queue is full), `delivery_failed`
+//! (Kafka did not acknowledge within `log.delivery_timeout`, e.g. while it is down). While lines are being lost,
+//! and `log.stdout` is off, they are written to stderr instead so nothing vanishes silently.
+//! The Kafka client's own diagnostics (`rdkafka*` targets) and this module's are never shipped, which would
+//! feed back into the producer. [`Telemetry::shutdown`] flushes what is queued before the process exits.
+
+mod json;
+mod kafka;
+
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use tracing_subscriber::{EnvFilter, prelude::*};
+
+use self::{json::JsonLayer, kafka::Shipper};
+
+use crate::config::{Reader, Settings};
+
+/// Logs: JSON lines on stdout and shipped to Kafka.
+#[derive(Clone, Debug)]
+pub struct LogSettings {
+    /// `tracing` filter directives (`log.level`, or `RUST_LOG`), default `info`.
+    pub level: String,
+    /// Write JSON lines to stdout (`log.stdout`), default true.
+    pub stdout: bool,
+    /// Kafka bootstrap servers (`kafka.brokers`, comma separated). Unset: logs are not shipped.
+    pub kafka_brokers: Option<String>,
+    /// Log topic (`log.topic`), default `logs.<service>`.
+    pub topic: Option<String>,
+    /// Lines buffered for the Kafka shipper before new ones are dropped (`log.buffer_lines`).
+    pub buffer_lines: usize,
+    /// A line Kafka has not acknowledged within this time is dropped and counted (`log.delivery_timeout`).
+    pub delivery_timeout: Duration,
+}
+
+impl LogSettings {
+    /// Reads the `log` section and `kafka.brokers` (`RUST_LOG` is layered in as the default `log.level`).
+    pub fn read(r: &mut Reader) -> Self {
+        let level = r.string("log.level", "info");
+        if let Err(e) = EnvFilter::try_new(&level) {
+            r.fail("log.level", format!("{level:?}: {e}"));
+        }
+        Self {
+            level,
+            stdout: r.bool("log.stdout", true),
+            kafka_brokers: r.opt_string("kafka.brokers"),
+            topic: r.opt_string("log.topic"),
+            buffer_lines: r.positive("log.buffer_lines", 10_000usize),
+            delivery_timeout: r.duration("log.delivery_timeout", Duration::from_secs(5)),
+        }
+    }
+}
+
+const SELF_TARGET: &str = module_path!();
+
+/// Lines dropped and shipped, by reason. Shared between the logging layer and the shipper thread.
+#[derive(Debug, Default)]
+pub struct ShipperStats {
+    /// Lines acknowledged by Kafka.
+    pub shipped: AtomicU64,
+    /// Dropped because the queue to the shipper thread was full.
+    pub queue_full: AtomicU64,
+    /// Dropped because librdkafka's queue was full.
+    pub producer_full: AtomicU64,
+    /// Dropped because Kafka did not acknowledge them in time (or refused them).
+    pub delivery_failed: AtomicU64,
+}
+
+impl ShipperStats {
+    /// All lines lost, whatever the reason.
+    pub fn dropped(&self) -> u64 {
+        self.queue_full.load(Ordering::Relaxed)
+            + self.producer_full.load(Ordering::Relaxed)
+            + self.delivery_failed.load(Ordering::Relaxed)
+    }
+}
+
+/// The installed logging pipeline; call [`Telemetry::shutdown`] before exiting to flush Kafka.
+pub struct Telemetry {
+    stats: Arc<ShipperStats>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("dropped", &self.stats.dropped())
+            .finish()
+    }
+}
+
+impl Telemetry {
+    /// Installs the global subscriber: JSON lines on stdout and, with `kafka.brokers` set, shipped to
+    /// [`Settings::log_topic`]. `instance` is the Consul service ID. Installing twice (tests) keeps the first
+    /// subscriber and ships nothing from the second.
+    ///
+    /// # Errors
+    /// The Kafka producer cannot be configured (bad broker list).
+    pub fn init(settings: &Settings, instance: &str) -> anyhow::Result<Self> {
+        let stats = Arc::new(ShipperStats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (shipper, thread) = match &settings.log.kafka_brokers {
+            Some(brokers) => {
+                let (shipper, thread) = Shipper::start(
+                    &settings.log,
+                    brokers,
+                    settings.log_topic(),
+                    instance,
+                    stats.clone(),
+                    stop.clone(),
+                )?;
+                (Some(shipper), Some(thread))
+            }
+            None => (None, None),
+        };
+        let layer = JsonLayer {
+            service: settings.service.name.clone(),
+            instance: instance.to_owned(),
+            stdout: settings.log.stdout,
+            shipper,
+        };
+        let filter =
+            EnvFilter::try_new(&settings.log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(layer)
+            .try_init();
+        Ok(Self {
+            stats,
+            stop,
+            thread,
+        })
+    }
+
+    /// Lines lost so far, all reasons.
+    pub fn dropped(&self) -> u64 {
+        self.stats.dropped()
+    }
+
+    /// Counters by reason, shared (for the metrics flusher).
+    pub fn stats(&self) -> Arc<ShipperStats> {
+        self.stats.clone()
+    }
+
+    /// Flushes queued lines to Kafka (up to 5 s) and stops the shipper thread. Logs a summary to stdout first.
+    pub fn shutdown(mut self) {
+        let s = &self.stats;
+        tracing::info!(
+            target: SELF_TARGET,
+            shipped = s.shipped.load(Ordering::Relaxed),
+            dropped = s.dropped(),
+            queue_full = s.queue_full.load(Ordering::Relaxed),
+            producer_full = s.producer_full.load(Ordering::Relaxed),
+            delivery_failed = s.delivery_failed.load(Ordering::Relaxed),
+            "log shipper stopping"
+        );
+        // The global layer keeps its sender for the life of the process, so the thread is told to stop; it
+        // drains the queue, flushes the producer (at most 5 s) and exits.
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Spawns a task that logs (stdout only, never shipped) how many lines were dropped each time the total grows,
+/// so an operator tailing stdout sees Kafka trouble without reading Graphite.
+pub fn spawn_drop_reporter(stats: Arc<ShipperStats>, period: Duration) {
+    tokio::spawn(async move {
+        let mut last = 0;
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            let now = stats.dropped();
+            if now > last {
+                tracing::warn!(
+                    target: SELF_TARGET,
+                    dropped = now,
+                    queue_full = stats.queue_full.load(Ordering::Relaxed),
+                    producer_full = stats.producer_full.load(Ordering::Relaxed),
+                    delivery_failed = stats.delivery_failed.load(Ordering::Relaxed),
+                    "log lines dropped"
+                );
+                last = now;
+            }
+        }
+    });
+}
