@@ -413,7 +413,12 @@ impl App {
             }
         };
         for (key, value) in self.effective(&settings) {
-            tracing::info!(key = key.as_str(), value = value.as_str(), "setting");
+            let value = if key == "service.instance_id" {
+                instance_id.as_str()
+            } else {
+                value.as_str()
+            };
+            tracing::info!(key = key.as_str(), value, "setting");
         }
         let mut settings = settings;
         settings.service.instance_id = Some(instance_id);
