@@ -90,45 +90,62 @@ impl ServiceError {
 
 impl From<ServiceError> for Status {
     fn from(err: ServiceError) -> Status {
-        let mut details = ErrorDetails::new();
-        details.set_error_info(err.reason(), ERROR_DOMAIN, std::collections::HashMap::new());
-        let (code, message) = match &err {
-            ServiceError::InvalidArgument { field, description } => {
-                details.add_bad_request_violation(field.clone(), description.clone());
-                (Code::InvalidArgument, err.to_string())
-            }
-            ServiceError::NotFound(m) => (Code::NotFound, m.clone()),
-            ServiceError::AlreadyExists(m) => (Code::AlreadyExists, m.clone()),
-            ServiceError::FailedPrecondition(m) => (Code::FailedPrecondition, m.clone()),
-            ServiceError::QuotaExceeded {
-                subject,
-                description,
-            } => {
-                details.add_quota_failure_violation(subject.clone(), description.clone());
-                (Code::FailedPrecondition, description.clone())
-            }
-            ServiceError::Unauthenticated(m) => (Code::Unauthenticated, m.clone()),
-            ServiceError::Unimplemented(m) => (Code::Unimplemented, m.clone()),
-            ServiceError::Unavailable {
-                message,
-                retry_after,
-            } => {
-                details.set_retry_info(Some(*retry_after));
-                (Code::Unavailable, message.clone())
-            }
-            ServiceError::Internal(e) => {
-                let trace_id = crate::context::current()
-                    .map(|c| c.trace_id)
-                    .unwrap_or_default();
-                tracing::error!(error = ?e, "unexpected error");
-                (
-                    Code::Internal,
-                    format!("internal error (trace id {trace_id})"),
-                )
-            }
-        };
-        Status::with_error_details(code, message, details)
+        let (code, message, details) = status_parts(&err);
+        Status::with_error_details(code, bounded(&message), details)
     }
+}
+
+/// Most characters of a status message or detail text; longer ones are cut with `…`, so a caller's input
+/// echoed in an error (a 200,000-character id, say) never turns into a huge `grpc-message` trailer.
+pub const MAX_ERROR_TEXT: usize = 256;
+
+/// `text`, cut to at most [`MAX_ERROR_TEXT`] characters (on a character boundary) with `…` when longer.
+pub fn bounded(text: &str) -> String {
+    match text.char_indices().nth(MAX_ERROR_TEXT) {
+        None => text.to_owned(),
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+    }
+}
+
+fn status_parts(err: &ServiceError) -> (Code, String, ErrorDetails) {
+    let mut details = ErrorDetails::new();
+    details.set_error_info(err.reason(), ERROR_DOMAIN, std::collections::HashMap::new());
+    let (code, message) = match err {
+        ServiceError::InvalidArgument { field, description } => {
+            details.add_bad_request_violation(bounded(field), bounded(description));
+            (Code::InvalidArgument, err.to_string())
+        }
+        ServiceError::NotFound(m) => (Code::NotFound, m.clone()),
+        ServiceError::AlreadyExists(m) => (Code::AlreadyExists, m.clone()),
+        ServiceError::FailedPrecondition(m) => (Code::FailedPrecondition, m.clone()),
+        ServiceError::QuotaExceeded {
+            subject,
+            description,
+        } => {
+            details.add_quota_failure_violation(bounded(subject), bounded(description));
+            (Code::FailedPrecondition, description.clone())
+        }
+        ServiceError::Unauthenticated(m) => (Code::Unauthenticated, m.clone()),
+        ServiceError::Unimplemented(m) => (Code::Unimplemented, m.clone()),
+        ServiceError::Unavailable {
+            message,
+            retry_after,
+        } => {
+            details.set_retry_info(Some(*retry_after));
+            (Code::Unavailable, message.clone())
+        }
+        ServiceError::Internal(e) => {
+            let trace_id = crate::context::current()
+                .map(|c| c.trace_id)
+                .unwrap_or_default();
+            tracing::error!(error = ?e, "unexpected error");
+            (
+                Code::Internal,
+                format!("internal error (trace id {trace_id})"),
+            )
+        }
+    };
+    (code, message, details)
 }
 
 /// The statuses the platform's layers ([`crate::layers`], [`crate::routing`]) answer with when a call never
@@ -269,6 +286,23 @@ mod tests {
         );
         assert_eq!(d.error_info().unwrap().domain, ERROR_DOMAIN);
         assert!(!is_retryable(&status));
+    }
+
+    #[test]
+    fn error_texts_never_echo_more_than_a_short_prefix_of_the_input() {
+        let id = "é".repeat(200_000);
+        let status: Status =
+            ServiceError::invalid("user_id", format!("{id:?} is not a UUID")).into();
+        assert!(status.message().chars().count() <= MAX_ERROR_TEXT + 1);
+        assert!(status.message().starts_with("user_id: \"éé"));
+        let details = status.get_error_details();
+        let v = &details.bad_request().unwrap().field_violations[0];
+        assert!(v.description.chars().count() <= MAX_ERROR_TEXT + 1);
+        assert!(v.description.ends_with('…'));
+        let status: Status =
+            ServiceError::NotFound(format!("account {id:?} does not exist")).into();
+        assert!(status.message().len() < 1024, "{}", status.message().len());
+        assert_eq!(bounded("short"), "short");
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //!   FAILED_PRECONDITION with its QuotaFailure detail reaches the caller as it is. Concurrent reservations of
 //!   one account are sent as one (see [`Quota`]). Keys evicted or expired give their quota back.
 //! - Memory: at most `cache.max_bytes` (default 64 MiB) per instance, least recently used keys evicted first;
-//!   `ttl_ms` per key.
+//!   `ttl_ms` per key (at most [`MAX_TTL_MS`], a year).
 //! - Dump streams the account's pairs in key order, 256 keys at a time through a bounded channel: memory stays
 //!   bounded and a slow reader slows the sender (HTTP/2 flow control), never the cache.
 //! - `dry-run: true` on Store validates, authenticates and checks the quota, and stores nothing.
@@ -47,6 +47,9 @@ pub use store::{ENTRY_OVERHEAD, Put, Store};
 pub const SERVICE: &str = "cache";
 /// Consul name of the accounts service the cache asks, by default.
 pub const ACCOUNTS: &str = "accounts";
+/// Longest `ttl_ms` a Store may ask for: 365 days. (A larger one used to overflow the expiry instant and
+/// panic the handler.)
+pub const MAX_TTL_MS: i64 = 365 * 24 * 3600 * 1000;
 /// Keys streamed per chunk by Dump.
 pub const DUMP_CHUNK: usize = 256;
 
@@ -236,8 +239,15 @@ impl CacheRpc for Cache {
         if r.key.is_empty() {
             return Err(ServiceError::invalid("key", "key should be provided").into());
         }
-        if r.ttl_ms < 0 {
-            return Err(ServiceError::invalid("ttl_ms", "must not be negative").into());
+        if !(0..=MAX_TTL_MS).contains(&r.ttl_ms) {
+            return Err(ServiceError::invalid(
+                "ttl_ms",
+                format!(
+                    "{}: must be within 0..={MAX_TTL_MS} (0: no expiry)",
+                    r.ttl_ms
+                ),
+            )
+            .into());
         }
         let tenant = self.tenant(&r.account_token, &metadata).await?;
         if !self.lock().fits(&tenant.id, &r.key, r.val.len()) {

@@ -17,7 +17,7 @@ use keel_protos::killrvideo::comments::{
     GetVideoCommentsRequest, GetVideoCommentsResponse, UserComment, VideoComment,
     comments_service_server::{CommentsService, CommentsServiceServer},
 };
-use killrvideo::{ids, paging, required_text, time};
+use killrvideo::{ids, limits, paging, required_text, time};
 use sqlx::AnyPool;
 use tonic::{Request, Response, Status};
 
@@ -93,6 +93,7 @@ impl CommentsService for Comments {
         let user = ids::required("user_id", r.user_id.as_ref())?;
         let comment_id = ids::required_time("comment_id", r.comment_id.as_ref())?;
         required_text("comment", &r.comment, "comment on video")?;
+        limits::chars("comment", &r.comment, limits::COMMENT_CHARS)?;
         if dry_run {
             return Ok(Response::new(CommentOnVideoResponse {}));
         }

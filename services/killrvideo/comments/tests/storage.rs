@@ -173,3 +173,50 @@ async fn comment_requests_are_validated() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+/// A comment whose time UUID predates 1970 comes back dated when it says (it used to come back in the year
+/// ~60,000, which protobuf JSON clients cannot print); an over-long comment is INVALID_ARGUMENT on `comment`.
+#[tokio::test]
+async fn comment_times_before_1970_and_oversized_comments() {
+    let db = testsuite::sqlite().await;
+    let (pool, outbox) = testsuite::open(&db, &MIGRATIONS).await;
+    let svc = Comments::new(pool, outbox);
+    let (video, user) = (Uuid::new_v4(), Uuid::new_v4());
+    // 1969-12-31T00:00:00Z: one day before the Unix epoch.
+    let old = Uuid::new_v1(
+        uuid::Timestamp::from_gregorian_time(0x01B2_1DD2_1381_4000 - 864_000_000_000, 0),
+        &[1, 2, 3, 4, 5, 6],
+    );
+    svc.comment_on_video(Request::new(CommentOnVideoRequest {
+        video_id: pb(video),
+        user_id: pb(user),
+        comment_id: tu(old),
+        comment: "from the past".into(),
+    }))
+    .await
+    .unwrap();
+    let listed = svc
+        .get_video_comments(Request::new(GetVideoCommentsRequest {
+            video_id: pb(video),
+            page_size: 5,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .comments;
+    let ts = listed[0].comment_timestamp.unwrap();
+    assert_eq!((ts.seconds, ts.nanos), (-86_400, 0));
+
+    let err = svc
+        .comment_on_video(Request::new(CommentOnVideoRequest {
+            video_id: pb(video),
+            user_id: pb(user),
+            comment_id: tu(time_id(1)),
+            comment: "x".repeat(killrvideo::limits::COMMENT_CHARS + 1),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("comment:"), "{}", err.message());
+}

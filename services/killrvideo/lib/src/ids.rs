@@ -93,9 +93,13 @@ pub fn time_uuid(id: Uuid) -> TimeUuid {
 
 /// Milliseconds since the Unix epoch embedded in a version-1 UUID (Cassandra's `dateOf(commentid)`).
 pub fn v1_millis(id: &Uuid) -> Option<i64> {
+    /// 100 ns ticks from the Gregorian epoch (1582-10-15) to the Unix epoch.
+    const UNIX_EPOCH_TICKS: i64 = 0x01B2_1DD2_1381_4000;
+    // Signed: a time before 1970 is a negative number of milliseconds (the uuid crate's `to_unix` wraps
+    // around there, which made a 1969 comment come back dated in the year ~60,000). 60-bit ticks fit an i64.
     id.get_timestamp().map(|ts| {
-        let (secs, nanos) = ts.to_unix();
-        (secs as i64) * 1000 + i64::from(nanos / 1_000_000)
+        let ticks = ts.to_gregorian().0 as i64;
+        (ticks - UNIX_EPOCH_TICKS).div_euclid(10_000)
     })
 }
 
@@ -110,6 +114,21 @@ pub fn v1_sort_key(id: &Uuid) -> String {
 mod tests {
     use super::*;
     use tonic::Code;
+
+    #[test]
+    fn v1_times_before_1970_are_negative_milliseconds() {
+        let at = |ms: i64| {
+            let ticks = (ms * 10_000 + 0x01B2_1DD2_1381_4000) as u64;
+            Uuid::new_v1(
+                uuid::Timestamp::from_gregorian_time(ticks, 0),
+                &[1, 2, 3, 4, 5, 6],
+            )
+        };
+        for ms in [1_700_000_000_123, 0, -1, -86_400_000, -12_219_292_800_000] {
+            assert_eq!(v1_millis(&at(ms)), Some(ms));
+        }
+        assert_eq!(v1_millis(&Uuid::new_v4()), None);
+    }
 
     #[test]
     fn parse_errors_name_the_field() {

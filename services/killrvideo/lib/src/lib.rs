@@ -5,6 +5,7 @@
 //! - [`time`]: `google.protobuf.Timestamp` ↔ milliseconds since the Unix epoch. KillrVideo keeps millisecond
 //!   precision (`shared/spec/killrvideo-semantics.md` §2.1): clients send returned dates back as inclusive
 //!   start points.
+//! - [`limits`]: the most one request may carry (lengths, counts), INVALID_ARGUMENT past them.
 //! - [`paging`]: `page_size` validation and opaque, URL-safe paging tokens (§2.3).
 //! - [`sql`]: dynamic SQL with numbered, bound parameters.
 //! - [`topics`]: the Kafka topics of the KillrVideo events (§10.2); [`events`]: those events as domain values.
@@ -12,6 +13,7 @@
 
 pub mod events;
 pub mod ids;
+pub mod limits;
 pub mod paging;
 pub mod sql;
 pub mod time;

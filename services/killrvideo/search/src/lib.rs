@@ -4,7 +4,8 @@
 //!
 //! - SearchVideos matches the query's words, case-insensitively, against name, tag and description words,
 //!   ranking videos that match more words first, then name > tags > description (the Solr edismax weights of
-//!   the references), then newest; `paging_state` is an opaque offset.
+//!   the references), then newest; `paging_state` is an opaque offset, at most [`MAX_OFFSET`]; a query holds at
+//!   most [`MAX_QUERY_CHARS`] characters and [`MAX_QUERY_WORDS`] distinct words (INVALID_ARGUMENT past them).
 //! - GetQuerySuggestions: sorted unique lowercase tags and name words starting with the query, at most
 //!   `page_size` (the web asks for 5); the query is echoed.
 //! - Indexing is idempotent: a redelivered event leaves the index as it was.
@@ -79,6 +80,33 @@ impl Service for Search {
     }
 }
 
+/// Longest query, in characters (bounds the work one call can ask for).
+pub const MAX_QUERY_CHARS: usize = 512;
+/// Most distinct words a query may hold.
+pub const MAX_QUERY_WORDS: usize = 32;
+/// Deepest result a search may page to: deeper pages cost the database more than any client needs.
+pub const MAX_OFFSET: usize = 10_000;
+
+/// INVALID_ARGUMENT on `query` when it is longer than [`MAX_QUERY_CHARS`] or has more than
+/// [`MAX_QUERY_WORDS`] distinct words.
+fn check_query(query: &str) -> Result<(), ServiceError> {
+    let chars = query.chars().count();
+    if chars > MAX_QUERY_CHARS {
+        return Err(ServiceError::invalid(
+            "query",
+            format!("{chars} characters: at most {MAX_QUERY_CHARS}"),
+        ));
+    }
+    let words: std::collections::BTreeSet<String> = killrvideo::words(query).collect();
+    if words.len() > MAX_QUERY_WORDS {
+        return Err(ServiceError::invalid(
+            "query",
+            format!("{} distinct words: at most {MAX_QUERY_WORDS}", words.len()),
+        ));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl SearchService for Search {
     async fn search_videos(
@@ -87,15 +115,23 @@ impl SearchService for Search {
     ) -> Result<Response<SearchVideosResponse>, Status> {
         let r = request.into_inner();
         required_text("query", &r.query, "search videos")?;
+        check_query(&r.query)?;
         let size = paging::page_size(r.page_size, "search videos request")?;
         let offset: usize = paging::decode(&r.paging_state)?.unwrap_or(0);
+        if offset > MAX_OFFSET {
+            return Err(ServiceError::invalid(
+                "paging_state",
+                "not a paging state returned by this service",
+            )
+            .into());
+        }
         let hits = self
             .index
             .search(&r.query, offset, size + 1)
             .await
             .map_err(ServiceError::from)?;
         // The next page starts after this one; there is one exactly when the extra row came back.
-        let (hits, paging_state) = paging::page(hits, size, |_| offset + size);
+        let (hits, paging_state) = paging::page(hits, size, |_| offset.saturating_add(size));
         Ok(Response::new(SearchVideosResponse {
             query: r.query,
             videos: hits
@@ -118,6 +154,7 @@ impl SearchService for Search {
     ) -> Result<Response<GetQuerySuggestionsResponse>, Status> {
         let r = request.into_inner();
         required_text("query", &r.query, "get query suggestions")?;
+        check_query(&r.query)?;
         let size = paging::page_size(r.page_size, "get query suggestions request")?;
         let suggestions = self
             .index

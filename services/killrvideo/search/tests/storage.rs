@@ -167,3 +167,41 @@ async fn bad_requests_and_malformed_events() {
         Err(HandlerError::Malformed(_))
     ));
 }
+
+/// Hostile input is a clear INVALID_ARGUMENT naming the field, never INTERNAL or a panic: tens of thousands of
+/// words (which used to overflow the SQL parameter limit), an over-long query, and a crafted paging state
+/// whose offset is past the deepest page (which used to overflow `offset + size`).
+#[tokio::test]
+async fn oversized_queries_and_crafted_offsets_are_invalid_arguments() {
+    let db = testsuite::sqlite().await;
+    let (pool, _) = testsuite::open(&db, &MIGRATIONS).await;
+    let svc = Search::new(pool);
+    let many_words: String = (0..40_000).map(|i| format!("w{i} ")).collect();
+    let long_word = "x".repeat(10_000);
+    let crafted = killrvideo::paging::encode(&usize::MAX);
+    for (query, paging_state, field) in [
+        (many_words.as_str(), String::new(), "query"),
+        (long_word.as_str(), String::new(), "query"),
+        ("star", crafted, "paging_state"),
+    ] {
+        let err = svc
+            .search_videos(Request::new(SearchVideosRequest {
+                query: query.into(),
+                page_size: 5,
+                paging_state,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(err.message().starts_with(field), "{}", err.message());
+        assert!(err.message().len() < 1024);
+    }
+    let err = svc
+        .get_query_suggestions(Request::new(GetQuerySuggestionsRequest {
+            query: long_word,
+            page_size: 5,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}

@@ -20,7 +20,7 @@ use keel_protos::killrvideo::user_management::{
     UserProfile, VerifyCredentialsRequest, VerifyCredentialsResponse,
     user_management_service_server::{UserManagementService, UserManagementServiceServer},
 };
-use killrvideo::{MAX_IDS_PER_REQUEST, ids, required_text};
+use killrvideo::{MAX_IDS_PER_REQUEST, ids, limits, required_text};
 use sqlx::AnyPool;
 use tonic::{Request, Response, Status};
 
@@ -112,6 +112,10 @@ impl UserManagementService for UserManagement {
             .trim()
             .to_owned();
         let password = required_text("password", &r.password, "create user")?.to_owned();
+        limits::chars("email", &email, limits::EMAIL_CHARS)?;
+        limits::bytes("password", &password, limits::PASSWORD_BYTES)?;
+        limits::chars("first_name", &r.first_name, limits::PERSON_NAME_CHARS)?;
+        limits::chars("last_name", &r.last_name, limits::PERSON_NAME_CHARS)?;
         if dry_run {
             // Reports what would happen: a taken email is the answer a real create would give.
             return match self
@@ -157,6 +161,8 @@ impl UserManagementService for UserManagement {
             .trim()
             .to_owned();
         let password = required_text("password", &r.password, "verify credentials")?.to_owned();
+        limits::chars("email", &email, limits::EMAIL_CHARS)?;
+        limits::bytes("password", &password, limits::PASSWORD_BYTES)?;
         let found = self
             .store
             .credentials(&email)

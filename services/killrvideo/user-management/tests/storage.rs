@@ -254,3 +254,34 @@ async fn instances_starting_together_all_migrate_the_shared_database() {
         }
     }
 }
+
+/// A megabyte-long password or email is INVALID_ARGUMENT before any hashing (argon2's work per call stays
+/// bounded), on create and on verify alike.
+#[tokio::test]
+async fn oversized_credentials_are_refused_before_hashing() {
+    let db = testsuite::sqlite().await;
+    let (svc, _) = service(&db).await;
+    let huge = "p".repeat(1 << 20);
+    let err = svc
+        .create_user(Request::new(CreateUserRequest {
+            user_id: pb(Uuid::new_v4()),
+            first_name: "Ada".into(),
+            last_name: "Lovelace".into(),
+            email: "ada@example.com".into(),
+            password: huge.clone(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("password:"), "{}", err.message());
+    let err = svc
+        .verify_credentials(Request::new(VerifyCredentialsRequest {
+            email: format!("{huge}@example.com"),
+            password: "x".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("email:"), "{}", err.message());
+    assert!(err.message().len() < 1024);
+}

@@ -22,7 +22,7 @@ use keel_protos::killrvideo::video_catalog::{
     SubmitYouTubeVideoRequest, SubmitYouTubeVideoResponse, VideoLocationType, VideoPreview,
     video_catalog_service_server::{VideoCatalogService, VideoCatalogServiceServer},
 };
-use killrvideo::{MAX_IDS_PER_REQUEST, ids, paging, required_text, time};
+use killrvideo::{MAX_IDS_PER_REQUEST, ids, limits, paging, required_text, time};
 use prost_types::Timestamp;
 use serde::{Deserialize, Serialize};
 use sqlx::AnyPool;
@@ -97,7 +97,7 @@ fn start_point(
 ) -> Result<Option<Position>, ServiceError> {
     let video = ids::optional("starting_video_id", video)?;
     match (date, video) {
-        (Some(d), Some(v)) => Ok(Some((time::to_millis(d), v))),
+        (Some(d), Some(v)) => Ok(Some((time::request_millis("starting_added_date", d)?, v))),
         (None, None) => Ok(None),
         (None, Some(_)) => Err(ServiceError::invalid(
             "starting_added_date",
@@ -153,6 +153,10 @@ impl VideoCatalogService for VideoCatalog {
         required_text("name", &r.name, REQ)?;
         required_text("description", &r.description, REQ)?;
         let yt = required_text("you_tube_video_id", &r.you_tube_video_id, REQ)?.trim();
+        limits::chars("name", &r.name, limits::VIDEO_NAME_CHARS)?;
+        limits::chars("description", &r.description, limits::DESCRIPTION_CHARS)?;
+        limits::chars("you_tube_video_id", yt, limits::LOCATION_CHARS)?;
+        limits::tags(&r.tags)?;
         let video = Video {
             video_id,
             user_id,

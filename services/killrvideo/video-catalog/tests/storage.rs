@@ -295,3 +295,77 @@ async fn submit_validates_and_uploads_are_unimplemented() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
 }
+
+/// Limits and ranges: too many or too long tags, an over-long name or description, and a start date outside
+/// 0001–9999 are INVALID_ARGUMENT naming the field; nothing is written.
+#[tokio::test]
+async fn oversized_submissions_and_out_of_range_dates_are_refused() {
+    let db = testsuite::sqlite().await;
+    let (svc, _) = service(&db).await;
+    let (video, user) = (Uuid::new_v4(), Uuid::new_v4());
+    let cases: Vec<(&str, SubmitYouTubeVideoRequest)> = vec![
+        ("tags", {
+            let mut r = submission(video, user, "many tags");
+            r.tags = (0..=killrvideo::limits::TAGS)
+                .map(|i| format!("t{i}"))
+                .collect();
+            r
+        }),
+        ("tags[1]", {
+            let mut r = submission(video, user, "long tag");
+            r.tags = vec!["ok".into(), "t".repeat(killrvideo::limits::TAG_CHARS + 1)];
+            r
+        }),
+        (
+            "name",
+            submission(
+                video,
+                user,
+                &"n".repeat(killrvideo::limits::VIDEO_NAME_CHARS + 1),
+            ),
+        ),
+        ("description", {
+            let mut r = submission(video, user, "long description");
+            r.description = "d".repeat(killrvideo::limits::DESCRIPTION_CHARS + 1);
+            r
+        }),
+    ];
+    for (field, req) in cases {
+        let err = svc
+            .submit_you_tube_video(Request::new(req))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}");
+        assert!(
+            err.message().starts_with(&format!("{field}:")),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let none = svc
+        .get_video(Request::new(GetVideoRequest {
+            video_id: pb(video),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), Code::NotFound, "nothing was written");
+
+    for seconds in [i64::MIN, -62_135_596_801, 253_402_300_800, i64::MAX] {
+        let err = svc
+            .get_user_video_previews(Request::new(GetUserVideoPreviewsRequest {
+                user_id: pb(user),
+                page_size: 5,
+                starting_added_date: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+                starting_video_id: pb(video),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{seconds}");
+        assert!(
+            err.message().starts_with("starting_added_date"),
+            "{}",
+            err.message()
+        );
+    }
+}

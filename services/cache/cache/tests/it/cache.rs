@@ -279,3 +279,22 @@ async fn dump_streams_every_pair_of_the_account_in_key_order() {
     }
     assert_eq!(n, 1000, "every pair of the account, none of another's");
 }
+
+/// A TTL past the documented maximum is INVALID_ARGUMENT naming `ttl_ms` (an `i64::MAX` one used to overflow
+/// the expiry instant and panic the handler); the maximum itself is accepted.
+#[tokio::test]
+async fn ttls_are_range_checked() {
+    let clients = accounts_server().await;
+    let c = cache(&clients, 1 << 20);
+    let (_, token) = account(&clients, "ttl", 10).await;
+    for ttl in [i64::MAX, cache::MAX_TTL_MS + 1, -1] {
+        let mut req = store(&token, "k", b"v");
+        req.get_mut().ttl_ms = ttl;
+        let err = c.store(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{ttl}");
+        assert!(err.message().starts_with("ttl_ms"), "{}", err.message());
+    }
+    let mut req = store(&token, "k", b"v");
+    req.get_mut().ttl_ms = cache::MAX_TTL_MS;
+    c.store(req).await.unwrap();
+}
