@@ -8,7 +8,9 @@
 //!   optional `events.group_prefix`), so several instances of a service share
 //!   the partitions; offsets are committed only after the handler succeeded (at-least-once delivery).
 //! - **In-process**, when no brokers are configured: the embedded default, all services in one process. Each
-//!   consumer group subscribed to a topic gets every event once, in publish order.
+//!   consumer group subscribed to a topic gets every event once, in publish order, and a publish returns only
+//!   once every group has applied the event, so the outbox never lets go of one a consumer had merely queued
+//!   (a crash at any moment loses nothing; an event may be applied again after a restart).
 //!
 //! Handlers must be idempotent: Kafka redelivers after a crash or a rebalance, and the outbox relay
 //! ([`crate::outbox`]) publishes at least once. A handler error is retried with backoff (the event is never
@@ -28,7 +30,7 @@ use rdkafka::{
     consumer::{CommitMode, Consumer, StreamConsumer},
     producer::{FutureProducer, FutureRecord},
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Reader, Settings};
 
@@ -68,6 +70,14 @@ impl EventSettings {
 /// Why a publish failed; the outbox retries.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
+    /// In process: a subscribed group had not applied the event within the wait.
+    #[error("in-process consumers did not apply the event on {topic} within {waited:?}")]
+    NotApplied {
+        /// Topic.
+        topic: String,
+        /// How long the publish waited.
+        waited: Duration,
+    },
     /// Kafka did not take the event (down, timed out, topic refused).
     #[error("kafka did not acknowledge the event on {topic}: {reason}")]
     Kafka {
@@ -128,8 +138,15 @@ impl std::fmt::Debug for EventBus {
     }
 }
 
+/// An in-process delivery: the event, and who to tell once the group has applied it.
+type Delivery = (Event, oneshot::Sender<()>);
+
 /// In-process subscriptions: by topic, each consumer group's queue.
-type LocalSubscriptions = Mutex<HashMap<String, Vec<(String, mpsc::UnboundedSender<Event>)>>>;
+type LocalSubscriptions = Mutex<HashMap<String, Vec<(String, mpsc::UnboundedSender<Delivery>)>>>;
+
+/// Longest an in-process publish waits for every subscribed group to apply the event before it reports a
+/// failure (the outbox keeps the event and retries; handlers are idempotent).
+pub const IN_PROCESS_APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 enum Inner {
     Local(LocalSubscriptions),
@@ -181,22 +198,40 @@ impl EventBus {
     }
 
     /// Publishes `payload` on `topic` (no key); returns once Kafka acknowledged it (or, in-process, once every
-    /// subscribed group has it queued).
+    /// subscribed group has applied it).
     ///
     /// # Errors
-    /// Kafka did not acknowledge within `events.delivery_timeout`.
+    /// Kafka did not acknowledge within `events.delivery_timeout`; in process, a group had not applied it
+    /// within [`IN_PROCESS_APPLY_TIMEOUT`].
     pub async fn publish(&self, topic: &str, payload: &[u8]) -> Result<(), PublishError> {
         match &*self.inner {
             Inner::Local(subs) => {
-                let subs = subs.lock().expect("event bus");
-                for (_, tx) in subs.get(topic).into_iter().flatten() {
-                    // A closed receiver is a consumer that stopped with the process: nothing to deliver to.
-                    let _ = tx.send(Event {
+                let applied: Vec<oneshot::Receiver<()>> = {
+                    let subs = subs.lock().expect("event bus");
+                    subs.get(topic)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|(_, tx)| {
+                            let (done, applied) = oneshot::channel();
+                            let event = Event {
+                                topic: topic.to_owned(),
+                                payload: payload.to_vec(),
+                            };
+                            // A closed receiver is a consumer that stopped with the process: nothing to wait for.
+                            tx.send((event, done)).ok().map(|()| applied)
+                        })
+                        .collect()
+                };
+                // Acknowledged only once every group applied it (or skipped it as malformed): the outbox
+                // deletes the event after this, so a crash never loses one that a consumer had only queued.
+                let all = futures::future::join_all(applied);
+                match tokio::time::timeout(IN_PROCESS_APPLY_TIMEOUT, all).await {
+                    Ok(_) => Ok(()),
+                    Err(_) => Err(PublishError::NotApplied {
                         topic: topic.to_owned(),
-                        payload: payload.to_vec(),
-                    });
+                        waited: IN_PROCESS_APPLY_TIMEOUT,
+                    }),
                 }
-                Ok(())
             }
             Inner::Kafka {
                 producer,
@@ -245,8 +280,9 @@ impl EventBus {
                 }
                 let group = group.to_owned();
                 tokio::spawn(async move {
-                    while let Some(event) = rx.recv().await {
+                    while let Some((event, applied)) = rx.recv().await {
                         handle_until_done(&group, &handler, event).await;
+                        let _ = applied.send(());
                     }
                 });
                 Ok(())

@@ -6,6 +6,7 @@
 mod support;
 
 mod cluster;
+mod crash;
 mod embedded;
 mod grpcurl;
 mod loader;
