@@ -18,6 +18,11 @@ mkdir -p "$RUN"
 start() {
   : "${CONSUL_HTTP_ADDR:?run through make up (the infra environment is not set)}"
   local admin=${KEEL_DATABASE_URL:?run through make up}
+  # The accounts operator credential (accounts.admin_token), which the cache instances present too: made once,
+  # kept beside the cluster's logs.
+  local token_file=$RUN/admin-token
+  [[ -s $token_file ]] || (umask 077; head -c 32 /dev/urandom | base64 | tr -d '/+=\n' >"$token_file")
+  local admin_token; admin_token=$(cat "$token_file")
   for svc in "${SERVICES[@]}"; do
     local db=kv_${svc//-/_}
     psql "$admin" -qtAc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1 \
@@ -27,12 +32,14 @@ start() {
       if [[ -f $pidf ]] && kill -0 "$(cat "$pidf")" 2>/dev/null; then echo "$svc #$i already running"; continue; fi
       KEEL_CONSUL__DNS_ADDR=$KEEL_CONSUL_DNS_ADDR KEEL_KAFKA__BROKERS=$KEEL_KAFKA_BROKERS \
         KEEL_STATSD__ADDR=$KEEL_STATSD_ADDR KEEL_DATABASE__URL="${admin%/*}/$db" \
+        KEEL_ACCOUNTS__ADMIN_TOKEN=$admin_token KEEL_CACHE__ACCOUNTS_TOKEN=$admin_token \
         nohup "target/debug/$svc" >"$RUN/$svc-$i.log" 2>&1 &
       echo $! >"$pidf"
       echo "started $svc #$i (pid $!, log $RUN/$svc-$i.log)"
     done
   done
   echo "consul: curl -s http://$CONSUL_HTTP_ADDR/v1/health/service/video-catalog?passing"
+  echo "accounts operator token (authorization: Bearer …): $token_file"
 }
 
 stop() {

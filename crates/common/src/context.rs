@@ -105,6 +105,25 @@ pub fn outgoing_timeout(
     incoming_remaining.map_or(base, |left| left.min(base))
 }
 
+/// The token of `authorization: Bearer <token>` metadata, trimmed; `None` without one.
+pub fn bearer_token(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
+    metadata
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Sets `authorization: Bearer <token>` on an outgoing request (nothing for an empty secret).
+pub fn set_bearer_token<T>(request: &mut tonic::Request<T>, token: &crate::config::Secret) {
+    if let Ok(v) = format!("Bearer {}", token.expose()).parse()
+        && !token.is_empty()
+    {
+        request.metadata_mut().insert("authorization", v);
+    }
+}
+
 /// Metadata key asking a mutating call to validate and report what it would do, with no side effect.
 pub const DRY_RUN: &str = "dry-run";
 

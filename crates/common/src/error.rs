@@ -45,9 +45,13 @@ pub enum ServiceError {
         /// Which limit and by how much, e.g. `max_cache_keys 100 reached`.
         description: String,
     },
-    /// UNAUTHENTICATED.
+    /// UNAUTHENTICATED: no credential, or one nobody issued.
     #[error("{0}")]
     Unauthenticated(String),
+    /// PERMISSION_DENIED: a valid credential that may not do this (another tenant's account, an operator's
+    /// call).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// UNIMPLEMENTED.
     #[error("{0}")]
     Unimplemented(String),
@@ -81,6 +85,7 @@ impl ServiceError {
             Self::FailedPrecondition(_) => "FAILED_PRECONDITION",
             Self::QuotaExceeded { .. } => "QUOTA_EXCEEDED",
             Self::Unauthenticated(_) => "UNAUTHENTICATED",
+            Self::PermissionDenied(_) => "PERMISSION_DENIED",
             Self::Unimplemented(_) => "UNIMPLEMENTED",
             Self::Unavailable { .. } => "UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
@@ -126,6 +131,7 @@ fn status_parts(err: &ServiceError) -> (Code, String, ErrorDetails) {
             (Code::FailedPrecondition, description.clone())
         }
         ServiceError::Unauthenticated(m) => (Code::Unauthenticated, m.clone()),
+        ServiceError::PermissionDenied(m) => (Code::PermissionDenied, m.clone()),
         ServiceError::Unimplemented(m) => (Code::Unimplemented, m.clone()),
         ServiceError::Unavailable {
             message,

@@ -27,7 +27,7 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use keel_common::{
     App, ClientFactory, Metrics,
-    config::{Env, Settings},
+    config::{Env, Secret, Settings},
 };
 use keel_protos::{
     keel::example::v1::{EchoRequest, echo_client::EchoClient},
@@ -149,6 +149,9 @@ fn print(rows: &[Row], args: &Args) {
     }
 }
 
+/// The accounts server's operator credential, which the cache servers present too.
+const ADMIN_TOKEN: &str = "bench-admin-token";
+
 async fn cache_server(accounts: SocketAddr, token_ttl: &str) -> anyhow::Result<SocketAddr> {
     let env = Env::default()
         .with(
@@ -156,6 +159,7 @@ async fn cache_server(accounts: SocketAddr, token_ttl: &str) -> anyhow::Result<S
             format!("accounts={accounts}"),
         )
         .with("KEEL_CACHE__TOKEN_TTL", token_ttl)
+        .with("KEEL_CACHE__ACCOUNTS_TOKEN", ADMIN_TOKEN)
         .with("KEEL_CACHE__MAX_BYTES", (1usize << 30).to_string());
     serve(App::of::<cache::Cache>(), env).await
 }
@@ -192,16 +196,22 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let dir = std::env::temp_dir().join(format!("keel-bench-{}", uuid::Uuid::new_v4().simple()));
-    let accounts_env = Env::default().with(
-        "KEEL_DATABASE__URL",
-        format!("sqlite://{}/accounts.db?mode=rwc", dir.display()),
-    );
+    let accounts_env = Env::default()
+        .with(
+            "KEEL_DATABASE__URL",
+            format!("sqlite://{}/accounts.db?mode=rwc", dir.display()),
+        )
+        .with("KEEL_ACCOUNTS__ADMIN_TOKEN", ADMIN_TOKEN);
     let accounts = serve(App::of::<accounts::Accounts>(), accounts_env).await?;
     let token =
         AccountsClient::new(clients("bench", &[("accounts", accounts)])?.channel("accounts")?)
-            .create_account(CreateAccountReq {
-                name: "bench".into(),
-                max_cache_keys: i64::MAX / 2,
+            .create_account({
+                let mut req = tonic::Request::new(CreateAccountReq {
+                    name: "bench".into(),
+                    max_cache_keys: i64::MAX / 2,
+                });
+                keel_common::context::set_bearer_token(&mut req, &Secret::new(ADMIN_TOKEN));
+                req
             })
             .await?
             .into_inner()

@@ -9,17 +9,25 @@
 //!   With `up_to` it takes what is left, up to `count` (a cache instance reserving for a batch of Stores).
 //! - Every mutating call honours `dry-run: true` metadata: it validates and answers what would happen, and
 //!   writes nothing.
+//! - Administration is the operator's, a tenant acts only on its own account: see [`auth`].
 
-use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+pub mod auth;
 pub mod storage;
 
-use keel_common::{Resources, Server, Service, ServiceError, Storage, context::is_dry_run};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+
+use keel_common::{
+    Resources, Server, Service, ServiceError, Storage,
+    config::{Secret, SectionSettings},
+    context::is_dry_run,
+};
 use keel_protos::rpc::{
     Account, CreateAccountReq, CreateAccountResp, GetByTokenReq, GetByTokenResp, ListAccountsReq,
     ListAccountsResp, ReleaseKeysReq, ReleaseKeysResp, ReserveKeysReq, ReserveKeysResp,
     UpdateAccountReq, UpdateAccountResp,
     accounts_server::{Accounts as AccountsRpc, AccountsServer},
 };
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::AnyPool;
 use subtle::ConstantTimeEq;
@@ -62,17 +70,34 @@ impl From<storage::Account> for Account {
     }
 }
 
-/// The gRPC handler: a thin adapter over [`Store`].
+/// The `[accounts]` configuration section.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct AccountsSettings {
+    /// The operator's credential (`accounts.admin_token`, `KEEL_ACCOUNTS__ADMIN_TOKEN`), sent as
+    /// `authorization: Bearer <token>`; also what trusted services such as the cache present
+    /// (`cache.accounts_token`). Unset: only clients with a verified certificate are operators.
+    pub admin_token: Secret,
+}
+
+impl SectionSettings for AccountsSettings {}
+
+/// The gRPC handler: a thin adapter over [`Store`], behind [`auth`].
 #[derive(Clone, Debug)]
 pub struct Accounts {
     store: Store,
+    admin_token: Secret,
+    /// The server verifies client certificates: a client that presented one is a trusted service.
+    trust_client_certs: bool,
 }
 
 impl Accounts {
-    /// The service over `pool` (already migrated).
-    pub fn new(pool: AnyPool) -> Self {
+    /// The service over `pool` (already migrated); `admin_token` is the operator's credential (empty: none).
+    pub fn new(pool: AnyPool, admin_token: Secret) -> Self {
         Self {
             store: Store::new(pool),
+            admin_token,
+            trust_client_certs: false,
         }
     }
 
@@ -86,14 +111,16 @@ impl Accounts {
 
 impl Service for Accounts {
     const NAME: &'static str = SERVICE;
-    type Settings = ();
+    type Settings = AccountsSettings;
 
     fn storage() -> Storage {
         Storage::database(&MIGRATIONS)
     }
 
-    async fn open(r: Resources<()>) -> anyhow::Result<Self> {
-        Ok(Self::new(r.database()?.pool))
+    async fn open(r: Resources<AccountsSettings>) -> anyhow::Result<Self> {
+        let mut accounts = Self::new(r.database()?.pool, r.settings.admin_token);
+        accounts.trust_client_certs = r.platform.settings.tls.require_client_cert;
+        Ok(accounts)
     }
 
     fn add_to(self, server: Server) -> Server {
@@ -143,6 +170,7 @@ impl AccountsRpc for Accounts {
         request: Request<CreateAccountReq>,
     ) -> Result<Response<CreateAccountResp>, Status> {
         let dry_run = is_dry_run(&request);
+        self.caller(&request).await?.operator("CreateAccount")?;
         let r = request.into_inner();
         if r.name.trim().is_empty() {
             return Err(ServiceError::invalid("name", "name should be provided").into());
@@ -179,6 +207,7 @@ impl AccountsRpc for Accounts {
         request: Request<UpdateAccountReq>,
     ) -> Result<Response<UpdateAccountResp>, Status> {
         let dry_run = is_dry_run(&request);
+        self.caller(&request).await?.operator("UpdateAccount")?;
         let r = request.into_inner();
         if r.max_cache_keys < 0 {
             return Err(ServiceError::invalid(
@@ -209,6 +238,7 @@ impl AccountsRpc for Accounts {
         &self,
         request: Request<ListAccountsReq>,
     ) -> Result<Response<ListAccountsResp>, Status> {
+        self.caller(&request).await?.operator("ListAccounts")?;
         let r = request.into_inner();
         let size = match r.page_size {
             0 => DEFAULT_PAGE,
@@ -239,7 +269,9 @@ impl AccountsRpc for Accounts {
         request: Request<ReserveKeysReq>,
     ) -> Result<Response<ReserveKeysResp>, Status> {
         let dry_run = is_dry_run(&request);
+        let caller = self.caller(&request).await?;
         let r = request.into_inner();
+        caller.operator_or_owner(&r.account_id, "ReserveKeys")?;
         let count = positive_count(r.count)?;
         // Keys to take out of `count` when `used` of `max` are in use; zero means refused.
         let grant = |used: i64, max: i64| match (used + count <= max, r.up_to) {
@@ -286,7 +318,9 @@ impl AccountsRpc for Accounts {
         request: Request<ReleaseKeysReq>,
     ) -> Result<Response<ReleaseKeysResp>, Status> {
         let dry_run = is_dry_run(&request);
+        let caller = self.caller(&request).await?;
         let r = request.into_inner();
+        caller.operator_or_owner(&r.account_id, "ReleaseKeys")?;
         let count = positive_count(r.count)?;
         if dry_run {
             self.by_id(&r.account_id).await?;

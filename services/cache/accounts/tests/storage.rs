@@ -1,7 +1,7 @@
 //! Every RPC of the accounts service, in process, on SQLite and on the real PostgreSQL.
 
 use accounts::{Accounts, MIGRATIONS, token_digest};
-use keel_common::testsuite;
+use keel_common::{config::Secret, testsuite};
 use keel_protos::rpc::{
     Account, CreateAccountReq, GetByTokenReq, ListAccountsReq, ReleaseKeysReq, ReserveKeysReq,
     UpdateAccountReq, accounts_server::Accounts as _,
@@ -9,15 +9,30 @@ use keel_protos::rpc::{
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
 
-fn dry<T>(msg: T) -> Request<T> {
+/// The operator's credential of the accounts under test.
+const ADMIN: &str = "test-admin-token";
+
+/// `msg` as the operator sends it (`authorization: Bearer <accounts.admin_token>`).
+fn admin<T>(msg: T) -> Request<T> {
+    bearer(msg, ADMIN)
+}
+
+/// `msg` sent with `authorization: Bearer <token>`.
+fn bearer<T>(msg: T, token: &str) -> Request<T> {
     let mut r = Request::new(msg);
+    keel_common::context::set_bearer_token(&mut r, &Secret::new(token));
+    r
+}
+
+fn dry<T>(msg: T) -> Request<T> {
+    let mut r = admin(msg);
     r.metadata_mut().insert("dry-run", "true".parse().unwrap());
     r
 }
 
 async fn service(db: &testsuite::TestDatabase) -> (Accounts, sqlx::AnyPool) {
     let (pool, _) = testsuite::open(db, &MIGRATIONS).await;
-    (Accounts::new(pool.clone()), pool)
+    (Accounts::new(pool.clone(), Secret::new(ADMIN)), pool)
 }
 
 /// A reservation of `count` keys of `account_id` (`up_to`: as many as are left, up to `count`).
@@ -31,7 +46,7 @@ fn keys(account_id: &str, count: i64, up_to: bool) -> ReserveKeysReq {
 
 /// A new account allowed `max` keys.
 async fn create(svc: &Accounts, name: &str, max: i64) -> Account {
-    svc.create_account(Request::new(CreateAccountReq {
+    svc.create_account(admin(CreateAccountReq {
         name: name.into(),
         max_cache_keys: max,
     }))
@@ -48,7 +63,7 @@ async fn accounts_are_created_found_by_token_updated_and_listed() {
         let (svc, pool) = service(&db).await;
         let b = db.backend;
         let created = svc
-            .create_account(Request::new(CreateAccountReq {
+            .create_account(admin(CreateAccountReq {
                 name: "ngrok".into(),
                 max_cache_keys: 100,
             }))
@@ -94,7 +109,7 @@ async fn accounts_are_created_found_by_token_updated_and_listed() {
         }
 
         let updated = svc
-            .update_account(Request::new(UpdateAccountReq {
+            .update_account(admin(UpdateAccountReq {
                 id: acct.id.clone(),
                 name: String::new(),
                 max_cache_keys: 5,
@@ -110,7 +125,7 @@ async fn accounts_are_created_found_by_token_updated_and_listed() {
             "{b}"
         );
         let err = svc
-            .update_account(Request::new(UpdateAccountReq {
+            .update_account(admin(UpdateAccountReq {
                 id: "missing".into(),
                 ..Default::default()
             }))
@@ -119,7 +134,7 @@ async fn accounts_are_created_found_by_token_updated_and_listed() {
         assert_eq!(err.code(), Code::NotFound, "{b}");
 
         for i in 0..4 {
-            svc.create_account(Request::new(CreateAccountReq {
+            svc.create_account(admin(CreateAccountReq {
                 name: format!("a{i}"),
                 max_cache_keys: 1,
             }))
@@ -127,7 +142,7 @@ async fn accounts_are_created_found_by_token_updated_and_listed() {
             .unwrap();
         }
         let p1 = svc
-            .list_accounts(Request::new(ListAccountsReq {
+            .list_accounts(admin(ListAccountsReq {
                 page_size: 3,
                 ..Default::default()
             }))
@@ -135,7 +150,7 @@ async fn accounts_are_created_found_by_token_updated_and_listed() {
             .unwrap()
             .into_inner();
         let p2 = svc
-            .list_accounts(Request::new(ListAccountsReq {
+            .list_accounts(admin(ListAccountsReq {
                 page_size: 3,
                 page_token: p1.next_page_token.clone(),
             }))
@@ -156,7 +171,7 @@ async fn accounts_are_created_found_by_token_updated_and_listed() {
         assert_eq!(p2.next_page_token, "", "{b}");
 
         let err = svc
-            .create_account(Request::new(CreateAccountReq {
+            .create_account(admin(CreateAccountReq {
                 name: " ".into(),
                 max_cache_keys: 1,
             }))
@@ -175,7 +190,7 @@ async fn the_key_quota_holds_exactly_under_concurrent_reservations() {
         let results = futures::future::join_all((0..150).map(|_| {
             let svc = svc.clone();
             let id = acct.id.clone();
-            async move { svc.reserve_keys(Request::new(keys(&id, 1, false))).await }
+            async move { svc.reserve_keys(admin(keys(&id, 1, false))).await }
         }))
         .await;
         assert_eq!(
@@ -191,19 +206,19 @@ async fn the_key_quota_holds_exactly_under_concurrent_reservations() {
             .violations[0];
         assert_eq!(v.subject, format!("account:{}", acct.id), "{b}");
 
-        svc.release_keys(Request::new(ReleaseKeysReq {
+        svc.release_keys(admin(ReleaseKeysReq {
             account_id: acct.id.clone(),
             count: 2,
         }))
         .await
         .unwrap();
         let r = svc
-            .reserve_keys(Request::new(keys(&acct.id, 2, false)))
+            .reserve_keys(admin(keys(&acct.id, 2, false)))
             .await
             .unwrap();
         assert_eq!(r.into_inner().used_cache_keys, 100, "{b}");
         let err = svc
-            .reserve_keys(Request::new(keys(&acct.id, 0, false)))
+            .reserve_keys(admin(keys(&acct.id, 0, false)))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{b}");
@@ -219,7 +234,7 @@ async fn up_to_reservations_take_what_is_left() {
         let acct = create(&svc, "batch", 100).await;
         let up_to = |count: i64| keys(&acct.id, count, true);
         let r = svc
-            .reserve_keys(Request::new(up_to(30)))
+            .reserve_keys(admin(up_to(30)))
             .await
             .unwrap()
             .into_inner();
@@ -235,8 +250,7 @@ async fn up_to_reservations_take_what_is_left() {
         );
         // 20 concurrent batches of 7 (140 keys asked) against the 70 left: exactly 70 granted.
         let results =
-            futures::future::join_all((0..20).map(|_| svc.reserve_keys(Request::new(up_to(7)))))
-                .await;
+            futures::future::join_all((0..20).map(|_| svc.reserve_keys(admin(up_to(7))))).await;
         let granted: i64 = results
             .iter()
             .filter_map(|r| r.as_ref().ok())
@@ -250,11 +264,11 @@ async fn up_to_reservations_take_what_is_left() {
                 .all(|e| e.code() == Code::FailedPrecondition),
             "{b}"
         );
-        let none_left = svc.reserve_keys(Request::new(up_to(5))).await.unwrap_err();
+        let none_left = svc.reserve_keys(admin(up_to(5))).await.unwrap_err();
         assert_eq!(none_left.code(), Code::FailedPrecondition, "{b}");
         assert!(none_left.get_details_quota_failure().is_some(), "{b}");
         let all_or_nothing = svc
-            .reserve_keys(Request::new(keys(&acct.id, 1, false)))
+            .reserve_keys(admin(keys(&acct.id, 1, false)))
             .await
             .unwrap_err();
         assert_eq!(all_or_nothing.code(), Code::FailedPrecondition, "{b}");
@@ -298,7 +312,7 @@ async fn dry_runs_validate_and_change_nothing() {
         );
 
         let acct = svc
-            .create_account(Request::new(CreateAccountReq {
+            .create_account(admin(CreateAccountReq {
                 name: "real".into(),
                 max_cache_keys: 1,
             }))
@@ -339,4 +353,108 @@ async fn dry_runs_validate_and_change_nothing() {
                 .unwrap();
         assert_eq!((name.as_str(), used), ("real", 0), "{b}: nothing changed");
     }
+}
+
+/// The open door is shut: administration needs the operator's credential, a tenant acts only on its own
+/// account (it may not list accounts, raise its own quota or release another's keys), and a call without a
+/// credential, or with one nobody issued, is UNAUTHENTICATED; each refusal carries ErrorInfo.
+#[tokio::test]
+async fn administration_is_the_operators_and_tenants_act_only_on_their_own_account() {
+    let db = testsuite::sqlite().await;
+    let (svc, _) = service(&db).await;
+    let issue = |name: &str| {
+        let svc = svc.clone();
+        let name = name.to_owned();
+        async move {
+            let r = svc
+                .create_account(admin(CreateAccountReq {
+                    name,
+                    max_cache_keys: 10,
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            (r.account.unwrap(), r.token)
+        }
+    };
+    let (alice, alice_token) = issue("alice").await;
+    let (bob, _) = issue("bob").await;
+    let reason = |s: &tonic::Status| s.get_error_details().error_info().unwrap().reason.clone();
+
+    let none = svc
+        .list_accounts(Request::new(ListAccountsReq::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), Code::Unauthenticated);
+    assert_eq!(reason(&none), "UNAUTHENTICATED");
+    let forged = svc
+        .update_account(bearer(
+            UpdateAccountReq {
+                id: alice.id.clone(),
+                max_cache_keys: 1_000_000,
+                ..Default::default()
+            },
+            "kc_forged",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), Code::Unauthenticated);
+
+    let as_alice = |msg| bearer(msg, &alice_token);
+    for denied in [
+        svc.list_accounts(bearer(ListAccountsReq::default(), &alice_token))
+            .await
+            .map(drop),
+        svc.update_account(as_alice(UpdateAccountReq {
+            id: alice.id.clone(),
+            max_cache_keys: 1_000_000,
+            ..Default::default()
+        }))
+        .await
+        .map(drop),
+        svc.create_account(bearer(
+            CreateAccountReq {
+                name: "mallory".into(),
+                max_cache_keys: 5,
+            },
+            &alice_token,
+        ))
+        .await
+        .map(drop),
+        svc.release_keys(bearer(
+            ReleaseKeysReq {
+                account_id: bob.id.clone(),
+                count: 1,
+            },
+            &alice_token,
+        ))
+        .await
+        .map(drop),
+        svc.reserve_keys(bearer(keys(&bob.id, 1, false), &alice_token))
+            .await
+            .map(drop),
+    ] {
+        let err = denied.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+        assert_eq!(reason(&err), "PERMISSION_DENIED");
+    }
+    svc.reserve_keys(bearer(keys(&alice.id, 1, false), &alice_token))
+        .await
+        .expect("a tenant reserves on its own account");
+    let listed = svc
+        .list_accounts(admin(ListAccountsReq::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .accounts;
+    assert_eq!(listed.len(), 2);
+    assert_eq!(
+        listed
+            .iter()
+            .find(|a| a.id == alice.id)
+            .unwrap()
+            .max_cache_keys,
+        10,
+        "the tenant could not raise its own quota"
+    );
 }

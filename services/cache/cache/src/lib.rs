@@ -27,8 +27,8 @@ use std::{
 
 use keel_common::{
     Channel, Idempotent, Resources, RetryPolicy, Server, Service, ServiceError,
-    config::{ConfigError, SectionSettings},
-    context::is_dry_run,
+    config::{ConfigError, Secret, SectionSettings},
+    context::{self, is_dry_run},
 };
 use keel_protos::rpc::{
     DumpItem, DumpReq, GetByTokenReq, GetReq, GetResp, StoreReq, StoreResp,
@@ -65,6 +65,10 @@ pub struct CacheSettings {
     /// duration such as `5s`; `0s`: ask on every call). Bounds how long a changed account goes unnoticed.
     #[serde(with = "humantime_serde")]
     pub token_ttl: Duration,
+    /// The credential this cache presents to accounts for its ReserveKeys and ReleaseKeys calls on the tenants'
+    /// behalf (`cache.accounts_token`, `KEEL_CACHE__ACCOUNTS_TOKEN`): accounts' `accounts.admin_token`. Unset:
+    /// none (with mutual TLS the client certificate is the credential).
+    pub accounts_token: Secret,
 }
 
 impl SectionSettings for CacheSettings {
@@ -92,6 +96,7 @@ impl Default for CacheSettings {
             max_bytes: 64 << 20,
             accounts_service: ACCOUNTS.to_owned(),
             token_ttl: Duration::from_secs(5),
+            accounts_token: Secret::default(),
         }
     }
 }
@@ -128,7 +133,7 @@ impl Cache {
         });
         Self {
             store: Arc::new(Mutex::new(Store::new(settings.max_bytes))),
-            quota: Quota::new(accounts.clone()),
+            quota: Quota::new(accounts.clone(), settings.accounts_token.clone()),
             accounts,
             tokens,
             retry,
@@ -151,12 +156,8 @@ impl Cache {
 
     async fn tenant(&self, field_token: &str, metadata: &MetadataMap) -> Result<Tenant, Status> {
         let token = if field_token.is_empty() {
-            metadata
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
+            context::bearer_token(metadata)
                 .unwrap_or_default()
-                .trim()
                 .to_owned()
         } else {
             field_token.to_owned()

@@ -19,7 +19,7 @@ use std::{
     },
 };
 
-use keel_common::{Channel, ServiceError, context};
+use keel_common::{Channel, ServiceError, config::Secret, context};
 use keel_protos::rpc::{ReleaseKeysReq, ReserveKeysReq, accounts_client::AccountsClient};
 use tokio::sync::oneshot;
 use tonic::{Request, Status};
@@ -33,6 +33,8 @@ type Waiter = (
 #[derive(Clone, Debug)]
 pub struct Quota {
     accounts: AccountsClient<Channel>,
+    /// Presented to accounts on every call (`cache.accounts_token`).
+    credential: Secret,
     /// Accounts with a batch in flight, and the Stores queued behind it.
     queues: Arc<Mutex<HashMap<String, Vec<Waiter>>>>,
     /// ReserveKeys calls made.
@@ -40,13 +42,21 @@ pub struct Quota {
 }
 
 impl Quota {
-    /// Reservations at `accounts`.
-    pub fn new(accounts: AccountsClient<Channel>) -> Self {
+    /// Reservations at `accounts`, presenting `credential` (`authorization: Bearer`; empty: none).
+    pub fn new(accounts: AccountsClient<Channel>, credential: Secret) -> Self {
         Self {
             accounts,
+            credential,
             queues: Arc::default(),
             calls: Arc::default(),
         }
+    }
+
+    /// `message` as a request carrying this cache's credential.
+    fn credentialed<T>(&self, message: T) -> Request<T> {
+        let mut req = Request::new(message);
+        context::set_bearer_token(&mut req, &self.credential);
+        req
     }
 
     /// ReserveKeys calls made so far (not counting dry runs): how well reservations are being shared.
@@ -88,7 +98,7 @@ impl Quota {
     /// # Errors
     /// As [`Quota::reserve`].
     pub async fn check(&self, account_id: &str) -> Result<(), Status> {
-        let mut req = Request::new(ReserveKeysReq {
+        let mut req = self.credentialed(ReserveKeysReq {
             account_id: account_id.to_owned(),
             count: 1,
             up_to: false,
@@ -105,14 +115,12 @@ impl Quota {
             return;
         }
         let mut client = self.accounts.clone();
+        let req = self.credentialed(ReleaseKeysReq {
+            account_id: account_id.clone(),
+            count,
+        });
         tokio::spawn(async move {
-            if let Err(e) = client
-                .release_keys(ReleaseKeysReq {
-                    account_id: account_id.clone(),
-                    count,
-                })
-                .await
-            {
+            if let Err(e) = client.release_keys(req).await {
                 tracing::warn!(account_id, count, error = %e, "quota release failed");
             }
         });
@@ -151,11 +159,11 @@ impl Quota {
         let reply = self
             .accounts
             .clone()
-            .reserve_keys(ReserveKeysReq {
+            .reserve_keys(self.credentialed(ReserveKeysReq {
                 account_id: account_id.to_owned(),
                 count: batch.len() as i64,
                 up_to: true,
-            })
+            }))
             .await
             .map(tonic::Response::into_inner);
         let (granted, refusal) = match reply {

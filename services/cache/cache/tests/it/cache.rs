@@ -18,11 +18,14 @@ use tokio_stream::StreamExt;
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
 
+use crate::support::{ADMIN_TOKEN, as_operator};
+
 /// An accounts server on 127.0.0.1:0 over a fresh PostgreSQL database, and a client factory that reaches it.
 async fn accounts_server() -> ClientFactory {
     let db = testsuite::postgres().await;
     let env = Env::default()
         .with("KEEL_DATABASE__URL", &db.url)
+        .with("KEEL_ACCOUNTS__ADMIN_TOKEN", ADMIN_TOKEN)
         .with("KEEL_LOG__STDOUT", "false");
     let app = App::of::<accounts::Accounts>();
     let addr = app.spawn(app.settings(&env).unwrap()).await.unwrap();
@@ -37,10 +40,10 @@ async fn accounts_server() -> ClientFactory {
 async fn account(clients: &ClientFactory, name: &str, max: i64) -> (Account, String) {
     let mut c = AccountsClient::new(clients.channel("accounts").unwrap());
     let r = c
-        .create_account(CreateAccountReq {
+        .create_account(as_operator(CreateAccountReq {
             name: name.into(),
             max_cache_keys: max,
-        })
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -80,6 +83,7 @@ fn cache(clients: &ClientFactory, max_bytes: usize) -> Cache {
     Cache::new(
         &CacheSettings {
             max_bytes,
+            accounts_token: keel_common::config::Secret::new(ADMIN_TOKEN),
             ..Default::default()
         },
         AccountsClient::new(clients.channel("accounts").unwrap()),

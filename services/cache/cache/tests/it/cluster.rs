@@ -22,7 +22,7 @@ use keel_protos::rpc::{
 use tokio_stream::StreamExt;
 use tonic::{Code, Request};
 
-use crate::support::Deployment;
+use crate::support::{Deployment, as_operator};
 
 fn keyed<T>(msg: T, key: &str) -> Request<T> {
     let mut r = Request::new(msg);
@@ -88,10 +88,10 @@ async fn keys_are_sharded_over_instances_and_the_quota_holds_across_them() {
         Metrics::disabled(),
     );
     let created = AccountsClient::new(clients.channel(accounts_name).unwrap())
-        .create_account(CreateAccountReq {
+        .create_account(as_operator(CreateAccountReq {
             name: "tenant".into(),
             max_cache_keys: 103,
-        })
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -229,10 +229,10 @@ async fn a_client_deadline_propagates_from_cache_to_accounts() {
         Metrics::disabled(),
     );
     let created = AccountsClient::new(clients.channel(accounts_name).unwrap())
-        .create_account(CreateAccountReq {
+        .create_account(as_operator(CreateAccountReq {
             name: "slow".into(),
             max_cache_keys: 10,
-        })
+        }))
         .await
         .unwrap()
         .into_inner();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use keel_common::testsuite::passing_ports;
 
-use crate::support::Deployment;
+use crate::support::{Deployment, as_operator};
 use keel_protos::rpc::{
     CreateAccountReq, DumpReq, StoreReq, accounts_client::AccountsClient, cache_client::CacheClient,
 };
@@ -52,10 +52,10 @@ async fn dumping_100k_keys_to_a_slow_reader_keeps_the_cache_memory_bounded() {
     let cache = d.cache(&[("KEEL_CACHE__MAX_BYTES", (512usize << 20).to_string())]);
     let cache_port = passing_ports(&d.cache_name, 1, Duration::from_secs(60)).await[0];
     let token = AccountsClient::new(direct(d.accounts_port).await)
-        .create_account(CreateAccountReq {
+        .create_account(as_operator(CreateAccountReq {
             name: "big".into(),
             max_cache_keys: KEYS as i64,
-        })
+        }))
         .await
         .unwrap()
         .into_inner()

@@ -7,6 +7,17 @@ use std::time::Duration;
 
 use keel_common::testsuite::{self, ServiceProcess, TestDatabase, passing_ports};
 
+/// The operator credential of the accounts under test (`accounts.admin_token`), which the caches present too
+/// (`cache.accounts_token`).
+pub const ADMIN_TOKEN: &str = "cache-tests-admin-token";
+
+/// `msg` as the operator sends it to accounts.
+pub fn as_operator<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    keel_common::context::set_bearer_token(&mut r, &keel_common::config::Secret::new(ADMIN_TOKEN));
+    r
+}
+
 /// An accounts process and the names its caches register under.
 pub struct Deployment {
     /// Consul name of the accounts process.
@@ -30,7 +41,10 @@ impl Deployment {
         let accounts = ServiceProcess::spawn(
             "accounts",
             &accounts_name,
-            &[("KEEL_DATABASE__URL", db.url.clone())],
+            &[
+                ("KEEL_DATABASE__URL", db.url.clone()),
+                ("KEEL_ACCOUNTS__ADMIN_TOKEN", ADMIN_TOKEN.into()),
+            ],
         );
         let accounts_port = passing_ports(&accounts_name, 1, Duration::from_secs(60)).await[0];
         Self {
@@ -44,7 +58,10 @@ impl Deployment {
 
     /// Starts one cache process asking this accounts service, with `env` on top.
     pub fn cache(&self, env: &[(&str, String)]) -> ServiceProcess {
-        let mut all = vec![("KEEL_CACHE__ACCOUNTS_SERVICE", self.accounts_name.clone())];
+        let mut all = vec![
+            ("KEEL_CACHE__ACCOUNTS_SERVICE", self.accounts_name.clone()),
+            ("KEEL_CACHE__ACCOUNTS_TOKEN", ADMIN_TOKEN.into()),
+        ];
         all.extend(env.iter().cloned());
         ServiceProcess::spawn("cache", &self.cache_name, &all)
     }
