@@ -210,15 +210,35 @@ pub fn ping(
     }
 }
 
+/// Whether a database error is the database being unavailable rather than the statement being wrong, by its
+/// SQLSTATE (PostgreSQL, <https://www.postgresql.org/docs/current/errcodes-appendix.html>) or SQLite result
+/// code: connection exceptions (class 08), insufficient resources (53, e.g. 53300 too_many_connections),
+/// operator intervention (57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now, 57014
+/// query_canceled by a statement timeout), transaction rollbacks a retry resolves (40001 serialization_failure,
+/// 40P01 deadlock_detected); SQLite 5 (BUSY) and 6 (LOCKED).
+pub fn is_transient(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || matches!(code, "57014" | "40001" | "40P01" | "5" | "6")
+}
+
 impl From<sqlx::Error> for ServiceError {
-    /// A pool timeout or a lost connection is UNAVAILABLE (the caller may retry); anything else is INTERNAL.
+    /// UNAVAILABLE with `RetryInfo` (the caller may retry) when the database is unreachable, overloaded,
+    /// shutting down or timed the statement out ([`is_transient`]); anything else is INTERNAL, logged in full.
     fn from(e: sqlx::Error) -> Self {
+        let unavailable = |why: &str| ServiceError::Unavailable {
+            message: format!("database unavailable: {why}"),
+            retry_after: Duration::from_millis(500),
+        };
         match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                ServiceError::Unavailable {
-                    message: "database unavailable".into(),
-                    retry_after: Duration::from_millis(500),
-                }
+            sqlx::Error::PoolTimedOut => unavailable("no connection free in time"),
+            sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+                unavailable("connection lost")
+            }
+            sqlx::Error::Database(d) if d.code().as_deref().is_some_and(is_transient) => {
+                tracing::warn!(code = ?d.code(), error = %d, "database refused the statement for now");
+                unavailable(&format!("SQLSTATE {}", d.code().unwrap_or_default()))
             }
             other => ServiceError::Internal(other.into()),
         }
@@ -236,6 +256,18 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use crate::config::{Env, Settings};
+
+    #[test]
+    fn transient_sqlstates_are_the_unavailable_ones() {
+        for code in [
+            "08006", "53300", "57P01", "57P03", "57014", "40001", "40P01", "5", "6",
+        ] {
+            assert!(super::is_transient(code), "{code}");
+        }
+        for code in ["42601", "23505", "22P02", "1", "19"] {
+            assert!(!super::is_transient(code), "{code}");
+        }
+    }
 
     #[test]
     fn database_defaults_to_an_sqlite_file_per_service_and_events_follow_kafka() {

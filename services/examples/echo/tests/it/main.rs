@@ -5,6 +5,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod database;
 mod limits;
 mod outbox;
 mod platform;

@@ -1,0 +1,74 @@
+//! Database errors reach callers by what they mean, on the real PostgreSQL: the database being unavailable
+//! (its SQLSTATE says overloaded, shutting down, or a statement timed out; a connection lost) is UNAVAILABLE
+//! with RetryInfo, which callers retry; a wrong statement is INTERNAL.
+
+use keel_common::{
+    ServiceError,
+    db::{self, sqlx},
+    error::is_retryable,
+    testsuite,
+};
+use sqlx::Row;
+use tonic::{Code, Status};
+
+fn status(e: sqlx::Error) -> Status {
+    ServiceError::from(e).into()
+}
+
+#[tokio::test]
+async fn unavailable_databases_are_unavailable_and_wrong_statements_internal() {
+    let pg = testsuite::postgres().await;
+    let pool = db::connect_url(
+        &pg.url,
+        4,
+        std::time::Duration::from_secs(5),
+        &sqlx::migrate::Migrator::DEFAULT,
+    )
+    .await
+    .unwrap();
+
+    // 57014 query_canceled: a statement timeout.
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("SET statement_timeout = 50")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let timed_out = status(
+        sqlx::query("SELECT pg_sleep(2)")
+            .execute(&mut *conn)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(timed_out.code(), Code::Unavailable, "{timed_out:?}");
+    assert!(is_retryable(&timed_out));
+    drop(conn);
+
+    // 57P01 admin_shutdown (or the connection already gone): the server ended the session.
+    let mut victim = pool.acquire().await.unwrap();
+    let pid: i32 = sqlx::query("SELECT pg_backend_pid()")
+        .fetch_one(&mut *victim)
+        .await
+        .unwrap()
+        .get(0);
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let ended = status(
+        sqlx::query("SELECT 1")
+            .execute(&mut *victim)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+
+    let wrong = status(
+        sqlx::query("SELEC nonsense")
+            .execute(&pool)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(wrong.code(), Code::Internal, "{wrong:?}");
+    assert!(!is_retryable(&wrong));
+}
