@@ -63,6 +63,14 @@ pub enum ServiceError {
         /// Suggested wait before retrying.
         retry_after: Duration,
     },
+    /// The caller is over a limit for now (too many failed logins, say): RESOURCE_EXHAUSTED with `RetryInfo`.
+    #[error("{message}")]
+    ResourceExhausted {
+        /// Which limit.
+        message: String,
+        /// When trying again can succeed.
+        retry_after: Duration,
+    },
     /// Anything unexpected: logged in full, INTERNAL with an opaque message.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -88,6 +96,7 @@ impl ServiceError {
             Self::PermissionDenied(_) => "PERMISSION_DENIED",
             Self::Unimplemented(_) => "UNIMPLEMENTED",
             Self::Unavailable { .. } => "UNAVAILABLE",
+            Self::ResourceExhausted { .. } => "RESOURCE_EXHAUSTED",
             Self::Internal(_) => "INTERNAL",
         }
     }
@@ -139,6 +148,13 @@ fn status_parts(err: &ServiceError) -> (Code, String, ErrorDetails) {
         } => {
             details.set_retry_info(Some(*retry_after));
             (Code::Unavailable, message.clone())
+        }
+        ServiceError::ResourceExhausted {
+            message,
+            retry_after,
+        } => {
+            details.set_retry_info(Some(*retry_after));
+            (Code::ResourceExhausted, message.clone())
         }
         ServiceError::Internal(e) => {
             let trace_id = crate::context::current()

@@ -7,9 +7,13 @@
 //! - Email uniqueness is the credentials table's primary key, so it holds under concurrent creates; a
 //!   duplicate is ALREADY_EXISTS "Exception creating user because it already exists with email <email>".
 //! - `dry-run: true` metadata on the mutating call validates it and answers as it would, writing nothing.
+//! - Password work is bounded ([`Guard`]): argon2 hashes run at most `user-management.max_concurrent_hashes`
+//!   at once, and failed logins are limited per email (5) and per peer address (50) within 5 minutes
+//!   (RESOURCE_EXHAUSTED with RetryInfo past the limit, before any hashing).
 //! - `UserCreated` goes to `topic-kv-userCreation` through the transactional outbox, in the same transaction
 //!   as the user.
 
+mod guard;
 mod storage;
 
 use std::sync::Arc;
@@ -24,6 +28,7 @@ use killrvideo::{MAX_IDS_PER_REQUEST, ids, limits, required_text};
 use sqlx::AnyPool;
 use tonic::{Request, Response, Status};
 
+pub use guard::{Guard, GuardSettings};
 pub use storage::{CreateOutcome, Store};
 
 /// Consul service name and database name.
@@ -35,35 +40,47 @@ pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// The message VerifyCredentials gives for an unknown email and for a wrong password alike (spec §3.2).
 pub const BAD_CREDENTIALS: &str = "Email address or password are not correct.";
 
-/// The gRPC handler: a thin adapter over [`Store`].
+/// The gRPC handler: a thin adapter over [`Store`], its password work bounded by a [`Guard`].
 #[derive(Clone, Debug)]
 pub struct UserManagement {
     store: Store,
+    guard: Guard,
     /// Verified for unknown emails so the answer takes as long as for a wrong password.
     dummy_hash: Arc<String>,
 }
 
 impl UserManagement {
-    /// The service over `pool` (already migrated), publishing through `outbox`.
+    /// The service over `pool` (already migrated), publishing through `outbox`, with the default bounds.
     pub fn new(pool: AnyPool, outbox: Outbox) -> Self {
+        Self::with_guard(pool, outbox, Guard::new(GuardSettings::default()))
+    }
+
+    /// The service with the bounds of `guard`.
+    pub fn with_guard(pool: AnyPool, outbox: Outbox, guard: Guard) -> Self {
         Self {
             store: Store::new(pool, outbox),
+            guard,
             dummy_hash: Arc::new(hash_password("not a password").unwrap_or_default()),
         }
+    }
+
+    /// The bounds on password work.
+    pub fn guard(&self) -> &Guard {
+        &self.guard
     }
 }
 
 impl Service for UserManagement {
     const NAME: &'static str = SERVICE;
-    type Settings = ();
+    type Settings = GuardSettings;
 
     fn storage() -> Storage {
         Storage::with_outbox(&MIGRATIONS)
     }
 
-    async fn open(r: Resources<()>) -> anyhow::Result<Self> {
+    async fn open(r: Resources<GuardSettings>) -> anyhow::Result<Self> {
         let db = r.database()?;
-        Ok(Self::new(db.pool, db.outbox))
+        Ok(Self::with_guard(db.pool, db.outbox, Guard::new(r.settings)))
     }
 
     fn add_to(self, server: Server) -> Server {
@@ -89,14 +106,6 @@ fn verify_password(password: &str, hash: &str) -> bool {
                 .is_ok()
         })
         .unwrap_or(false)
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ServiceError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ServiceError::Internal(e.into()))
 }
 
 #[tonic::async_trait]
@@ -131,7 +140,9 @@ impl UserManagementService for UserManagement {
                 None => Ok(Response::new(CreateUserResponse {})),
             };
         }
-        let hash = blocking(move || hash_password(&password))
+        let hash = self
+            .guard
+            .hash(move || hash_password(&password))
             .await?
             .map_err(ServiceError::Internal)?;
         let outcome = self
@@ -156,6 +167,7 @@ impl UserManagementService for UserManagement {
         &self,
         request: Request<VerifyCredentialsRequest>,
     ) -> Result<Response<VerifyCredentialsResponse>, Status> {
+        let peer = request.remote_addr().map(|a| a.ip().to_string());
         let r = request.into_inner();
         let email = required_text("email", &r.email, "verify credentials")?
             .trim()
@@ -163,6 +175,7 @@ impl UserManagementService for UserManagement {
         let password = required_text("password", &r.password, "verify credentials")?.to_owned();
         limits::chars("email", &email, limits::EMAIL_CHARS)?;
         limits::bytes("password", &password, limits::PASSWORD_BYTES)?;
+        self.guard.check(&email, peer.as_deref()).await?;
         let found = self
             .store
             .credentials(&email)
@@ -172,12 +185,21 @@ impl UserManagementService for UserManagement {
             Some((hash, user_id)) => (hash.clone(), Some(*user_id)),
             None => (self.dummy_hash.as_ref().clone(), None),
         };
-        let ok = blocking(move || verify_password(&password, &hash)).await?;
+        let ok = self
+            .guard
+            .hash(move || verify_password(&password, &hash))
+            .await?;
         match user_id {
-            Some(id) if ok => Ok(Response::new(VerifyCredentialsResponse {
-                user_id: Some(ids::uuid(id)),
-            })),
-            _ => Err(ServiceError::Unauthenticated(BAD_CREDENTIALS.into()).into()),
+            Some(id) if ok => {
+                self.guard.succeeded(&email).await;
+                Ok(Response::new(VerifyCredentialsResponse {
+                    user_id: Some(ids::uuid(id)),
+                }))
+            }
+            _ => {
+                self.guard.failed(&email, peer.as_deref()).await;
+                Err(ServiceError::Unauthenticated(BAD_CREDENTIALS.into()).into())
+            }
         }
     }
 

@@ -285,3 +285,72 @@ async fn oversized_credentials_are_refused_before_hashing() {
     assert!(err.message().starts_with("email:"), "{}", err.message());
     assert!(err.message().len() < 1024);
 }
+
+/// Failed logins are limited per email: after five wrong passwords the next attempt, even with the right
+/// password, is RESOURCE_EXHAUSTED with RetryInfo and no hashing; another email is unaffected.
+#[tokio::test]
+async fn failed_logins_are_limited_per_email() {
+    use tonic_types::StatusExt;
+    let db = testsuite::sqlite().await;
+    let (svc, _) = service(&db).await;
+    for (email, password) in [
+        ("eve@example.com", "right"),
+        ("bob@example.com", "also-right"),
+    ] {
+        svc.create_user(create(Uuid::new_v4(), email, password))
+            .await
+            .unwrap();
+    }
+    let login = |email: &str, password: &str| {
+        svc.verify_credentials(Request::new(VerifyCredentialsRequest {
+            email: email.into(),
+            password: password.into(),
+        }))
+    };
+    for _ in 0..5 {
+        let err = login("eve@example.com", "wrong").await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    let limited = login("eve@example.com", "right").await.unwrap_err();
+    assert_eq!(
+        limited.code(),
+        Code::ResourceExhausted,
+        "{}",
+        limited.message()
+    );
+    let retry = limited
+        .get_error_details()
+        .retry_info()
+        .unwrap()
+        .retry_delay;
+    assert!(
+        retry.unwrap() > std::time::Duration::from_secs(60),
+        "{retry:?}"
+    );
+    login("bob@example.com", "also-right")
+        .await
+        .expect("another email is not limited");
+}
+
+/// Password hashes run at most `max_concurrent_hashes` at once, however many calls arrive together.
+#[tokio::test]
+async fn password_hashing_is_bounded() {
+    let db = testsuite::sqlite().await;
+    let (pool, outbox) = testsuite::open(&db, &MIGRATIONS).await;
+    let guard = user_management::Guard::new(user_management::GuardSettings {
+        max_concurrent_hashes: 1,
+        ..Default::default()
+    });
+    let svc = UserManagement::with_guard(pool, outbox, guard);
+    let creates = (0..6).map(|i| {
+        svc.create_user(create(
+            Uuid::new_v4(),
+            &format!("user{i}@example.com"),
+            "password",
+        ))
+    });
+    for r in futures::future::join_all(creates).await {
+        r.unwrap();
+    }
+    assert_eq!(svc.guard().peak_concurrent_hashes(), 1);
+}
