@@ -16,9 +16,11 @@ build: ## build every crate
 run: ## the main job on the embedded default: all KillrVideo services on 127.0.0.1:50101, SQLite, no servers
 	cargo run -p killrvideo-server
 
-test: infra-install infra-up ## every test, against the real Consul, Kafka, PostgreSQL and StatsD/Graphite
+test: infra-install infra-up ## every test, against the real Consul, Kafka, PostgreSQL and StatsD/Graphite; then no secret in any log
 	cargo build --workspace --bins
+	@mkdir -p target && touch target/test-run.marker
 	$(WITH_INFRA) cargo test --workspace
+	scripts/secrets-in-logs.sh target/test-run.marker
 
 test-unit: ## tests that need no server (pure logic and generated code)
 	cargo test --workspace --lib

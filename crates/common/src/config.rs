@@ -539,23 +539,43 @@ impl Settings {
     }
 }
 
-/// `url` with the password of its user info replaced by `***`.
+/// `url` with every credential in it replaced by `***`: the password of its user info, and the value of any
+/// query parameter whose name holds `password`, `secret` or `token` (`?sslpassword=…`, `?token=…`). Text that
+/// is not a URL comes back as it is.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            match creds.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &creds[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
+    // `{service}` survives the round trip through the parser (which would percent-encode the braces).
+    const SERVICE: &str = "keel-service-placeholder";
+    let Ok(mut parsed) = url::Url::parse(&url.replace("{service}", SERVICE)) else {
+        return url.to_owned();
+    };
+    let secret = |k: &str| {
+        let k = k.to_ascii_lowercase();
+        ["password", "secret", "token"]
+            .iter()
+            .any(|s| k.contains(s))
+    };
+    let secret_query = parsed.query_pairs().any(|(k, _)| secret(&k));
+    if parsed.password().is_none() && !secret_query {
+        return url.to_owned();
     }
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
+    }
+    if secret_query {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if secret(&k) {
+                    "***".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string().replace(SERVICE, "{service}")
 }
 
 impl Settings {
@@ -714,6 +734,22 @@ mod tests {
         }
         let unique: std::collections::HashSet<&str> = keys.iter().copied().collect();
         assert_eq!(unique.len(), keys.len(), "each key once: {keys:?}");
+    }
+
+    #[test]
+    fn urls_lose_every_credential() {
+        assert_eq!(
+            redact_url("postgres://kv:hunter2@db:5432/kv_{service}"),
+            "postgres://kv:***@db:5432/kv_{service}"
+        );
+        let r = redact_url("postgres://db/x?user=a@b&sslpassword=hunter2&Token=t0k&mode=rw");
+        assert!(!r.contains("hunter2") && !r.contains("t0k"), "{r}");
+        assert!(r.contains("user=a%40b") && r.contains("mode=rw"), "{r}");
+        assert_eq!(
+            redact_url("sqlite://var/x.db?mode=rwc"),
+            "sqlite://var/x.db?mode=rwc"
+        );
+        assert_eq!(redact_url("not a url"), "not a url");
     }
 
     #[test]

@@ -9,4 +9,5 @@ mod database;
 mod limits;
 mod outbox;
 mod platform;
+mod secrets;
 mod tls;

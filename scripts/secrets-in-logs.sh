@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# After `make test`: fails when a secret the test suite hands to service processes appears in any log those
+# processes wrote during the run (files keel-test-*.log in the temp directory newer than MARKER).
+#
+#   scripts/secrets-in-logs.sh MARKER
+set -euo pipefail
+marker=${1:?usage: $0 MARKER}
+# The credentials the tests give processes: the accounts operator token of the cache tests, and the secrets of
+# echo's `no_secret_appears_in_any_log_line`.
+secrets=(cache-tests-admin-token consul-token-3b1f9c db-password-77aa01 query-password-5e5e5e operator-token-c0ffee)
+mapfile -t logs < <(find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'keel-test-*.log' -newer "$marker" | sort)
+if ((${#logs[@]} == 0)); then
+  echo "secrets in logs: no process log written since $marker" >&2
+  exit 1
+fi
+leaks=0
+for s in "${secrets[@]}"; do
+  if found=$(grep -lF -- "$s" "${logs[@]}"); then
+    echo "secret ${s:0:4}… found in: $found" >&2
+    leaks=$((leaks + 1))
+  fi
+done
+echo "secrets in logs: ${#logs[@]} process logs checked for ${#secrets[@]} secrets"
+if ((leaks)); then
+  echo "secrets in logs: 0 passed, 1 failed"
+  exit 1
+fi
+echo "secrets in logs: 1 passed, 0 failed"
