@@ -67,6 +67,9 @@ pub struct VideoRated {
     pub user_id: Uuid,
     /// 1..=5 as sent.
     pub rating: i32,
+    /// `rating_timestamp` in milliseconds since the epoch; 0 when the event has none. Orders ratings of one
+    /// user and video: an older one arriving late does not replace a newer one.
+    pub rated_ms: i64,
 }
 
 impl VideoRated {
@@ -81,6 +84,7 @@ impl VideoRated {
             video_id: ids::required("video_id", e.video_id.as_ref()).map_err(bad)?,
             user_id: ids::required("user_id", e.user_id.as_ref()).map_err(bad)?,
             rating: e.rating,
+            rated_ms: e.rating_timestamp.as_ref().map_or(0, time::to_millis),
         })
     }
 }

@@ -87,18 +87,21 @@ impl Model {
         tx.commit().await
     }
 
-    /// Records a user's rating (the latest one wins; idempotent).
+    /// Records a user's rating: the one given last wins, whatever order the events arrive in (an older rating
+    /// delivered late changes nothing); applying the same event again changes nothing.
     ///
     /// # Errors
     /// Database failures.
     pub async fn add_rating(&self, e: &VideoRated) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT INTO sv_ratings (userid, videoid, rating) VALUES ($1, $2, $3) \
-             ON CONFLICT (userid, videoid) DO UPDATE SET rating = excluded.rating",
+            "INSERT INTO sv_ratings (userid, videoid, rating, rated_ms) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (userid, videoid) DO UPDATE SET rating = excluded.rating, rated_ms = excluded.rated_ms \
+             WHERE excluded.rated_ms >= sv_ratings.rated_ms",
         )
         .bind(text(e.user_id))
         .bind(text(e.video_id))
         .bind(i64::from(e.rating))
+        .bind(e.rated_ms)
         .execute(&self.pool)
         .await
         .map(drop)

@@ -143,3 +143,44 @@ async fn related_by_shared_tags_and_suggestions_from_similar_users() {
         );
     }
 }
+
+/// Ratings apply in the order they were given, not the order they arrive: a late event carrying an older
+/// rating leaves the newer one in place; redelivering an event changes nothing; on both backends.
+#[tokio::test]
+async fn a_late_older_rating_never_overwrites_a_newer_one() {
+    for db in testsuite::databases().await {
+        let (pool, _) = testsuite::open(&db, &MIGRATIONS).await;
+        let svc = SuggestedVideos::new(pool.clone());
+        let (user, video) = (Uuid::new_v4(), Uuid::new_v4());
+        let at = |rating: i32, ms: i64| {
+            let mut e =
+                UserRatedVideo::decode(rated(user, video, rating).payload.as_slice()).unwrap();
+            e.rating_timestamp = Some(time::to_timestamp(ms));
+            Event {
+                topic: topics::USER_RATED_VIDEO.into(),
+                payload: e.encode_to_vec(),
+            }
+        };
+        let newer = at(5, 2_000_000);
+        svc.handle(newer.clone()).await.unwrap();
+        svc.handle(at(1, 1_000_000)).await.unwrap(); // given earlier, delivered late
+        svc.handle(newer).await.unwrap(); // redelivered
+        let stored: i64 =
+            sqlx::query_scalar("SELECT rating FROM sv_ratings WHERE userid = $1 AND videoid = $2")
+                .bind(user.to_string())
+                .bind(video.to_string())
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(stored, 5, "{}", db.backend);
+        svc.handle(at(2, 3_000_000)).await.unwrap();
+        let stored: i64 =
+            sqlx::query_scalar("SELECT rating FROM sv_ratings WHERE userid = $1 AND videoid = $2")
+                .bind(user.to_string())
+                .bind(video.to_string())
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(stored, 2, "{}: a newer rating replaces it", db.backend);
+    }
+}
