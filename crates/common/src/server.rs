@@ -26,15 +26,13 @@ use tonic::{
     body::Body, server::NamedService, service::RoutesBuilder, transport::server::TcpIncoming,
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
-use tower::{
-    Service, ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::LoadShedLayer,
-};
+use tower::{Service, ServiceBuilder};
 
 use crate::{
     Platform,
     config::Reader,
     consul::{ConsulAgent, Instance, Registrar},
-    layers::{GrpcMetricsLayer, ServerContextLayer, ShedToStatusLayer},
+    layers::{ConcurrencyLimitLayer, GrpcMetricsLayer, ServerContextLayer},
     metrics::Side,
 };
 
@@ -181,9 +179,9 @@ impl Server {
 
         let mut known: HashSet<String> = names.iter().map(|n| n.to_string()).collect();
         known.insert("grpc.health.v1.Health".into());
-        // Outermost first. Context first, so even shed calls carry a trace id in logs; metrics before shedding,
-        // so rejected calls are counted as RESOURCE_EXHAUSTED; shedding before the limit, so a call over the
-        // limit is rejected at once instead of queueing.
+        // Outermost first. Context first, so even shed calls carry a trace id in logs, and the deadline bounds
+        // the whole response stream; metrics before the limit, so shed calls are counted as RESOURCE_EXHAUSTED;
+        // the limit sheds (never queues) and holds a slot until the response's last message.
         let stack = ServiceBuilder::new()
             .layer(ServerContextLayer::new(g.request_timeout))
             .layer(GrpcMetricsLayer::new(
@@ -191,9 +189,10 @@ impl Server {
                 Side::Server,
                 known,
             ))
-            .layer(ShedToStatusLayer)
-            .layer(LoadShedLayer::new())
-            .layer(GlobalConcurrencyLimitLayer::new(g.max_concurrent_requests))
+            .layer(ConcurrencyLimitLayer::new(
+                g.max_concurrent_requests,
+                g.request_timeout,
+            ))
             .into_inner();
 
         let mut builder = tonic::transport::Server::builder();

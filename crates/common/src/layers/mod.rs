@@ -3,9 +3,9 @@
 //!
 //! | layer | side | what it does |
 //! |---|---|---|
-//! | [`ServerContextLayer`] | server | trace id, deadline from `grpc-timeout`, `grpc.request` span, handler stopped at the deadline |
+//! | [`ServerContextLayer`] | server | trace id, deadline from `grpc-timeout`, `grpc.request` span, handler and response stream stopped at the deadline |
 //! | [`GrpcMetricsLayer`] | both | StatsD count/latency/status/in-flight per method, and one call-log line per call |
-//! | [`ShedToStatusLayer`] | server | load shedding's `Overloaded` → RESOURCE_EXHAUSTED before any handler |
+//! | [`ConcurrencyLimitLayer`] | server | at most `grpc.max_concurrent_requests` calls, streams for their whole life; over it RESOURCE_EXHAUSTED before any handler |
 //! | [`ClientContextLayer`] | client | trace id and the remaining deadline out as metadata; local DEADLINE_EXCEEDED |
 //! | [`ErrorToStatusLayer`] | client | transport and balancer errors → UNAVAILABLE |
 //! | [`NoEndpointFastFail`] | client | no healthy instance → UNAVAILABLE at once; waits for discovery's first answer |
@@ -15,17 +15,17 @@
 //! are built in [`crate::error`], the one place where errors become `tonic::Status`.
 
 mod client_context;
+mod concurrency;
 mod ejection;
 mod error_to_status;
 mod grpc_metrics;
 mod no_endpoint;
 mod server_context;
-mod shed;
 
 pub use client_context::{ClientContext, ClientContextLayer};
+pub use concurrency::{ConcurrencyLimit, ConcurrencyLimitLayer};
 pub use ejection::Ejecting;
 pub use error_to_status::{ErrorToStatus, ErrorToStatusLayer};
 pub use grpc_metrics::{GrpcMetrics, GrpcMetricsLayer};
 pub use no_endpoint::NoEndpointFastFail;
 pub use server_context::{ServerContext, ServerContextLayer};
-pub use shed::{ShedToStatus, ShedToStatusLayer};

@@ -22,6 +22,11 @@ use crate::support::{ADMIN_TOKEN, as_operator};
 
 /// An accounts server on 127.0.0.1:0 over a fresh PostgreSQL database, and a client factory that reaches it.
 async fn accounts_server() -> ClientFactory {
+    accounts_at().await.1
+}
+
+/// [`accounts_server`], with its address.
+async fn accounts_at() -> (std::net::SocketAddr, ClientFactory) {
     let db = testsuite::postgres().await;
     let env = Env::default()
         .with("KEEL_DATABASE__URL", &db.url)
@@ -31,10 +36,11 @@ async fn accounts_server() -> ClientFactory {
     let addr = app.spawn(app.settings(&env).unwrap()).await.unwrap();
     let client_env =
         Env::default().with("KEEL_CLIENT__STATIC_ENDPOINTS", format!("accounts={addr}"));
-    ClientFactory::new(
+    let clients = ClientFactory::new(
         &Settings::from_env("cache", &client_env).unwrap(),
         Metrics::disabled(),
-    )
+    );
+    (addr, clients)
 }
 
 async fn account(clients: &ClientFactory, name: &str, max: i64) -> (Account, String) {
@@ -301,4 +307,71 @@ async fn ttls_are_range_checked() {
     let mut req = store(&token, "k", b"v");
     req.get_mut().ttl_ms = cache::MAX_TTL_MS;
     c.store(req).await.unwrap();
+}
+
+/// A response stream holds its call's slot of `grpc.max_concurrent_requests` until it ends, and ends at its
+/// deadline even when its reader has stalled (with a DEADLINE_EXCEEDED status after what was sent), which gives
+/// the slot back. (A stream used to free its slot with its headers and to outlive its deadline.)
+#[tokio::test]
+async fn a_stream_holds_its_slot_for_its_life_and_ends_at_its_deadline() {
+    use keel_protos::rpc::cache_client::CacheClient;
+    let (accounts, clients) = accounts_at().await;
+    let (_, token) = account(&clients, "streamer", 10_000).await;
+    let env = Env::default()
+        .with(
+            "KEEL_CLIENT__STATIC_ENDPOINTS",
+            format!("accounts={accounts}"),
+        )
+        .with("KEEL_CACHE__ACCOUNTS_TOKEN", ADMIN_TOKEN)
+        .with("KEEL_GRPC__MAX_CONCURRENT_REQUESTS", "1")
+        .with("KEEL_LOG__STDOUT", "false");
+    let app = App::of::<Cache>();
+    let addr = app.spawn(app.settings(&env).unwrap()).await.unwrap();
+    let mut cache = CacheClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    // 8 MB, far more than the HTTP/2 windows: the server blocks on flow control while nobody reads.
+    for i in 0..1000 {
+        cache
+            .store(store(&token, &format!("k{i:04}"), &[7u8; 8192]))
+            .await
+            .unwrap();
+    }
+    let mut dump = Request::new(DumpReq {
+        account_token: token.clone(),
+    });
+    dump.set_timeout(Duration::from_millis(800));
+    let mut stream = cache.dump(dump).await.unwrap().into_inner();
+    stream.next().await.unwrap().unwrap();
+
+    let busy = cache.get(get(&token, "k0000")).await.unwrap_err();
+    assert_eq!(
+        busy.code(),
+        Code::ResourceExhausted,
+        "the open stream holds the only slot: {}",
+        busy.message()
+    );
+    testsuite::eventually(
+        "the stream's deadline gives its slot back",
+        Duration::from_secs(10),
+        || {
+            let mut cache = cache.clone();
+            let token = token.clone();
+            async move { cache.get(get(&token, "k0000")).await.ok() }
+        },
+    )
+    .await;
+    let mut last = None;
+    while let Some(item) = stream.next().await {
+        if let Err(status) = item {
+            last = Some(status);
+            break;
+        }
+    }
+    let last = last.expect("the stream ends with a status, not with every key");
+    assert_eq!(last.code(), Code::DeadlineExceeded, "{}", last.message());
 }

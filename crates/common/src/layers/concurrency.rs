@@ -1,0 +1,174 @@
+//! The server's concurrency limit, with load shedding: at most `grpc.max_concurrent_requests` calls at once,
+//! counted for their whole life — a streaming response holds its slot until its last message (or its deadline,
+//! or the client going away), not only until its headers. A call over the limit is answered RESOURCE_EXHAUSTED
+//! at once, before any handler runs, so callers back off instead of queueing; any other error of the stack
+//! becomes an opaque INTERNAL, logged in full.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::body::Body;
+use tower::{BoxError, Layer, Service};
+
+use crate::error::layer_status;
+
+/// Makes [`ConcurrencyLimit`]: one semaphore shared by every connection of the server.
+#[derive(Clone, Debug)]
+pub struct ConcurrencyLimitLayer {
+    slots: Arc<Semaphore>,
+    default_timeout: Duration,
+}
+
+impl ConcurrencyLimitLayer {
+    /// At most `max` calls at once; a call's slot is given back at its deadline at the latest
+    /// (`default_timeout`, `grpc.request_timeout`, for calls that carry none).
+    pub fn new(max: usize, default_timeout: Duration) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(max)),
+            default_timeout,
+        }
+    }
+}
+
+impl<S> Layer<S> for ConcurrencyLimitLayer {
+    type Service = ConcurrencyLimit<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        ConcurrencyLimit {
+            inner,
+            slots: self.slots.clone(),
+            default_timeout: self.default_timeout,
+        }
+    }
+}
+
+/// Service made by [`ConcurrencyLimitLayer`].
+#[derive(Clone, Debug)]
+pub struct ConcurrencyLimit<S> {
+    inner: S,
+    slots: Arc<Semaphore>,
+    default_timeout: Duration,
+}
+
+impl<S, B> Service<Request<B>> for ConcurrencyLimit<S>
+where
+    S: Service<Request<B>, Response = Response<Body>>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Readiness errors of the routes surface on the call.
+        match self.inner.poll_ready(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(_) => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            let shed = layer_status::overloaded(
+                "server overloaded: concurrency limit reached; retry later",
+            );
+            return Box::pin(async move { Ok(shed.into_http()) });
+        };
+        let timeout = req
+            .headers()
+            .get(crate::context::GRPC_TIMEOUT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::context::parse_grpc_timeout)
+            .unwrap_or(self.default_timeout);
+        let deadline = std::time::Instant::now() + timeout;
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            Ok(match fut.await {
+                Ok(resp) => resp.map(|body| {
+                    Body::new(PermitBody {
+                        inner: body,
+                        slot: Arc::new(Mutex::new(Some(permit))),
+                        deadline,
+                        reaper: false,
+                        frames: 0,
+                    })
+                }),
+                Err(e) => {
+                    let e: BoxError = e.into();
+                    layer_status::internal(anyhow::anyhow!("server stack error: {e}")).into_http()
+                }
+            })
+        })
+    }
+}
+
+pin_project! {
+    /// A response body that gives its call's slot back when it ends, is dropped, or reaches its deadline —
+    /// whichever comes first. The deadline needs a timer of its own: a stream whose reader stalled is not
+    /// polled at all (HTTP/2 flow control), so it cannot notice the time itself. The timer starts only when
+    /// the body first waits or sends its second message; a unary answer, ready at once, starts none.
+    struct PermitBody {
+        #[pin]
+        inner: Body,
+        slot: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+        deadline: std::time::Instant,
+        reaper: bool,
+        frames: u32,
+    }
+
+    impl PinnedDrop for PermitBody {
+        fn drop(this: Pin<&mut Self>) {
+            this.slot.lock().expect("slot").take();
+        }
+    }
+}
+
+impl HttpBody for PermitBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(None | Some(Err(_))) => {
+                this.slot.lock().expect("slot").take();
+            }
+            // A body that waits, or sends a second message (a stream, which HTTP/2 flow control may stop
+            // polling), gets its deadline timer.
+            Poll::Ready(Some(Ok(f))) if f.is_data() => *this.frames += 1,
+            _ => {}
+        }
+        if !*this.reaper && (polled.is_pending() || *this.frames >= 2) {
+            *this.reaper = true;
+            let (slot, deadline) = (this.slot.clone(), *this.deadline);
+            tokio::spawn(async move {
+                tokio::time::sleep_until(deadline.into()).await;
+                slot.lock().expect("slot").take();
+            });
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
