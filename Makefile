@@ -5,7 +5,7 @@ INFRA := scripts/infra.sh
 WITH_INFRA = eval "$$($(INFRA) env)" &&
 
 .DEFAULT_GOAL := help
-.PHONY: help build run test test-unit bench lint fmt infra-install infra-up infra-down infra-status up down status
+.PHONY: help build run test test-unit fuzz bench lint fmt infra-install infra-up infra-down infra-status up down status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -21,6 +21,10 @@ test: infra-install infra-up ## every test, against the real Consul, Kafka, Post
 	@mkdir -p target && touch target/test-run.marker
 	$(WITH_INFRA) cargo test --workspace
 	scripts/secrets-in-logs.sh target/test-run.marker
+
+fuzz: infra-install infra-up ## structure-aware fuzzing of every RPC in process (100,000 cases per service; KEEL_FUZZ_CASES, KEEL_FUZZ_SEED)
+	cargo build --workspace --bins
+	$(WITH_INFRA) KEEL_FUZZ_CASES=$${KEEL_FUZZ_CASES:-100000} cargo test -p killrvideo-server -p cache --test it fuzz -- --nocapture
 
 test-unit: ## tests that need no server (pure logic and generated code)
 	cargo test --workspace --lib

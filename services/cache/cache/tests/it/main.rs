@@ -7,3 +7,4 @@ mod support;
 mod cache;
 mod cluster;
 mod dump;
+mod fuzz;

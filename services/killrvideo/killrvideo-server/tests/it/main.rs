@@ -8,5 +8,6 @@ mod support;
 mod cluster;
 mod crash;
 mod embedded;
+mod fuzz;
 mod grpcurl;
 mod loader;
