@@ -31,6 +31,24 @@ fn server(dir: &std::path::Path) -> ServiceProcess {
     )
 }
 
+/// The ids of the videos a search for `word` finds.
+async fn found(search: &mut SearchServiceClient<Channel>, word: &str) -> Vec<String> {
+    search
+        .search_videos(SearchVideosRequest {
+            query: word.to_owned(),
+            page_size: 10,
+            paging_state: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .videos
+        .into_iter()
+        .filter_map(|v| v.video_id)
+        .map(|v| v.value)
+        .collect()
+}
+
 async fn channel(p: &ServiceProcess) -> Channel {
     Channel::from_shared(format!("http://{}", p.addr().await))
         .unwrap()
@@ -97,21 +115,7 @@ async fn a_sigkill_during_a_burst_of_submissions_loses_no_acknowledged_video() {
                 let left = std::mem::take(&mut *missing.lock().unwrap());
                 let mut still = Vec::new();
                 for (id, word) in left {
-                    let hits = search
-                        .search_videos(SearchVideosRequest {
-                            query: word.clone(),
-                            page_size: 10,
-                            paging_state: String::new(),
-                        })
-                        .await
-                        .unwrap()
-                        .into_inner()
-                        .videos;
-                    let ids: Vec<String> = hits
-                        .into_iter()
-                        .filter_map(|v| v.video_id)
-                        .map(|v| v.value)
-                        .collect();
+                    let ids = found(&mut search, &word).await;
                     assert!(ids.len() <= 1, "{word} indexed more than once: {ids:?}");
                     if ids != [id.to_string()] {
                         still.push((id, word));
@@ -126,17 +130,7 @@ async fn a_sigkill_during_a_burst_of_submissions_loses_no_acknowledged_video() {
     .await;
     // Nothing is left for a third start to find either: the count is stable.
     let (_, word) = &acked[0];
-    let hits = search
-        .search_videos(SearchVideosRequest {
-            query: word.clone(),
-            page_size: 10,
-            paging_state: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .videos;
-    assert_eq!(hits.len(), 1);
+    assert_eq!(found(&mut search, word).await.len(), 1);
     drop(second);
     let _ = std::fs::remove_dir_all(&dir);
 }
