@@ -20,6 +20,7 @@ pub use crate::{
     metrics::StatsdSettings,
     server::GrpcSettings,
     tls::TlsSettings,
+    tokens::TokenSettings,
 };
 
 use config::{Config, Environment, File, FileFormat};
@@ -158,6 +159,8 @@ pub struct Settings {
     pub events: EventSettings,
     /// TLS.
     pub tls: TlsSettings,
+    /// Tokens handed to clients (paging states).
+    pub tokens: TokenSettings,
     /// Every layered value, for the service's own section ([`Settings::section`]).
     raw: Raw,
     /// What [`Settings::effective`] reports.
@@ -491,6 +494,7 @@ impl Settings {
         let events = EventSettings::read(&mut r, log.kafka_brokers.as_deref());
         let tls = TlsSettings::read(&mut r);
         let consul = ConsulSettings::read(&mut r, &tls);
+        let tokens = TokenSettings::read(&mut r);
         let log_topic = log
             .topic
             .clone()
@@ -507,6 +511,7 @@ impl Settings {
                 database,
                 events,
                 tls,
+                tokens,
                 raw,
                 effective: r.effective,
             },

@@ -40,6 +40,7 @@ pub mod shutdown;
 #[cfg(feature = "testsuite")]
 pub mod testsuite;
 pub mod tls;
+pub mod tokens;
 
 use std::sync::Arc;
 

@@ -364,6 +364,7 @@ impl App {
         if !errors.is_empty() {
             anyhow::bail!("{}", ConfigErrors(errors));
         }
+        crate::tokens::install(&settings.tokens);
         let listener = tokio::net::TcpListener::bind(settings.grpc.listen_addr).await?;
         let addr = listener.local_addr()?;
         let platform = Platform::new(settings, addr.port())?;
@@ -420,6 +421,7 @@ impl App {
             };
             tracing::info!(key = key.as_str(), value, "setting");
         }
+        crate::tokens::install(&settings.tokens);
         let mut settings = settings;
         settings.service.instance_id = Some(instance_id);
         let platform = match Platform::new(settings, port) {

@@ -54,12 +54,17 @@ impl Comments {
     ) -> Result<(Vec<Comment>, String), ServiceError> {
         let size = paging::page_size(page_size, what)?;
         let start = ids::optional_time("starting_comment_id", start)?.map(|s| ids::v1_sort_key(&s));
-        let after: Option<String> = paging::decode(paging_state)?;
+        // A token pages only the list it came from: these comments, of this video or user.
+        let scope = match by {
+            By::Video => format!("comments.by_video:{id}"),
+            By::User => format!("comments.by_user:{id}"),
+        };
+        let after: Option<String> = paging::decode(&scope, paging_state)?;
         let rows = self
             .store
             .list(by, id, start.as_deref(), after.as_deref(), size + 1)
             .await?;
-        Ok(paging::page(rows, size, |c| c.sortkey.clone()))
+        Ok(paging::page(rows, size, &scope, |c| c.sortkey.clone()))
     }
 }
 

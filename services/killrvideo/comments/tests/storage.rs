@@ -220,3 +220,82 @@ async fn comment_times_before_1970_and_oversized_comments() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("comment:"), "{}", err.message());
 }
+
+/// A paging state pages only the list it came from: one of video A's comments list given for video B, or for
+/// a user's list, or changed by a single character, is INVALID_ARGUMENT on `paging_state`, never a wrong page.
+#[tokio::test]
+async fn paging_states_are_tamper_proof_and_bound_to_their_list() {
+    let db = testsuite::sqlite().await;
+    let (pool, outbox) = testsuite::open(&db, &MIGRATIONS).await;
+    let svc = Comments::new(pool, outbox);
+    let (video, other, user) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    for (v, i) in [(video, 1), (video, 2), (video, 3), (other, 4)] {
+        svc.comment_on_video(Request::new(CommentOnVideoRequest {
+            video_id: pb(v),
+            user_id: pb(user),
+            comment_id: tu(time_id(i)),
+            comment: format!("comment {i}"),
+        }))
+        .await
+        .unwrap();
+    }
+    let token = svc
+        .get_video_comments(Request::new(GetVideoCommentsRequest {
+            video_id: pb(video),
+            page_size: 1,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .paging_state;
+    assert!(!token.is_empty());
+    let mut tampered = token.clone().into_bytes();
+    let last = tampered.len() - 1;
+    tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    for (video_id, paging_state) in [
+        (other, token.clone()),
+        (video, tampered),
+        (video, format!("{token}x")),
+    ] {
+        let err = svc
+            .get_video_comments(Request::new(GetVideoCommentsRequest {
+                video_id: pb(video_id),
+                page_size: 1,
+                paging_state,
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().starts_with("paging_state"),
+            "{}",
+            err.message()
+        );
+    }
+    let err = svc
+        .get_user_comments(Request::new(GetUserCommentsRequest {
+            user_id: pb(user),
+            page_size: 1,
+            paging_state: token.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::InvalidArgument,
+        "a video list's token on a user list"
+    );
+    // The genuine token still pages on.
+    svc.get_video_comments(Request::new(GetVideoCommentsRequest {
+        video_id: pb(video),
+        page_size: 1,
+        paging_state: token,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+}

@@ -84,6 +84,8 @@ impl Service for Search {
 pub const MAX_QUERY_CHARS: usize = 512;
 /// Most distinct words a query may hold.
 pub const MAX_QUERY_WORDS: usize = 32;
+/// Paging scope of search results.
+pub const SEARCH_SCOPE: &str = "search.videos";
 /// Deepest result a search may page to: deeper pages cost the database more than any client needs.
 pub const MAX_OFFSET: usize = 10_000;
 
@@ -117,7 +119,7 @@ impl SearchService for Search {
         required_text("query", &r.query, "search videos")?;
         check_query(&r.query)?;
         let size = paging::page_size(r.page_size, "search videos request")?;
-        let offset: usize = paging::decode(&r.paging_state)?.unwrap_or(0);
+        let offset: usize = paging::decode(SEARCH_SCOPE, &r.paging_state)?.unwrap_or(0);
         if offset > MAX_OFFSET {
             return Err(ServiceError::invalid(
                 "paging_state",
@@ -131,7 +133,8 @@ impl SearchService for Search {
             .await
             .map_err(ServiceError::from)?;
         // The next page starts after this one; there is one exactly when the extra row came back.
-        let (hits, paging_state) = paging::page(hits, size, |_| offset.saturating_add(size));
+        let (hits, paging_state) =
+            paging::page(hits, size, SEARCH_SCOPE, |_| offset.saturating_add(size));
         Ok(Response::new(SearchVideosResponse {
             query: r.query,
             videos: hits

@@ -178,7 +178,8 @@ async fn oversized_queries_and_crafted_offsets_are_invalid_arguments() {
     let svc = Search::new(pool);
     let many_words: String = (0..40_000).map(|i| format!("w{i} ")).collect();
     let long_word = "x".repeat(10_000);
-    let crafted = killrvideo::paging::encode(&usize::MAX);
+    // Even signed with the deployment's key (as if it leaked), an offset past the deepest page is refused.
+    let crafted = killrvideo::paging::encode(search::SEARCH_SCOPE, &usize::MAX);
     for (query, paging_state, field) in [
         (many_words.as_str(), String::new(), "query"),
         (long_word.as_str(), String::new(), "query"),

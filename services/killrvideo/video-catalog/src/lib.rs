@@ -77,6 +77,9 @@ impl Service for VideoCatalog {
     }
 }
 
+/// Paging scope of the latest-videos list.
+const LATEST_SCOPE: &str = "video-catalog.latest";
+
 /// Paging state of the user-videos list: the last row returned.
 #[derive(Serialize, Deserialize)]
 struct UserCursor {
@@ -240,7 +243,7 @@ impl VideoCatalogService for VideoCatalog {
         let r = request.into_inner();
         let size = paging::page_size(r.page_size, "get latest preview video request")?;
         let start = start_point(r.starting_added_date.as_ref(), r.starting_video_id.as_ref())?;
-        let cursor: Option<LatestCursor> = paging::decode(&r.paging_state)?;
+        let cursor: Option<LatestCursor> = paging::decode(LATEST_SCOPE, &r.paging_state)?;
         let since = cursor
             .as_ref()
             .map_or_else(|| latest_window_start(time::now_ms()), |c| c.since);
@@ -254,7 +257,7 @@ impl VideoCatalogService for VideoCatalog {
             )
             .await
             .map_err(ServiceError::from)?;
-        let (rows, paging_state) = paging::page(rows, size, |p| LatestCursor {
+        let (rows, paging_state) = paging::page(rows, size, LATEST_SCOPE, |p| LatestCursor {
             since,
             after: (p.added_ms, p.video_id),
         });
@@ -272,7 +275,9 @@ impl VideoCatalogService for VideoCatalog {
         let user = ids::required("user_id", r.user_id.as_ref())?;
         let size = paging::page_size(r.page_size, "get user videos preview request")?;
         let start = start_point(r.starting_added_date.as_ref(), r.starting_video_id.as_ref())?;
-        let cursor: Option<UserCursor> = paging::decode(&r.paging_state)?;
+        // A token pages only the list it came from: this user's videos.
+        let scope = format!("video-catalog.user_videos:{user}");
+        let cursor: Option<UserCursor> = paging::decode(&scope, &r.paging_state)?;
         let rows = self
             .store
             .user_videos(
@@ -283,7 +288,7 @@ impl VideoCatalogService for VideoCatalog {
             )
             .await
             .map_err(ServiceError::from)?;
-        let (rows, paging_state) = paging::page(rows, size, |p| UserCursor {
+        let (rows, paging_state) = paging::page(rows, size, &scope, |p| UserCursor {
             after: (p.added_ms, p.video_id),
         });
         Ok(Response::new(GetUserVideoPreviewsResponse {
