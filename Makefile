@@ -24,7 +24,7 @@ test: infra-install infra-up ## every test, against the real Consul, Kafka, Post
 
 fuzz: infra-install infra-up ## structure-aware fuzzing of every RPC in process (100,000 cases per service; KEEL_FUZZ_CASES, KEEL_FUZZ_SEED)
 	cargo build --workspace --bins
-	$(WITH_INFRA) KEEL_FUZZ_CASES=$${KEEL_FUZZ_CASES:-100000} cargo test -p killrvideo-server -p cache --test it fuzz -- --nocapture
+	$(WITH_INFRA) KEEL_FUZZ_CASES=$${KEEL_FUZZ_CASES:-100000} cargo test -p killrvideo-server -p cache -p geo-search --test it fuzz -- --nocapture
 
 test-unit: ## tests that need no server (pure logic and generated code)
 	cargo test --workspace --lib

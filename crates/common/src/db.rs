@@ -225,7 +225,9 @@ pub fn is_transient(code: &str) -> bool {
 
 impl From<sqlx::Error> for ServiceError {
     /// UNAVAILABLE with `RetryInfo` (the caller may retry) when the database is unreachable, overloaded,
-    /// shutting down or timed the statement out ([`is_transient`]); anything else is INTERNAL, logged in full.
+    /// shutting down or timed the statement out ([`is_transient`]); INVALID_ARGUMENT for a data exception
+    /// (SQLSTATE class 22: a value of the request the database refuses, such as a NUL character in text);
+    /// anything else is INTERNAL, logged in full.
     fn from(e: sqlx::Error) -> Self {
         let unavailable = |why: &str| ServiceError::Unavailable {
             message: format!("database unavailable: {why}"),
@@ -235,6 +237,20 @@ impl From<sqlx::Error> for ServiceError {
             sqlx::Error::PoolTimedOut => unavailable("no connection free in time"),
             sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
                 unavailable("connection lost")
+            }
+            // Class 22, data exception: a value of the request the database cannot take (a NUL character in
+            // text, say, which PostgreSQL refuses) is the caller's to fix, not an internal error.
+            sqlx::Error::Database(d)
+                if d.code().as_deref().is_some_and(|c| c.starts_with("22")) =>
+            {
+                tracing::info!(code = ?d.code(), error = %d, "database refused a value of the request");
+                ServiceError::invalid(
+                    "request",
+                    format!(
+                        "a value cannot be stored (SQLSTATE {}): text may not contain NUL characters",
+                        d.code().unwrap_or_default()
+                    ),
+                )
             }
             sqlx::Error::Database(d) if d.code().as_deref().is_some_and(is_transient) => {
                 tracing::warn!(code = ?d.code(), error = %d, "database refused the statement for now");

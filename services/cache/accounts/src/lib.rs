@@ -128,6 +128,20 @@ impl Service for Accounts {
     }
 }
 
+/// Longest account name, in characters.
+pub const MAX_NAME_CHARS: usize = 256;
+
+fn check_name(name: &str) -> Result<(), ServiceError> {
+    let n = name.chars().count();
+    if n > MAX_NAME_CHARS {
+        return Err(ServiceError::invalid(
+            "name",
+            format!("{n} characters: at most {MAX_NAME_CHARS}"),
+        ));
+    }
+    Ok(())
+}
+
 fn positive_count(count: i64) -> Result<i64, ServiceError> {
     if count <= 0 {
         Err(ServiceError::invalid(
@@ -175,6 +189,7 @@ impl AccountsRpc for Accounts {
         if r.name.trim().is_empty() {
             return Err(ServiceError::invalid("name", "name should be provided").into());
         }
+        check_name(&r.name)?;
         if r.max_cache_keys <= 0 {
             return Err(ServiceError::invalid("max_cache_keys", "must be at least 1").into());
         }
@@ -217,6 +232,7 @@ impl AccountsRpc for Accounts {
             .into());
         }
         let mut account = self.by_id(&r.id).await?;
+        check_name(&r.name)?;
         if !r.name.trim().is_empty() {
             account.name = r.name.trim().to_owned();
         }

@@ -458,3 +458,30 @@ async fn administration_is_the_operators_and_tenants_act_only_on_their_own_accou
         "the tenant could not raise its own quota"
     );
 }
+
+/// An account name over 256 characters is INVALID_ARGUMENT on `name`, on create and on update.
+#[tokio::test]
+async fn account_names_are_bounded() {
+    let db = testsuite::sqlite().await;
+    let (svc, _) = service(&db).await;
+    let long = "n".repeat(accounts::MAX_NAME_CHARS + 1);
+    let err = svc
+        .create_account(admin(CreateAccountReq {
+            name: long.clone(),
+            max_cache_keys: 1,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("name"), "{}", err.message());
+    let acct = create(&svc, "fits", 1).await;
+    let err = svc
+        .update_account(admin(UpdateAccountReq {
+            id: acct.id,
+            name: long,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}

@@ -11,7 +11,7 @@
 //!   FAILED_PRECONDITION with its QuotaFailure detail reaches the caller as it is. Concurrent reservations of
 //!   one account are sent as one (see [`Quota`]). Keys evicted or expired give their quota back.
 //! - Memory: at most `cache.max_bytes` (default 64 MiB) per instance, least recently used keys evicted first;
-//!   `ttl_ms` per key (at most [`MAX_TTL_MS`], a year).
+//!   `ttl_ms` per key (at most [`MAX_TTL_MS`], a year); keys of at most [`MAX_KEY_BYTES`].
 //! - Dump streams the account's pairs in key order, 256 keys at a time through a bounded channel: memory stays
 //!   bounded and a slow reader slows the sender (HTTP/2 flow control), never the cache.
 //! - `dry-run: true` on Store validates, authenticates and checks the quota, and stores nothing.
@@ -50,6 +50,20 @@ pub const ACCOUNTS: &str = "accounts";
 /// Longest `ttl_ms` a Store may ask for: 365 days. (A larger one used to overflow the expiry instant and
 /// panic the handler.)
 pub const MAX_TTL_MS: i64 = 365 * 24 * 3600 * 1000;
+/// Longest key, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// INVALID_ARGUMENT on `key` past [`MAX_KEY_BYTES`].
+fn check_key(key: &str) -> Result<(), ServiceError> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err(ServiceError::invalid(
+            "key",
+            format!("{} bytes: at most {MAX_KEY_BYTES}", key.len()),
+        ));
+    }
+    Ok(())
+}
+
 /// Keys streamed per chunk by Dump.
 pub const DUMP_CHUNK: usize = 256;
 
@@ -240,6 +254,7 @@ impl CacheRpc for Cache {
         if r.key.is_empty() {
             return Err(ServiceError::invalid("key", "key should be provided").into());
         }
+        check_key(&r.key)?;
         if !(0..=MAX_TTL_MS).contains(&r.ttl_ms) {
             return Err(ServiceError::invalid(
                 "ttl_ms",
@@ -291,6 +306,7 @@ impl CacheRpc for Cache {
 
     async fn get(&self, request: Request<GetReq>) -> Result<Response<GetResp>, Status> {
         let (metadata, _, r) = request.into_parts();
+        check_key(&r.key)?;
         let tenant = self.tenant(&r.account_token, &metadata).await?;
         let (val, expired) = self.lock().get(&tenant.id, &r.key, Instant::now());
         self.release(expired.into_iter().collect());

@@ -35,6 +35,13 @@ pub const SERVICE: &str = "geo-search";
 /// The migrations of this service's database (they create the `postgis` and `pg_trgm` extensions).
 pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Longest name of a thing, in characters.
+pub const MAX_NAME_CHARS: usize = 256;
+/// Longest WKT text, in bytes (checked before PostGIS parses it).
+pub const MAX_WKT_BYTES: usize = 1 << 20;
+/// Most vertices of a thing's geometry (every search tests points against them).
+pub const MAX_VERTICES: i64 = 10_000;
+
 /// Results per page when the request asks for none.
 pub const DEFAULT_PAGE: i32 = 10;
 /// Most results per page.
@@ -128,6 +135,9 @@ impl GeoSearch {
         if wkt.trim().is_empty() {
             return Err(bad("a WKT POLYGON or MULTIPOLYGON is required".into()));
         }
+        if wkt.len() > MAX_WKT_BYTES {
+            return Err(bad(format!("{} bytes: at most {MAX_WKT_BYTES}", wkt.len())));
+        }
         let shape = match self.store.inspect(wkt).await? {
             Ok(shape) => shape,
             Err(why) => return Err(bad(format!("not WKT: {why}"))),
@@ -136,6 +146,12 @@ impl GeoSearch {
             return Err(bad(format!(
                 "{}: expected POLYGON or MULTIPOLYGON",
                 shape.kind
+            )));
+        }
+        if shape.points > MAX_VERTICES {
+            return Err(bad(format!(
+                "{} vertices: at most {MAX_VERTICES}",
+                shape.points
             )));
         }
         if shape.validity != "Valid Geometry" {
@@ -218,6 +234,14 @@ impl Search for GeoSearch {
         let name = r.name.trim();
         if name.is_empty() {
             return Err(ServiceError::invalid("name", "name should be provided").into());
+        }
+        let chars = name.chars().count();
+        if chars > MAX_NAME_CHARS {
+            return Err(ServiceError::invalid(
+                "name",
+                format!("{chars} characters: at most {MAX_NAME_CHARS}"),
+            )
+            .into());
         }
         self.validate(&r.wkt).await?;
         if dry_run {

@@ -44,6 +44,8 @@ pub struct Shape {
     pub validity: String,
     /// Bounding box: x min, x max, y min, y max (degrees).
     pub bounds: [f64; 4],
+    /// `ST_NPoints`: its vertices.
+    pub points: i64,
 }
 
 /// The things table.
@@ -75,8 +77,8 @@ impl Store {
     /// Database failures other than the text's.
     pub async fn inspect(&self, wkt: &str) -> Result<Result<Shape, String>, sqlx::Error> {
         let row = sqlx::query(
-            "SELECT GeometryType(g), ST_IsValidReason(g), ST_XMin(g), ST_XMax(g), ST_YMin(g), ST_YMax(g) \
-             FROM (SELECT ST_GeomFromText($1, 4326) AS g) AS t",
+            "SELECT GeometryType(g), ST_IsValidReason(g), ST_XMin(g), ST_XMax(g), ST_YMin(g), ST_YMax(g), \
+             ST_NPoints(g)::BIGINT FROM (SELECT ST_GeomFromText($1, 4326) AS g) AS t",
         )
         .bind(wkt)
         .fetch_one(&self.pool)
@@ -96,6 +98,7 @@ impl Store {
                 row.try_get(4)?,
                 row.try_get(5)?,
             ],
+            points: row.try_get(6)?,
         }))
     }
 

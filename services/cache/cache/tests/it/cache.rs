@@ -375,3 +375,20 @@ async fn a_stream_holds_its_slot_for_its_life_and_ends_at_its_deadline() {
     let last = last.expect("the stream ends with a status, not with every key");
     assert_eq!(last.code(), Code::DeadlineExceeded, "{}", last.message());
 }
+
+/// A key over 1 KiB is INVALID_ARGUMENT on `key`, for Store and Get alike.
+#[tokio::test]
+async fn keys_are_bounded() {
+    let clients = accounts_server().await;
+    let c = cache(&clients, 1 << 20);
+    let (_, token) = account(&clients, "keys", 10).await;
+    let long = "k".repeat(cache::MAX_KEY_BYTES + 1);
+    let err = c.store(store(&token, &long, b"v")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("key"), "{}", err.message());
+    let err = c.get(get(&token, &long)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    c.store(store(&token, &"k".repeat(cache::MAX_KEY_BYTES), b"v"))
+        .await
+        .unwrap();
+}

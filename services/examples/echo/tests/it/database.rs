@@ -1,6 +1,7 @@
 //! Database errors reach callers by what they mean, on the real PostgreSQL: the database being unavailable
 //! (its SQLSTATE says overloaded, shutting down, or a statement timed out; a connection lost) is UNAVAILABLE
-//! with RetryInfo, which callers retry; a wrong statement is INTERNAL.
+//! with RetryInfo, which callers retry; a value it refuses (a NUL in text) is INVALID_ARGUMENT; a wrong
+//! statement is INTERNAL.
 
 use keel_common::{
     ServiceError,
@@ -62,6 +63,16 @@ async fn unavailable_databases_are_unavailable_and_wrong_statements_internal() {
             .unwrap_err(),
     );
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+
+    // 22021: PostgreSQL refuses a NUL character in text, a value the caller sent.
+    let nul = status(
+        sqlx::query("SELECT $1::text")
+            .bind("a\0b")
+            .execute(&pool)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(nul.code(), Code::InvalidArgument, "{nul:?}");
 
     let wrong = status(
         sqlx::query("SELEC nonsense")

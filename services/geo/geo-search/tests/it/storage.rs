@@ -248,3 +248,44 @@ async fn things_are_deleted_and_dry_runs_change_nothing() {
         .unwrap_err();
     assert_eq!(again.code(), Code::NotFound);
 }
+
+/// Size limits: a polygon of more than 10,000 vertices, a WKT text over 1 MiB and a name over 256 characters
+/// are INVALID_ARGUMENT naming the field; nothing is stored.
+#[tokio::test]
+async fn oversized_things_are_refused() {
+    let svc = service().await;
+    let ring = |n: usize| {
+        let pts: Vec<String> = (0..n)
+            .map(|i| {
+                let a = i as f64 / n as f64 * std::f64::consts::TAU;
+                format!("{} {}", 10.0 + a.cos(), 10.0 + a.sin())
+            })
+            .chain(std::iter::once(format!("{} {}", 11.0, 10.0)))
+            .collect();
+        format!("POLYGON(({}))", pts.join(","))
+    };
+    let cases = [
+        ("wkt", "big".to_owned(), ring(10_001)),
+        (
+            "wkt",
+            "huge".to_owned(),
+            format!("POLYGON(({}))", "0 0,".repeat(300_000)),
+        ),
+        ("name", "n".repeat(257), square(10.0, 10.0, 1.0)),
+    ];
+    for (field, name, wkt) in cases {
+        let err = svc
+            .add_thing(Request::new(AddThingRequest { name, wkt }))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{field}: {}",
+            err.message()
+        );
+        assert!(err.message().starts_with(field), "{}", err.message());
+    }
+    assert_eq!(count(&svc).await, 0);
+    add(&svc, "just fits", &ring(9_999)).await;
+}
