@@ -97,7 +97,7 @@ pub mod rpc {
 pub mod keel {
     /// Example services.
     pub mod example {
-        /// `keel.example.v1`: the echo service of `services/echo`.
+        /// `keel.example.v1`: the echo service of `services/examples/echo`.
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/keel.example.v1.rs"));
         }
