@@ -96,10 +96,11 @@ pub async fn connect(
     migrations: &Migrator,
 ) -> anyhow::Result<AnyPool> {
     let url = settings.database_url_of(service);
-    connect_url(
+    open(
         &url,
         settings.database.max_connections,
         settings.database.acquire_timeout,
+        Some(settings.grpc.request_timeout),
         migrations,
     )
     .await
@@ -116,7 +117,27 @@ pub async fn connect_url(
     acquire_timeout: Duration,
     migrations: &Migrator,
 ) -> anyhow::Result<AnyPool> {
+    open(url, max_connections, acquire_timeout, None, migrations).await
+}
+
+/// Opens the pool. On PostgreSQL every connection gets `statement_timeout` (the longest a call may run,
+/// `grpc.request_timeout`), so the database itself stops a statement no caller waits for any more (it answers
+/// 57014, UNAVAILABLE); migrations run without it.
+async fn open(
+    url: &str,
+    max_connections: u32,
+    acquire_timeout: Duration,
+    statement_timeout: Option<Duration>,
+    migrations: &Migrator,
+) -> anyhow::Result<AnyPool> {
     sqlx::any::install_default_drivers();
+    let statement_timeout_sql: Option<String> = statement_timeout.map(|t| {
+        format!(
+            "SET statement_timeout = {}",
+            t.as_millis().clamp(1, i32::MAX as u128)
+        )
+    });
+    let restore = statement_timeout_sql.clone();
     let backend = Backend::of_url(url);
     if backend == Backend::Sqlite {
         let path = url
@@ -133,7 +154,13 @@ pub async fn connect_url(
         .max_connections(max_connections)
         .acquire_timeout(acquire_timeout)
         .after_connect(move |conn, _| {
+            let timeout = statement_timeout_sql.clone();
             Box::pin(async move {
+                if let (Backend::Postgres, Some(sql)) = (backend, timeout) {
+                    sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .execute(&mut *conn)
+                        .await?;
+                }
                 if backend == Backend::Sqlite {
                     // WAL lets readers run beside the one writer; the busy timeout queues writers instead of
                     // failing them with SQLITE_BUSY.
@@ -159,6 +186,10 @@ pub async fn connect_url(
     };
     let mut conn = pool.acquire().await?;
     if backend == Backend::Postgres {
+        // Waiting for another instance's migration, and the migration itself, may take longer than a call.
+        sqlx::query("SET statement_timeout = 0")
+            .execute(&mut *conn)
+            .await?;
         sqlx::query("SELECT pg_advisory_lock($1)")
             .bind(MIGRATION_LOCK)
             .execute(&mut *conn)
@@ -175,6 +206,11 @@ pub async fn connect_url(
             .bind(MIGRATION_LOCK)
             .execute(&mut *conn)
             .await?;
+        if let Some(sql) = restore {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut *conn)
+                .await?;
+        }
     }
     migrated?;
     drop(conn);

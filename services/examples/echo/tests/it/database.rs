@@ -83,3 +83,31 @@ async fn unavailable_databases_are_unavailable_and_wrong_statements_internal() {
     assert_eq!(wrong.code(), Code::Internal, "{wrong:?}");
     assert!(!is_retryable(&wrong));
 }
+
+/// On PostgreSQL every connection of a service's pool carries `statement_timeout` = `grpc.request_timeout`:
+/// the database stops a statement no call can wait for any more (UNAVAILABLE), instead of running it on.
+#[tokio::test]
+async fn statements_stop_at_the_longest_a_call_may_run() {
+    let pg = testsuite::postgres().await;
+    let settings = keel_common::Settings::from_env(
+        "echo",
+        &keel_common::config::Env::default()
+            .with("KEEL_DATABASE__URL", &pg.url)
+            .with("KEEL_GRPC__REQUEST_TIMEOUT", "300ms"),
+    )
+    .unwrap();
+    let pool = db::connect(&settings, "echo", &sqlx::migrate::Migrator::DEFAULT)
+        .await
+        .unwrap();
+    let stopped = status(
+        sqlx::query("SELECT pg_sleep(5)")
+            .execute(&pool)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(stopped.code(), Code::Unavailable, "{stopped:?}");
+    sqlx::query("SELECT pg_sleep(0.05)")
+        .execute(&pool)
+        .await
+        .expect("a statement within the time runs");
+}
