@@ -15,7 +15,7 @@
 //! ```
 //!
 //! What the platform does for a declared service, in this order, so no service repeats it:
-//! 1. before anything is bound, reads its `[NAME]` section into `Settings` and validates it together with the
+//! 1. before anything is bound, reads its `[SECTION]` section into `Settings` and validates it together with the
 //!    platform's settings (every bad value reported at once, exit 2);
 //! 2. opens its database (`database.url` with `{service}` = `NAME`, migrations applied) and adds a readiness
 //!    check `"<NAME> database"`;
@@ -109,7 +109,11 @@ pub trait Service: Sized + Clone + Send + Sync + 'static {
     /// `comments`. A DNS label.
     const NAME: &'static str;
 
-    /// Its `[NAME]` configuration section (`KEEL_<NAME>__<KEY>` in the environment); `()` when it has none.
+    /// The name of its configuration section: `[SECTION]` in the file, `KEEL_<SECTION>__<KEY>` in the
+    /// environment. Default `NAME`; a name with `-` should give one with `_`, which a shell can set.
+    const SECTION: &'static str = Self::NAME;
+
+    /// Its configuration section; `()` when it has none.
     type Settings: SectionSettings;
 
     /// Checks of the platform's settings this service needs beyond their own rules (geo-search needs a
@@ -169,8 +173,8 @@ struct Unit {
 
 fn check<S: Service>(settings: &Settings) -> Vec<ConfigError> {
     let mut errors = S::check(settings);
-    match settings.section::<S::Settings>(S::NAME) {
-        Ok(section) => errors.extend(section.validate(S::NAME)),
+    match settings.section::<S::Settings>(S::SECTION) {
+        Ok(section) => errors.extend(section.validate(S::SECTION)),
         Err(ConfigErrors(e)) => errors.extend(e),
     }
     errors
@@ -191,10 +195,10 @@ fn report<S: Service>(settings: &Settings) -> Vec<(String, String)> {
         }
     }
     let mut out = Vec::new();
-    if let Ok(section) = settings.section::<S::Settings>(S::NAME)
+    if let Ok(section) = settings.section::<S::Settings>(S::SECTION)
         && let Ok(value) = serde_json::to_value(&section)
     {
-        flatten(S::NAME, &value, &mut out);
+        flatten(S::SECTION, &value, &mut out);
     }
     out
 }
@@ -203,7 +207,7 @@ fn open<S: Service>(platform: Platform, mut server: Server) -> Opening {
     Box::pin(async move {
         let settings = platform
             .settings
-            .section::<S::Settings>(S::NAME)
+            .section::<S::Settings>(S::SECTION)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let (database, relay) = match S::storage() {
             Storage::None => (None, None),

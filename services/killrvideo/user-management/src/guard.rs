@@ -1,4 +1,4 @@
-//! Bounds on password work: argon2 hashes run at most `user-management.max_concurrent_hashes` at once (memory
+//! Bounds on password work: argon2 hashes run at most `user_management.max_concurrent_hashes` at once (memory
 //! stays bounded under a flood of logins: each hash takes 19 MiB), and failed logins are limited per email and
 //! per peer address within a window (RESOURCE_EXHAUSTED with `RetryInfo` past the limit, before any hashing).
 //! Counters are per instance, in memory, bounded in entries.
@@ -15,19 +15,19 @@ use keel_common::ServiceError;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-/// The `[user-management]` configuration section.
+/// The `[user_management]` configuration section.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default)]
 pub struct GuardSettings {
-    /// Password hashes computed at once (`user-management.max_concurrent_hashes`); 0: the number of CPUs.
+    /// Password hashes computed at once (`user_management.max_concurrent_hashes`); 0: the number of CPUs.
     pub max_concurrent_hashes: usize,
     /// Failed logins of one email within `failed_login_window` before further attempts are refused
-    /// (`user-management.failed_logins_per_email`, default 5).
+    /// (`user_management.failed_logins_per_email`, default 5).
     pub failed_logins_per_email: u32,
-    /// Failed logins from one peer address within the window (`user-management.failed_logins_per_peer`,
+    /// Failed logins from one peer address within the window (`user_management.failed_logins_per_peer`,
     /// default 50).
     pub failed_logins_per_peer: u32,
-    /// The window (`user-management.failed_login_window`, default 5m).
+    /// The window (`user_management.failed_login_window`, default 5m).
     #[serde(with = "humantime_serde")]
     pub failed_login_window: Duration,
 }

@@ -7,7 +7,7 @@
 //! - Email uniqueness is the credentials table's primary key, so it holds under concurrent creates; a
 //!   duplicate is ALREADY_EXISTS "Exception creating user because it already exists with email <email>".
 //! - `dry-run: true` metadata on the mutating call validates it and answers as it would, writing nothing.
-//! - Password work is bounded ([`Guard`]): argon2 hashes run at most `user-management.max_concurrent_hashes`
+//! - Password work is bounded ([`Guard`]): argon2 hashes run at most `user_management.max_concurrent_hashes`
 //!   at once, and failed logins are limited per email (5) and per peer address (50) within 5 minutes
 //!   (RESOURCE_EXHAUSTED with RetryInfo past the limit, before any hashing).
 //! - `UserCreated` goes to `topic-kv-userCreation` through the transactional outbox, in the same transaction
@@ -72,6 +72,8 @@ impl UserManagement {
 
 impl Service for UserManagement {
     const NAME: &'static str = SERVICE;
+    /// `KEEL_USER_MANAGEMENT__…`: a shell cannot set a variable with `-` in its name.
+    const SECTION: &'static str = "user_management";
     type Settings = GuardSettings;
 
     fn storage() -> Storage {

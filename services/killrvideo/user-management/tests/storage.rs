@@ -354,3 +354,27 @@ async fn password_hashing_is_bounded() {
     }
     assert_eq!(svc.guard().peak_concurrent_hashes(), 1);
 }
+
+/// The service's section is `user_management`, which a shell can set: its values are read and checked with the
+/// platform's before anything is bound.
+#[test]
+fn its_settings_are_read_from_user_management_variables() {
+    let app = keel_common::App::of::<UserManagement>();
+    let env = keel_common::config::Env::default()
+        .with("KEEL_USER_MANAGEMENT__FAILED_LOGINS_PER_EMAIL", "0")
+        .with("KEEL_USER_MANAGEMENT__FAILED_LOGIN_WINDOW", "1m");
+    let err = app.settings(&env).unwrap_err();
+    assert_eq!(
+        err.0[0].key, "user_management.failed_logins_per_email",
+        "{err}"
+    );
+    let ok = keel_common::config::Env::default()
+        .with("KEEL_USER_MANAGEMENT__FAILED_LOGINS_PER_EMAIL", "3");
+    let report = app.effective(&app.settings(&ok).unwrap());
+    assert!(
+        report
+            .iter()
+            .any(|(k, v)| k == "user_management.failed_logins_per_email" && v == "3"),
+        "{report:?}"
+    );
+}
