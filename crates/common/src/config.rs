@@ -81,6 +81,11 @@ impl Secret {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// What logs and reports show of it: `<redacted>`, or nothing when unset.
+    pub fn redacted(&self) -> &'static str {
+        if self.0.is_empty() { "" } else { "<redacted>" }
+    }
 }
 
 impl<'de> serde::Deserialize<'de> for Secret {
@@ -92,17 +97,13 @@ impl<'de> serde::Deserialize<'de> for Secret {
 /// Serialized redacted, so a service section holding one reports `<redacted>` among the effective settings.
 impl serde::Serialize for Secret {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(if self.0.is_empty() { "" } else { "<redacted>" })
+        s.serialize_str(self.redacted())
     }
 }
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() {
-            "\"\""
-        } else {
-            "\"<redacted>\""
-        })
+        write!(f, "{:?}", self.redacted())
     }
 }
 
@@ -284,7 +285,7 @@ impl Reader {
     /// A secret: reported as `<redacted>` when set.
     pub fn secret(&mut self, key: &str) -> Secret {
         let v = Secret(self.raw_opt_string(key).unwrap_or_default());
-        self.report(key, format!("{v:?}").trim_matches('"').to_owned());
+        self.report(key, v.redacted());
         v
     }
 

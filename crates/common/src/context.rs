@@ -20,6 +20,11 @@ use std::{
 pub const TRACE_ID_HEADER: &str = "x-trace-id";
 pub(crate) const GRPC_TIMEOUT: &str = "grpc-timeout";
 
+/// The instant an incoming call must end by (its `grpc-timeout`, or `grpc.request_timeout` when it sent none),
+/// put on the request by [`ServerContextLayer`](crate::layers::ServerContextLayer) for the layers inside it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallDeadline(pub tokio::time::Instant);
+
 /// What a handler knows about the call it serves.
 #[derive(Clone, Debug)]
 pub struct RequestContext {

@@ -29,6 +29,7 @@ pub mod discovery;
 pub mod error;
 pub mod events;
 pub mod layers;
+pub mod limits;
 pub mod logs;
 pub mod metrics;
 pub mod outbox;

@@ -21,7 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::body::Body;
 use tower::{BoxError, Layer, Service};
 
-use crate::error::layer_status;
+use crate::{context::CallDeadline, error::layer_status};
 
 /// Makes [`ConcurrencyLimit`]: one semaphore shared by every connection of the server.
 #[derive(Clone, Debug)]
@@ -85,13 +85,11 @@ where
             );
             return Box::pin(async move { Ok(shed.into_http()) });
         };
-        let timeout = req
-            .headers()
-            .get(crate::context::GRPC_TIMEOUT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::context::parse_grpc_timeout)
-            .unwrap_or(self.default_timeout);
-        let deadline = std::time::Instant::now() + timeout;
+        // Set by the server context outside this layer; the default bound only without it.
+        let deadline = req.extensions().get::<CallDeadline>().map_or_else(
+            || tokio::time::Instant::now() + self.default_timeout,
+            |d| d.0,
+        );
         let fut = self.inner.call(req);
         Box::pin(async move {
             Ok(match fut.await {
@@ -122,7 +120,7 @@ pin_project! {
         #[pin]
         inner: Body,
         slot: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
-        deadline: std::time::Instant,
+        deadline: tokio::time::Instant,
         reaper: bool,
         frames: u32,
     }
@@ -157,7 +155,7 @@ impl HttpBody for PermitBody {
             *this.reaper = true;
             let (slot, deadline) = (this.slot.clone(), *this.deadline);
             tokio::spawn(async move {
-                tokio::time::sleep_until(deadline.into()).await;
+                tokio::time::sleep_until(deadline).await;
                 slot.lock().expect("slot").take();
             });
         }

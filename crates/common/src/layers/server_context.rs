@@ -20,7 +20,8 @@ use tracing::Instrument;
 
 use crate::{
     context::{
-        CONTEXT, GRPC_TIMEOUT, RequestContext, TRACE_ID_HEADER, new_trace_id, parse_grpc_timeout,
+        CONTEXT, CallDeadline, GRPC_TIMEOUT, RequestContext, TRACE_ID_HEADER, new_trace_id,
+        parse_grpc_timeout,
     },
     error::layer_status,
 };
@@ -72,7 +73,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let trace_id = req
             .headers()
             .get(TRACE_ID_HEADER)
@@ -105,6 +106,8 @@ where
         // (not a reset stream, which a client would take for a broken endpoint).
         let limit = timeout.unwrap_or(self.default_timeout);
         let deadline = tokio::time::Instant::now() + limit;
+        // The layers inside read the deadline from here instead of parsing `grpc-timeout` again.
+        req.extensions_mut().insert(CallDeadline(deadline));
         let fut = CONTEXT.scope(ctx, self.inner.call(req).instrument(span.clone()));
         Box::pin(async move {
             match tokio::time::timeout_at(deadline, fut).await {

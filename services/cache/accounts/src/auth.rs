@@ -13,7 +13,7 @@ use keel_common::{ServiceError, config::Secret, context::bearer_token};
 use subtle::ConstantTimeEq;
 use tonic::Request;
 
-use crate::{Accounts, token_digest};
+use crate::Accounts;
 
 /// An authenticated caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,12 +77,9 @@ impl Accounts {
         if is_admin(&self.admin_token, token) {
             return Ok(Caller::Operator);
         }
-        let digest = token_digest(token);
-        match self.store.by_token_digest(&digest).await? {
-            Some((account, stored)) if bool::from(stored.as_bytes().ct_eq(digest.as_bytes())) => {
-                Ok(Caller::Tenant(account.id))
-            }
-            _ => Err(ServiceError::Unauthenticated("unknown token".into())),
+        match self.account_of(token).await? {
+            Some(account) => Ok(Caller::Tenant(account.id)),
+            None => Err(ServiceError::Unauthenticated("unknown token".into())),
         }
     }
 }

@@ -101,6 +101,17 @@ impl Accounts {
         }
     }
 
+    /// The account `token` was issued for: looked up by its digest, compared in constant time.
+    async fn account_of(&self, token: &str) -> Result<Option<storage::Account>, ServiceError> {
+        let digest = token_digest(token);
+        Ok(match self.store.by_token_digest(&digest).await? {
+            Some((account, stored)) if bool::from(stored.as_bytes().ct_eq(digest.as_bytes())) => {
+                Some(account)
+            }
+            _ => None,
+        })
+    }
+
     async fn by_id(&self, id: &str) -> Result<storage::Account, ServiceError> {
         self.store
             .by_id(id)
@@ -132,14 +143,7 @@ impl Service for Accounts {
 pub const MAX_NAME_CHARS: usize = 256;
 
 fn check_name(name: &str) -> Result<(), ServiceError> {
-    let n = name.chars().count();
-    if n > MAX_NAME_CHARS {
-        return Err(ServiceError::invalid(
-            "name",
-            format!("{n} characters: at most {MAX_NAME_CHARS}"),
-        ));
-    }
-    Ok(())
+    keel_common::limits::chars("name", name, MAX_NAME_CHARS)
 }
 
 fn positive_count(count: i64) -> Result<i64, ServiceError> {
@@ -164,16 +168,7 @@ impl AccountsRpc for Accounts {
         if token.is_empty() {
             return Err(unknown().into());
         }
-        let digest = token_digest(&token);
-        let (account, stored) = self
-            .store
-            .by_token_digest(&digest)
-            .await
-            .map_err(ServiceError::from)?
-            .ok_or_else(unknown)?;
-        if !bool::from(stored.as_bytes().ct_eq(digest.as_bytes())) {
-            return Err(unknown().into());
-        }
+        let account = self.account_of(&token).await?.ok_or_else(unknown)?;
         Ok(Response::new(GetByTokenResp {
             account: Some(account.into()),
         }))

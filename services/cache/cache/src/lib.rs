@@ -55,13 +55,7 @@ pub const MAX_KEY_BYTES: usize = 1024;
 
 /// INVALID_ARGUMENT on `key` past [`MAX_KEY_BYTES`].
 fn check_key(key: &str) -> Result<(), ServiceError> {
-    if key.len() > MAX_KEY_BYTES {
-        return Err(ServiceError::invalid(
-            "key",
-            format!("{} bytes: at most {MAX_KEY_BYTES}", key.len()),
-        ));
-    }
-    Ok(())
+    keel_common::limits::bytes("key", key, MAX_KEY_BYTES)
 }
 
 /// Keys streamed per chunk by Dump.

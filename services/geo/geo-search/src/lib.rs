@@ -135,9 +135,7 @@ impl GeoSearch {
         if wkt.trim().is_empty() {
             return Err(bad("a WKT POLYGON or MULTIPOLYGON is required".into()));
         }
-        if wkt.len() > MAX_WKT_BYTES {
-            return Err(bad(format!("{} bytes: at most {MAX_WKT_BYTES}", wkt.len())));
-        }
+        keel_common::limits::bytes("wkt", wkt, MAX_WKT_BYTES)?;
         let shape = match self.store.inspect(wkt).await? {
             Ok(shape) => shape,
             Err(why) => return Err(bad(format!("not WKT: {why}"))),
@@ -235,14 +233,7 @@ impl Search for GeoSearch {
         if name.is_empty() {
             return Err(ServiceError::invalid("name", "name should be provided").into());
         }
-        let chars = name.chars().count();
-        if chars > MAX_NAME_CHARS {
-            return Err(ServiceError::invalid(
-                "name",
-                format!("{chars} characters: at most {MAX_NAME_CHARS}"),
-            )
-            .into());
-        }
+        keel_common::limits::chars("name", name, MAX_NAME_CHARS)?;
         self.validate(&r.wkt).await?;
         if dry_run {
             return Ok(Response::new(AddThingResponse { id: 0 }));

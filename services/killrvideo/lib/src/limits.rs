@@ -3,6 +3,7 @@
 //! data sets stay far below them) and bound the memory, storage and hashing work one call can cause.
 
 use keel_common::ServiceError;
+pub use keel_common::limits::{bytes, chars};
 
 /// A video's name, in characters.
 pub const VIDEO_NAME_CHARS: usize = 512;
@@ -22,35 +23,6 @@ pub const PERSON_NAME_CHARS: usize = 256;
 pub const EMAIL_CHARS: usize = 320;
 /// A password, in bytes: bounds the work of one argon2 hash.
 pub const PASSWORD_BYTES: usize = 1_024;
-
-/// INVALID_ARGUMENT on `field` when `value` has more than `max` characters.
-///
-/// # Errors
-/// As above; the message gives the limit, not the value.
-pub fn chars(field: &str, value: &str, max: usize) -> Result<(), ServiceError> {
-    let n = value.chars().count();
-    if n > max {
-        return Err(ServiceError::invalid(
-            field,
-            format!("{n} characters: at most {max}"),
-        ));
-    }
-    Ok(())
-}
-
-/// INVALID_ARGUMENT on `field` when `value` has more than `max` bytes.
-///
-/// # Errors
-/// As above.
-pub fn bytes(field: &str, value: &str, max: usize) -> Result<(), ServiceError> {
-    if value.len() > max {
-        return Err(ServiceError::invalid(
-            field,
-            format!("{} bytes: at most {max}", value.len()),
-        ));
-    }
-    Ok(())
-}
 
 /// Tags: at most [`TAGS`], each at most [`TAG_CHARS`] characters (the violation names `tags[i]`).
 ///

@@ -92,13 +92,7 @@ pub const MAX_OFFSET: usize = 10_000;
 /// INVALID_ARGUMENT on `query` when it is longer than [`MAX_QUERY_CHARS`] or has more than
 /// [`MAX_QUERY_WORDS`] distinct words.
 fn check_query(query: &str) -> Result<(), ServiceError> {
-    let chars = query.chars().count();
-    if chars > MAX_QUERY_CHARS {
-        return Err(ServiceError::invalid(
-            "query",
-            format!("{chars} characters: at most {MAX_QUERY_CHARS}"),
-        ));
-    }
+    killrvideo::limits::chars("query", query, MAX_QUERY_CHARS)?;
     let words: std::collections::BTreeSet<String> = killrvideo::words(query).collect();
     if words.len() > MAX_QUERY_WORDS {
         return Err(ServiceError::invalid(
