@@ -3,6 +3,9 @@ SHELL := /usr/bin/env bash
 INFRA := scripts/infra.sh
 # Exports pointing the services and tests at the servers started by scripts/infra.sh.
 WITH_INFRA = eval "$$($(INFRA) env)" &&
+# The temp directory of one test run (TMPDIR of the tests: process logs, SQLite files, certificates), emptied when
+# the next run starts, so repeated runs do not fill the disk and the last run's logs stay for reading.
+TEST_TMP := $(CURDIR)/target/test-tmp
 
 .DEFAULT_GOAL := help
 .PHONY: help build run test test-unit fuzz bench lint fmt infra-install infra-up infra-down infra-status up down status
@@ -18,13 +21,15 @@ run: ## the main job on the embedded default: all KillrVideo services on 127.0.0
 
 test: infra-install infra-up ## every test, against the real Consul, Kafka, PostgreSQL and StatsD/Graphite; then no secret in any log
 	cargo build --workspace --bins
-	@mkdir -p target && touch target/test-run.marker
-	$(WITH_INFRA) cargo test --workspace
-	scripts/secrets-in-logs.sh target/test-run.marker
+	$(INFRA) clean-tests
+	@rm -rf $(TEST_TMP) && mkdir -p $(TEST_TMP)
+	$(WITH_INFRA) TMPDIR=$(TEST_TMP) cargo test --workspace
+	scripts/secrets-in-logs.sh $(TEST_TMP)
 
 fuzz: infra-install infra-up ## structure-aware fuzzing of every RPC in process (100,000 cases per service; KEEL_FUZZ_CASES, KEEL_FUZZ_SEED)
 	cargo build --workspace --bins
-	$(WITH_INFRA) KEEL_FUZZ_CASES=$${KEEL_FUZZ_CASES:-100000} cargo test -p killrvideo-server -p cache -p geo-search --test it fuzz -- --nocapture
+	@rm -rf $(TEST_TMP) && mkdir -p $(TEST_TMP)
+	$(WITH_INFRA) TMPDIR=$(TEST_TMP) KEEL_FUZZ_CASES=$${KEEL_FUZZ_CASES:-100000} cargo test -p killrvideo-server -p cache -p geo-search --test it fuzz -- --nocapture
 
 test-unit: ## tests that need no server (pure logic and generated code)
 	cargo test --workspace --lib

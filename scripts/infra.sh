@@ -7,6 +7,7 @@
 #   scripts/infra.sh start   [component...]   waits for readiness, fails naming the component
 #   scripts/infra.sh stop    [component...]   ends only the processes this script started (PID files)
 #   scripts/infra.sh status | env
+#   scripts/infra.sh clean-tests              drops the test suite's PostgreSQL databases (keeltest_*)
 #
 # Components: postgres consul kafka graphite statsd (default: all, in that order).
 # `env` prints the KEEL_* / CONSUL_* exports that point the stack and its tests at these servers.
@@ -338,6 +339,17 @@ install_tools() {
   fi
 }
 
+# Drops the databases the test suite creates (keel_common::testsuite::postgres names them keeltest_*): each run
+# starts from none, so a machine that runs the tests every day does not fill its disk.
+clean_tests() {
+  port_open "$PG_PORT" || return 0
+  local n=0 db
+  for db in $(psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'keeltest\\_%'"); do
+    psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" && n=$((n + 1))
+  done
+  log "dropped $n test databases"
+}
+
 print_env() {
   cat <<EOF
 export KEEL_INFRA=1
@@ -372,5 +384,6 @@ case $cmd in
   restart) for c in "${comps[@]}"; do "stop_$c"; "start_$c"; done ;;
   status) status ;;
   env) print_env ;;
-  *) die "unknown command '$cmd' (install|start|stop|restart|status|env)" ;;
+  clean-tests) clean_tests ;;
+  *) die "unknown command '$cmd' (install|start|stop|restart|status|env|clean-tests)" ;;
 esac
