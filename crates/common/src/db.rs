@@ -222,9 +222,29 @@ async fn open(
 async fn create_outbox_table(conn: &mut sqlx::AnyConnection) -> sqlx::Result<()> {
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS keel_outbox (\
-           id TEXT PRIMARY KEY, topic TEXT NOT NULL, payload TEXT NOT NULL, created_ms BIGINT NOT NULL)",
+           id TEXT PRIMARY KEY, topic TEXT NOT NULL, payload TEXT NOT NULL, created_ms BIGINT NOT NULL, \
+           event_key TEXT)",
     )
-    .execute(conn)
+    .execute(&mut *conn)
+    .await?;
+    // Outboxes made before events had keys get the column (NULL: published without a key).
+    if sqlx::query("SELECT event_key FROM keel_outbox LIMIT 0")
+        .execute(&mut *conn)
+        .await
+        .is_err()
+    {
+        sqlx::query("ALTER TABLE keel_outbox ADD COLUMN event_key TEXT")
+            .execute(&mut *conn)
+            .await?;
+    }
+    // Events that can never be delivered (refused by the broker, or dead-lettered by an in-process consumer),
+    // kept with the reason instead of blocking the ones after them.
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS keel_outbox_dead (\
+           id TEXT PRIMARY KEY, topic TEXT NOT NULL, payload TEXT NOT NULL, created_ms BIGINT NOT NULL, \
+           event_key TEXT, failed_ms BIGINT NOT NULL, error TEXT NOT NULL)",
+    )
+    .execute(&mut *conn)
     .await
     .map(drop)
 }
@@ -257,6 +277,19 @@ pub fn is_transient(code: &str) -> bool {
         || code.starts_with("53")
         || code.starts_with("57P")
         || matches!(code, "57014" | "40001" | "40P01" | "5" | "6")
+}
+
+/// Whether `e` is the database being away (unreachable, no connection free, overloaded, shutting down,
+/// [`is_transient`]) rather than something wrong with the statement or the data: what a caller may wait out.
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::Io(_)
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(d) => d.code().as_deref().is_some_and(is_transient),
+        _ => false,
+    }
 }
 
 impl From<sqlx::Error> for ServiceError {

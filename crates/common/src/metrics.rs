@@ -10,6 +10,8 @@
 //! | `grpc.<side>.<Service>.<Method>.status.<CODE>` | counter | calls by gRPC status code name, e.g. `NOT_FOUND` |
 //! | `grpc.<side>.inflight` | gauge | calls in progress |
 //! | `telemetry.metrics_dropped`, `telemetry.logs_dropped` | gauge | totals dropped since start |
+//! | `events.dead_letters` | gauge | events this process's consumers dead-lettered since start ([`crate::events`]) |
+//! | `outbox.<service>.backlog`, `outbox.<service>.dead_letters` | gauge | events waiting in a service's outbox, and in its dead-letter table ([`crate::outbox`]) |
 //!
 //! `<side>` is `server` or `client`; `<Service>` is the proto service name without its package. Paths the
 //! server does not serve are recorded as `unknown.unknown` so a scanner cannot blow up the metric namespace.
@@ -78,7 +80,12 @@ struct Inner {
     client: StatsdClient,
     dropped: Arc<AtomicU64>,
     inflight: [AtomicI64; 2],
+    /// Gauges sampled by the flusher: name (under the prefix) and how to read the value.
+    gauges: std::sync::Mutex<Vec<(String, Sampler)>>,
 }
+
+/// Reads a gauge's current value.
+type Sampler = Box<dyn Fn() -> u64 + Send + Sync>;
 
 /// A cheap-to-clone handle on this process's StatsD client.
 #[derive(Clone)]
@@ -133,6 +140,7 @@ impl Metrics {
                 client,
                 dropped,
                 inflight: [AtomicI64::new(0), AtomicI64::new(0)],
+                gauges: Default::default(),
             }),
         })
     }
@@ -145,6 +153,7 @@ impl Metrics {
                 client,
                 dropped: Arc::new(AtomicU64::new(0)),
                 inflight: [AtomicI64::new(0), AtomicI64::new(0)],
+                gauges: Default::default(),
             }),
         }
     }
@@ -164,7 +173,24 @@ impl Metrics {
         let _ = self.inner.client.flush();
     }
 
-    /// Flushes every `period` and reports the drop totals, until the runtime stops.
+    /// Adds gauge `name` (under the prefix), read with `value` and sent by the flusher every period.
+    pub fn sample(&self, name: impl Into<String>, value: impl Fn() -> u64 + Send + Sync + 'static) {
+        self.inner
+            .gauges
+            .lock()
+            .expect("gauges")
+            .push((name.into(), Box::new(value)));
+    }
+
+    /// Sends every gauge added with [`Metrics::sample`] once, now.
+    pub fn send_samples(&self) {
+        let c = &self.inner.client;
+        for (name, value) in self.inner.gauges.lock().expect("gauges").iter() {
+            let _ = c.gauge(name, value());
+        }
+    }
+
+    /// Every `period`, sends the drop totals and the sampled gauges and flushes, until the runtime stops.
     pub fn spawn_flusher(&self, period: Duration, logs_dropped: impl Fn() -> u64 + Send + 'static) {
         let metrics = self.clone();
         tokio::spawn(async move {
@@ -174,6 +200,7 @@ impl Metrics {
                 let c = &metrics.inner.client;
                 let _ = c.gauge("telemetry.metrics_dropped", metrics.dropped());
                 let _ = c.gauge("telemetry.logs_dropped", logs_dropped());
+                metrics.send_samples();
                 metrics.flush();
             }
         });

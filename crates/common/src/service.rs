@@ -160,7 +160,7 @@ pub trait Service: Sized + Clone + Send + Sync + 'static {
 }
 
 /// A service being opened: the server with it added, and its outbox when it relays one.
-type Opening = LocalBoxFuture<'static, anyhow::Result<(Server, Option<Outbox>)>>;
+type Opening = LocalBoxFuture<'static, anyhow::Result<(Server, Option<(&'static str, Outbox)>)>>;
 
 /// One declared service, type-erased.
 #[derive(Clone, Copy)]
@@ -218,7 +218,7 @@ fn open<S: Service>(platform: Platform, mut server: Server) -> Opening {
                     outbox: Outbox::new(pool.clone(), platform.events.clone()),
                     pool,
                 };
-                let relay = outbox.then(|| database.outbox.clone());
+                let relay = outbox.then(|| (S::NAME, database.outbox.clone()));
                 (Some(database), relay)
             }
         };
@@ -347,7 +347,21 @@ impl App {
             server = s;
             relays.extend(relay);
         }
-        for outbox in relays {
+        let metrics = &platform.metrics;
+        let bus = platform.events.clone();
+        metrics.sample("events.dead_letters", move || bus.dead_letters());
+        for (name, outbox) in relays {
+            let counts = outbox.counts();
+            let name = crate::metrics::sanitize(name);
+            let c = counts.clone();
+            metrics.sample(format!("outbox.{name}.backlog"), move || {
+                c.backlog.load(std::sync::atomic::Ordering::Relaxed)
+            });
+            metrics.sample(format!("outbox.{name}.dead_letters"), move || {
+                counts
+                    .dead_letters
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            });
             outbox.spawn_relay();
         }
         Ok(server)

@@ -217,6 +217,66 @@ impl TopicReader {
         .await
         .expect("consumer task")
     }
+    /// Reads the next `n` messages (at most `limit` in all) with their keys and headers; returns them and the
+    /// reader, positioned after them.
+    ///
+    /// # Panics
+    /// Fewer than `n` messages within `limit`.
+    pub async fn records(self, n: usize, limit: std::time::Duration) -> (Vec<Record>, Self) {
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::message::{Headers, Message};
+            let start = std::time::Instant::now();
+            let mut out = Vec::new();
+            while out.len() < n {
+                assert!(
+                    start.elapsed() < limit,
+                    "{} of {n} messages on the topic within {limit:?}: {out:?}",
+                    out.len()
+                );
+                if let Some(Ok(m)) = self.consumer.poll(std::time::Duration::from_millis(200)) {
+                    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                    out.push(Record {
+                        key: m.key().map(text),
+                        payload: m.payload().unwrap_or_default().to_vec(),
+                        headers: m
+                            .headers()
+                            .map(|h| {
+                                h.iter()
+                                    .map(|h| {
+                                        (h.key.to_owned(), h.value.map(text).unwrap_or_default())
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                    });
+                }
+            }
+            (out, self)
+        })
+        .await
+        .expect("consumer task")
+    }
+}
+
+/// A Kafka message as [`TopicReader::records`] read it.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// Its key, as text.
+    pub key: Option<String>,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// Its headers, in order, values as text.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Record {
+    /// The value of header `name`, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// A service process of a test, on the real Consul and Kafka; SIGKILLed on drop.

@@ -105,6 +105,7 @@ impl Store {
         outbox::enqueue(
             &mut tx,
             topics::USER_COMMENTED_ON_VIDEO,
+            &video.to_string(),
             &event.encode_to_vec(),
         )
         .await?;

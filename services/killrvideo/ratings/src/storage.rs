@@ -85,7 +85,13 @@ impl Store {
             rating,
             rating_timestamp: Some(time::to_timestamp(time::now_ms())),
         };
-        outbox::enqueue(&mut tx, topics::USER_RATED_VIDEO, &event.encode_to_vec()).await?;
+        outbox::enqueue(
+            &mut tx,
+            topics::USER_RATED_VIDEO,
+            &video.to_string(),
+            &event.encode_to_vec(),
+        )
+        .await?;
         tx.commit().await?;
         self.outbox.wake();
         Ok(())

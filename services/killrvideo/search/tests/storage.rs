@@ -38,6 +38,7 @@ fn added(name: &str, tags: &[&str], description: &str, added_ms: i64) -> (Uuid, 
         id,
         Event {
             topic: topics::YOUTUBE_VIDEO_ADDED.into(),
+            key: None,
             payload: e.encode_to_vec(),
         },
     )
@@ -160,6 +161,7 @@ async fn bad_requests_and_malformed_events() {
     assert_eq!(err.code(), Code::InvalidArgument);
     let garbage = Event {
         topic: topics::YOUTUBE_VIDEO_ADDED.into(),
+        key: None,
         payload: vec![0xff, 0xff, 0xff],
     };
     assert!(matches!(

@@ -30,6 +30,7 @@ fn video(name: &str, tags: &[&str], added_ms: i64) -> (Uuid, Event) {
         id,
         Event {
             topic: topics::YOUTUBE_VIDEO_ADDED.into(),
+            key: None,
             payload: e.encode_to_vec(),
         },
     )
@@ -44,6 +45,7 @@ fn rated(user: Uuid, video: Uuid, rating: i32) -> Event {
     };
     Event {
         topic: topics::USER_RATED_VIDEO.into(),
+        key: None,
         payload: e.encode_to_vec(),
     }
 }
@@ -158,6 +160,7 @@ async fn a_late_older_rating_never_overwrites_a_newer_one() {
             e.rating_timestamp = Some(time::to_timestamp(ms));
             Event {
                 topic: topics::USER_RATED_VIDEO.into(),
+                key: None,
                 payload: e.encode_to_vec(),
             }
         };

@@ -99,7 +99,13 @@ impl Store {
             email: email.to_owned(),
             timestamp: Some(time::to_timestamp(now)),
         };
-        outbox::enqueue(&mut tx, topics::USER_CREATED, &event.encode_to_vec()).await?;
+        outbox::enqueue(
+            &mut tx,
+            topics::USER_CREATED,
+            &user_id.to_string(),
+            &event.encode_to_vec(),
+        )
+        .await?;
         tx.commit().await?;
         self.outbox.wake();
         Ok(CreateOutcome::Created)

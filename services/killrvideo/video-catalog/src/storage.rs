@@ -141,7 +141,13 @@ impl Store {
             added_date: Some(time::to_timestamp(v.added_ms)),
             timestamp: Some(time::to_timestamp(v.added_ms)),
         };
-        outbox::enqueue(&mut tx, topics::YOUTUBE_VIDEO_ADDED, &event.encode_to_vec()).await?;
+        outbox::enqueue(
+            &mut tx,
+            topics::YOUTUBE_VIDEO_ADDED,
+            &v.video_id.to_string(),
+            &event.encode_to_vec(),
+        )
+        .await?;
         tx.commit().await?;
         self.outbox.wake();
         Ok(true)

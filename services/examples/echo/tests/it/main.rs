@@ -6,6 +6,7 @@
 mod support;
 
 mod database;
+mod dead_letters;
 mod limits;
 mod outbox;
 mod platform;

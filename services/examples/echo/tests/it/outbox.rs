@@ -11,7 +11,7 @@ async fn instances_sharing_a_database_publish_each_event_once_in_order() {
     let (pool, _) = testsuite::open(&db, &sqlx::migrate::Migrator::DEFAULT).await;
     let mut conn = pool.acquire().await.unwrap();
     for i in 0..300u32 {
-        outbox::enqueue(&mut conn, "outbox-test", &i.to_be_bytes())
+        outbox::enqueue(&mut conn, "outbox-test", "k", &i.to_be_bytes())
             .await
             .unwrap();
     }

@@ -584,3 +584,40 @@ async fn deadline_propagates_and_is_enforced() {
         err.message()
     );
 }
+
+/// The platform's own gauges reach Graphite from a process with outboxes (the embedded KillrVideo server):
+/// each outbox's backlog and dead letters, and the events its consumers dead-lettered.
+#[tokio::test]
+async fn outbox_and_dead_letter_gauges_reach_graphite() {
+    let infra = Infra::get();
+    let prefix = unique("g").replace('-', "");
+    let dir = std::env::temp_dir().join(unique("keel-gauges"));
+    let mut p = ServiceProcess::bare(
+        "killrvideo-server",
+        &[
+            ("KEEL_GRPC__LISTEN_ADDR", "127.0.0.1:0".into()),
+            ("KEEL_DATABASE__DIR", dir.display().to_string()),
+            ("KEEL_STATSD__ADDR", infra.statsd.clone()),
+            ("KEEL_STATSD__PREFIX", prefix.clone()),
+        ],
+    );
+    p.addr().await;
+    let gauges = infra.whisper_dir.join(format!("stats/gauges/{prefix}/killrvideo"));
+    let files: Vec<_> = [
+        "events/dead_letters.wsp",
+        "outbox/video-catalog/backlog.wsp",
+        "outbox/video-catalog/dead_letters.wsp",
+        "outbox/ratings/backlog.wsp",
+        "outbox/comments/backlog.wsp",
+        "outbox/user-management/backlog.wsp",
+    ]
+    .iter()
+    .map(|f| gauges.join(f))
+    .collect();
+    eventually("the gauges in graphite", Duration::from_secs(40), || async {
+        files.iter().all(|f| whisper_sum(f).is_some()).then_some(())
+    })
+    .await;
+    p.signal("TERM");
+    assert!(p.wait_exit(Duration::from_secs(20)).await.success());
+}
