@@ -120,9 +120,14 @@ pub async fn connect_url(
     open(url, max_connections, acquire_timeout, None, migrations).await
 }
 
-/// Opens the pool. On PostgreSQL every connection gets `statement_timeout` (the longest a call may run,
-/// `grpc.request_timeout`), so the database itself stops a statement no caller waits for any more (it answers
-/// 57014, UNAVAILABLE); migrations run without it.
+/// Opens the pool. On PostgreSQL a statement's `statement_timeout` is what is left of the deadline of the call
+/// it runs for ([`crate::context::current`]), never more than the longest a call may run (`grpc.request_timeout`,
+/// also the bound of work outside any call: relays, consumers), so the database itself stops a statement no
+/// caller waits for any more (it answers 57014, UNAVAILABLE); migrations run without it.
+///
+/// The timeout is set when a call takes a connection from the pool (`before_acquire`): one `SET` in the simple
+/// protocol, which also serves as the liveness check sqlx would otherwise make with a ping there
+/// (`test_before_acquire` is off), so a call makes no more round trips than sqlx's default.
 async fn open(
     url: &str,
     max_connections: u32,
@@ -131,13 +136,6 @@ async fn open(
     migrations: &Migrator,
 ) -> anyhow::Result<AnyPool> {
     sqlx::any::install_default_drivers();
-    let statement_timeout_sql: Option<String> = statement_timeout.map(|t| {
-        format!(
-            "SET statement_timeout = {}",
-            t.as_millis().clamp(1, i32::MAX as u128)
-        )
-    });
-    let restore = statement_timeout_sql.clone();
     let backend = Backend::of_url(url);
     if backend == Backend::Sqlite {
         let path = url
@@ -153,11 +151,22 @@ async fn open(
     let pool = AnyPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(acquire_timeout)
-        .after_connect(move |conn, _| {
-            let timeout = statement_timeout_sql.clone();
+        .test_before_acquire(backend == Backend::Sqlite || statement_timeout.is_none())
+        .before_acquire(move |conn, _| {
             Box::pin(async move {
-                if let (Backend::Postgres, Some(sql)) = (backend, timeout) {
-                    sqlx::query(sqlx::AssertSqlSafe(sql))
+                if let (Backend::Postgres, Some(bound)) = (backend, statement_timeout) {
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(statement_timeout_for(bound)))
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                Ok(true)
+            })
+        })
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                // A new connection skips `before_acquire`: it gets its first timeout here.
+                if let (Backend::Postgres, Some(bound)) = (backend, statement_timeout) {
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(statement_timeout_for(bound)))
                         .execute(&mut *conn)
                         .await?;
                 }
@@ -206,15 +215,23 @@ async fn open(
             .bind(MIGRATION_LOCK)
             .execute(&mut *conn)
             .await?;
-        if let Some(sql) = restore {
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .execute(&mut *conn)
-                .await?;
-        }
+        // (The next call to take this connection sets its own statement_timeout: `before_acquire`.)
     }
     migrated?;
     drop(conn);
     Ok(pool)
+}
+
+/// `SET statement_timeout = <ms>`: what is left of the current call's deadline (at least 1 ms), or `bound`
+/// when that is shorter or there is no call.
+fn statement_timeout_for(bound: Duration) -> String {
+    let left = crate::context::current()
+        .and_then(|c| c.remaining())
+        .map_or(bound, |left| left.min(bound));
+    format!(
+        "SET statement_timeout = {}",
+        left.as_millis().clamp(1, i32::MAX as u128)
+    )
 }
 
 /// Creates the platform's outbox table (`keel_outbox`, used by [`crate::outbox`]) if missing, under the same

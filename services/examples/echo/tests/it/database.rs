@@ -10,6 +10,7 @@ use keel_common::{
     testsuite,
 };
 use sqlx::Row;
+use std::time::Duration;
 use tonic::{Code, Status};
 
 fn status(e: sqlx::Error) -> Status {
@@ -22,7 +23,7 @@ async fn unavailable_databases_are_unavailable_and_wrong_statements_internal() {
     let pool = db::connect_url(
         &pg.url,
         4,
-        std::time::Duration::from_secs(5),
+        Duration::from_secs(5),
         &sqlx::migrate::Migrator::DEFAULT,
     )
     .await
@@ -110,4 +111,52 @@ async fn statements_stop_at_the_longest_a_call_may_run() {
         .execute(&pool)
         .await
         .expect("a statement within the time runs");
+}
+
+/// Within a call, a statement may run only for what is left of the call's deadline (here 300 ms of a 10 s
+/// `grpc.request_timeout`): the database stops it (UNAVAILABLE). Outside any call, the bound is the
+/// request timeout again, also on a connection a short call used before.
+#[tokio::test]
+async fn a_statement_runs_no_longer_than_what_is_left_of_its_call() {
+    use keel_common::context::{RequestContext, scope};
+    let pg = testsuite::postgres().await;
+    let settings = keel_common::Settings::from_env(
+        "echo",
+        &keel_common::config::Env::default()
+            .with("KEEL_DATABASE__URL", &pg.url)
+            .with("KEEL_DATABASE__MAX_CONNECTIONS", "1")
+            .with("KEEL_GRPC__REQUEST_TIMEOUT", "10s"),
+    )
+    .unwrap();
+    let pool = db::connect(&settings, "echo", &sqlx::migrate::Migrator::DEFAULT)
+        .await
+        .unwrap();
+    let timeout = |pool: sqlx::AnyPool| async move {
+        let row = sqlx::query("SELECT current_setting('statement_timeout')")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        row.get::<String, _>(0)
+    };
+    let call = || RequestContext {
+        trace_id: "t".into(),
+        deadline: Some(std::time::Instant::now() + Duration::from_millis(300)),
+    };
+    let stopped = scope(call(), async {
+        sqlx::query("SELECT pg_sleep(5)").execute(&pool).await
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(status(stopped).code(), Code::Unavailable);
+    let within = scope(call(), timeout(pool.clone())).await;
+    let ms: u64 = within.trim_end_matches("ms").parse().unwrap_or(u64::MAX);
+    assert!(
+        (1..=300).contains(&ms),
+        "statement_timeout in a 300 ms call: {within}"
+    );
+    assert_eq!(
+        timeout(pool.clone()).await,
+        "10s",
+        "outside a call, on the same connection"
+    );
 }

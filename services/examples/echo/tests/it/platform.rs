@@ -602,7 +602,9 @@ async fn outbox_and_dead_letter_gauges_reach_graphite() {
         ],
     );
     p.addr().await;
-    let gauges = infra.whisper_dir.join(format!("stats/gauges/{prefix}/killrvideo"));
+    let gauges = infra
+        .whisper_dir
+        .join(format!("stats/gauges/{prefix}/killrvideo"));
     let files: Vec<_> = [
         "events/dead_letters.wsp",
         "outbox/video-catalog/backlog.wsp",
@@ -614,9 +616,11 @@ async fn outbox_and_dead_letter_gauges_reach_graphite() {
     .iter()
     .map(|f| gauges.join(f))
     .collect();
-    eventually("the gauges in graphite", Duration::from_secs(40), || async {
-        files.iter().all(|f| whisper_sum(f).is_some()).then_some(())
-    })
+    eventually(
+        "the gauges in graphite",
+        Duration::from_secs(40),
+        || async { files.iter().all(|f| whisper_sum(f).is_some()).then_some(()) },
+    )
     .await;
     p.signal("TERM");
     assert!(p.wait_exit(Duration::from_secs(20)).await.success());
