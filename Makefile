@@ -8,7 +8,7 @@ WITH_INFRA = eval "$$($(INFRA) env)" &&
 TEST_TMP := $(CURDIR)/target/test-tmp
 
 .DEFAULT_GOAL := help
-.PHONY: help build run test test-unit fuzz bench lint fmt infra-install infra-up infra-down infra-status up down status
+.PHONY: help build run test test-unit fuzz fuzz-decoders bench lint fmt infra-install infra-up infra-down infra-status up down status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -30,6 +30,16 @@ fuzz: infra-install infra-up ## structure-aware fuzzing of every RPC in process 
 	cargo build --workspace --bins
 	@rm -rf $(TEST_TMP) && mkdir -p $(TEST_TMP)
 	$(WITH_INFRA) TMPDIR=$(TEST_TMP) KEEL_FUZZ_CASES=$${KEEL_FUZZ_CASES:-100000} cargo test -p killrvideo-server -p cache -p geo-search --test it fuzz -- --nocapture
+	$(MAKE) fuzz-decoders
+
+FUZZ_SECONDS ?= 60
+fuzz-decoders: ## cargo-fuzz (libFuzzer) on the decoders of untrusted input: paging tokens, ids, events (FUZZ_SECONDS each; nightly)
+	@cargo +nightly --version >/dev/null 2>&1 || { echo "fuzz-decoders: needs the nightly toolchain (rustup toolchain install nightly)" >&2; exit 1; }
+	@cargo fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked --version 0.13.2
+	cd fuzz && for t in paging_token ids events; do \
+	  mkdir -p corpus/$$t && cp -n regressions/$$t/* corpus/$$t/ 2>/dev/null; \
+	  cargo +nightly fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 test-unit: ## tests that need no server (pure logic and generated code)
 	cargo test --workspace --lib

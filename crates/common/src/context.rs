@@ -63,7 +63,9 @@ pub fn new_trace_id() -> String {
 
 /// Parses a `grpc-timeout` header value; `None` if malformed.
 pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
-    if v.len() < 2 || v.len() > 9 {
+    // ASCII only: the unit is the last byte, so a multi-byte last character must not be split (found by
+    // the `events` fuzz target; header values reach here through `HeaderValue::to_str`, but callers may not).
+    if v.len() < 2 || v.len() > 9 || !v.is_ascii() {
         return None;
     }
     let (digits, unit) = v.split_at(v.len() - 1);
@@ -164,7 +166,7 @@ mod tests {
         }
         assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
         assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
-        for bad in ["", "m", "12", "1x", "123456789m", "-1m"] {
+        for bad in ["", "m", "12", "1x", "123456789m", "-1m", "1é", "é"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
     }
