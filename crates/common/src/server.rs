@@ -5,7 +5,8 @@
 //! ```
 //!
 //! Every service gets: `grpc.health.v1` (NOT_SERVING until the port is bound and every readiness check passes,
-//! re-checked every 5 s), server reflection (v1 and v1alpha, so `grpcurl list/describe` work), gzip, message size
+//! re-checked every 5 s), server reflection (v1 and v1alpha, so `grpcurl list/describe` work), gzip requests
+//! (and responses with `grpc.gzip_responses`), message size
 //! limits, HTTP/2 keepalive, `max_connection_age`, a global concurrency limit with load shedding, per-RPC
 //! metrics, trace ids and deadlines, and Consul registration when Consul is configured.
 //!
@@ -64,6 +65,11 @@ pub struct GrpcSettings {
     pub request_timeout: Duration,
     /// Hard limit on draining in-flight calls at shutdown (`grpc.drain_timeout`).
     pub drain_timeout: Duration,
+    /// Whether responses are gzip-compressed for clients that accept it (`grpc.gzip_responses`, default false,
+    /// as grpc-go servers). Off, a call costs no compressor: tonic makes a new gzip encoder (~300 KB of zeroed
+    /// state) for every compressed message, which costs more than small messages gain; turn it on for a service
+    /// whose responses are large and compressible. Compressed requests are always accepted.
+    pub gzip_responses: bool,
 }
 
 impl GrpcSettings {
@@ -81,6 +87,7 @@ impl GrpcSettings {
             keepalive_timeout: r.duration("grpc.keepalive_timeout", Duration::from_secs(10)),
             request_timeout: r.duration("grpc.request_timeout", Duration::from_secs(30)),
             drain_timeout: r.duration("grpc.drain_timeout", Duration::from_secs(10)),
+            gzip_responses: r.bool("grpc.gzip_responses", false),
         }
     }
 }
@@ -116,8 +123,8 @@ impl Server {
         }
     }
 
-    /// Adds a generated tonic server (`FooServer::new(handler)`); gzip and the configured size limits are applied
-    /// here.
+    /// Adds a generated tonic server (`FooServer::new(handler)`); gzip (`grpc.gzip_responses`) and the configured
+    /// size limits are applied here.
     pub fn add_service<S>(mut self, svc: S) -> Self
     where
         S: ServerCodec
@@ -130,8 +137,10 @@ impl Server {
         S::Future: Send + 'static,
     {
         let g = &self.platform.settings.grpc;
-        self.routes
-            .add_service(svc.gzip().limits(g.max_request_bytes, g.max_response_bytes));
+        self.routes.add_service(
+            svc.gzip(g.gzip_responses)
+                .limits(g.max_request_bytes, g.max_response_bytes),
+        );
         self.names.push(S::NAME);
         self
     }

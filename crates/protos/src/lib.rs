@@ -107,8 +107,9 @@ pub mod keel {
 /// Codec settings every generated server type offers, so the platform can apply gzip and message size limits
 /// to any service in one place.
 pub trait ServerCodec: Sized {
-    /// Accepts and sends gzip-compressed messages (the client chooses, per call).
-    fn gzip(self) -> Self;
+    /// Accepts gzip-compressed requests (the client chooses, per call); with `send`, also compresses responses
+    /// for clients that accept gzip.
+    fn gzip(self, send: bool) -> Self;
     /// Largest decoded request and encoded response message, in bytes.
     fn limits(self, max_decoding: usize, max_encoding: usize) -> Self;
 }
@@ -116,9 +117,10 @@ pub trait ServerCodec: Sized {
 macro_rules! server_codec {
     ($($server:ident <- $handler:path),* $(,)?) => {$(
         impl<T: $handler> ServerCodec for $server<T> {
-            fn gzip(self) -> Self {
-                self.accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-                    .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+            fn gzip(self, send: bool) -> Self {
+                let gzip = tonic::codec::CompressionEncoding::Gzip;
+                let server = self.accept_compressed(gzip);
+                if send { server.send_compressed(gzip) } else { server }
             }
             fn limits(self, max_decoding: usize, max_encoding: usize) -> Self {
                 self.max_decoding_message_size(max_decoding).max_encoding_message_size(max_encoding)

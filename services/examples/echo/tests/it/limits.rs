@@ -82,3 +82,37 @@ async fn over_the_concurrency_limit_calls_are_shed_and_oversized_requests_refuse
         .await;
     assert!(ok.is_ok(), "{ok:?}");
 }
+
+/// gzip: a compressed request is always accepted; responses are compressed only with `grpc.gzip_responses`
+/// (a new compressor per message is the largest cost of a small call, so it is off by default).
+#[tokio::test]
+async fn gzip_requests_are_accepted_and_responses_compressed_only_when_configured() {
+    use tonic::codec::CompressionEncoding::Gzip;
+    for (setting, compressed) in [(None, false), (Some("true"), true)] {
+        let mut env = vec![("KEEL_GRPC__LISTEN_ADDR", "127.0.0.1:0".to_owned())];
+        if let Some(v) = setting {
+            env.push(("KEEL_GRPC__GZIP_RESPONSES", v.to_owned()));
+        }
+        let p = echo_process(&env);
+        let mut client = EchoClient::new(direct(p.addr().await))
+            .send_compressed(Gzip)
+            .accept_compressed(Gzip);
+        let reply = client
+            .echo(EchoRequest {
+                message: "squeeze me ".repeat(100),
+                ..Default::default()
+            })
+            .await
+            .expect("a gzip request is accepted");
+        assert_eq!(reply.get_ref().message, "squeeze me ".repeat(100));
+        assert_eq!(
+            reply
+                .metadata()
+                .get("grpc-encoding")
+                .is_some_and(|v| v == "gzip"),
+            compressed,
+            "grpc.gzip_responses = {setting:?}: {:?}",
+            reply.metadata()
+        );
+    }
+}
