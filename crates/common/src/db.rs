@@ -154,22 +154,14 @@ async fn open(
         .test_before_acquire(backend == Backend::Sqlite || statement_timeout.is_none())
         .before_acquire(move |conn, _| {
             Box::pin(async move {
-                if let (Backend::Postgres, Some(bound)) = (backend, statement_timeout) {
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(statement_timeout_for(bound)))
-                        .execute(&mut *conn)
-                        .await?;
-                }
+                set_statement_timeout(conn, backend, statement_timeout).await?;
                 Ok(true)
             })
         })
         .after_connect(move |conn, _| {
             Box::pin(async move {
                 // A new connection skips `before_acquire`: it gets its first timeout here.
-                if let (Backend::Postgres, Some(bound)) = (backend, statement_timeout) {
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(statement_timeout_for(bound)))
-                        .execute(&mut *conn)
-                        .await?;
-                }
+                set_statement_timeout(conn, backend, statement_timeout).await?;
                 if backend == Backend::Sqlite {
                     // WAL lets readers run beside the one writer; the busy timeout queues writers instead of
                     // failing them with SQLITE_BUSY.
@@ -220,6 +212,20 @@ async fn open(
     migrated?;
     drop(conn);
     Ok(pool)
+}
+
+/// On PostgreSQL with a `bound`, sets the connection's `statement_timeout` ([`statement_timeout_for`]).
+async fn set_statement_timeout(
+    conn: &mut sqlx::AnyConnection,
+    backend: Backend,
+    bound: Option<Duration>,
+) -> sqlx::Result<()> {
+    if let (Backend::Postgres, Some(bound)) = (backend, bound) {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement_timeout_for(bound)))
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
 }
 
 /// `SET statement_timeout = <ms>`: what is left of the current call's deadline (at least 1 ms), or `bound`
