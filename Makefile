@@ -45,8 +45,9 @@ test-unit: ## tests that need no server (pure logic and generated code)
 	cargo test --workspace --lib
 	cargo test -p keel-protos
 
-bench: ## benchmarks over real gRPC on loopback (no server needed); prints a table. BENCH_ARGS="--duration 10s"
-	cargo run --release -p keel-bench -- $(BENCH_ARGS)
+bench: infra-install infra-up ## release service processes under ghz beside bare tonic servers and pgbench; prints a table. BENCH_ARGS="--duration 10s"
+	cargo build --release -p keel-bench -p echo -p cache -p accounts -p geo-search
+	$(WITH_INFRA) target/release/keel-bench $(BENCH_ARGS)
 
 lint: ## rustfmt, clippy and cargo-deny (licences, duplicate versions, sources: deny.toml), as CI runs them
 	cargo fmt --all --check

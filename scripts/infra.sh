@@ -26,6 +26,7 @@ KAFKA_VERSION=4.1.1
 KAFKA_LIBS_REV=2
 STATSD_VERSION=0.9.0
 GRPCURL_VERSION=v1.9.3
+GHZ_VERSION=v0.120.0
 
 # Ports: off the usual defaults so a machine's own servers never collide with ours.
 PG_PORT=${KEEL_PG_PORT:-15432}
@@ -337,6 +338,11 @@ install_tools() {
     mkdir -p "$CACHE/bin"
     GOBIN=$CACHE/bin CGO_ENABLED=0 go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
   fi
+  # ghz (Apache-2.0), the load generator of `make bench`.
+  if [[ ! -x $CACHE/bin/ghz ]]; then
+    log "building ghz $GHZ_VERSION (once)"
+    GOBIN=$CACHE/bin CGO_ENABLED=0 go install "github.com/bojand/ghz/cmd/ghz@$GHZ_VERSION"
+  fi
 }
 
 # Drops the databases the test suite creates (keel_common::testsuite::postgres names them keeltest_*): each run
@@ -363,6 +369,7 @@ export KEEL_STATSD_ADDR=127.0.0.1:$STATSD_PORT
 export KEEL_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres
 export KEEL_WHISPER_DIR=$RUN/graphite/storage/whisper
 export KEEL_GRPCURL=$CACHE/bin/grpcurl
+export KEEL_GHZ=$CACHE/bin/ghz
 EOF
 }
 

@@ -1,263 +1,419 @@
-//! `make bench`: closed-loop load over real gRPC on 127.0.0.1 against servers started in this process (no
-//! external server: accounts on a temporary SQLite file), printing one table row per scenario: calls, calls per
-//! second, and latency percentiles (HdrHistogram, microseconds).
+//! `make bench`: the per-call cost of the stack, measured as its users would: release builds of the services
+//! as processes of their own on 127.0.0.1, under ghz at a fixed concurrency, each row beside a baseline of the
+//! same run so every figure is a ratio:
+//! - the platform's overhead: a bare tonic server of the same proto with none of our layers
+//!   (`keel-bench bare`), target ≥ 0.9× its calls/s;
+//! - a database-bound RPC: pgbench running the service's own query on the same PostgreSQL (prepared
+//!   statements), target ≥ 0.5× its transactions/s.
 //!
-//! Scenarios:
-//! - `echo, plain tonic channel`: the platform's server stack (context, metrics, shedding, limits) behind a bare
-//!   tonic client;
-//! - `echo, platform channel`: the same server through `ClientFactory::channel` (deadline and trace id,
-//!   client metrics, p2c over PeakEWMA, buffer): the difference is the client stack's cost;
-//! - `cache Store, new keys` / `cache Get`: the cache with its accounts service, tokens cached and
-//!   reservations shared (the defaults);
-//! - `cache Store, new keys, token_ttl 0`: every Store also asks accounts for the token.
+//! Columns: calls/s, the ratio and its target, latency p50/p99/p99.9 (µs, from every call ghz recorded),
+//! errors, server CPU-seconds per 1,000 calls (`/proc/<pid>/stat`), idle and peak resident memory (MiB;
+//! target idle ≤ 15). PostgreSQL comes from `KEEL_DATABASE_URL` (`scripts/infra.sh env`).
 //!
-//! Numbers depend on the machine; compare rows of one run, and runs of one machine. Build with `--release`.
+//! `keel-bench client-stack` measures what ghz cannot: the platform's client stack, in process.
 
-use std::{
-    future::Future,
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
-};
+mod bare;
+mod client_stack;
+mod load;
+mod procs;
 
-use clap::Parser;
-use hdrhistogram::Histogram;
-use keel_common::{
-    App, ClientFactory, Metrics,
-    config::{Env, Secret, Settings},
-};
-use keel_protos::{
-    keel::example::v1::{EchoRequest, echo_client::EchoClient},
-    rpc::{
-        CreateAccountReq, GetReq, StoreReq, accounts_client::AccountsClient,
-        cache_client::CacheClient,
-    },
-};
+use std::{net::SocketAddr, process::Command, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use keel_common::config::Secret;
+use keel_protos::rpc::{CreateAccountReq, accounts_client::AccountsClient};
+use load::{Measured, Shape};
+use procs::{Proc, sibling};
 
 #[derive(Parser, Debug)]
-#[command(about = "Benchmarks of the stack over real gRPC on loopback")]
-struct Args {
-    /// How long each scenario runs (after a 1 s warm-up).
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+#[command(
+    about = "Benchmarks of the stack: release service processes under ghz, beside their baselines"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    /// How long each row is measured (after a 1 s warm-up).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Calls in flight at once.
+    /// Calls in flight at once (pgbench: clients).
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
-    /// Value size of cache Stores, bytes.
-    #[arg(long, default_value_t = 256)]
-    value_bytes: usize,
+    /// gRPC connections the calls share.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
 }
 
-/// Serves `app` on 127.0.0.1:0, with `env` as its configuration; returns the address.
-async fn serve(app: App, env: Env) -> anyhow::Result<SocketAddr> {
-    let settings = app.settings(&env)?;
-    app.spawn(settings).await
-}
-
-fn clients(name: &str, routes: &[(&str, SocketAddr)]) -> anyhow::Result<ClientFactory> {
-    let list: Vec<String> = routes.iter().map(|(s, a)| format!("{s}={a}")).collect();
-    let env = Env::default().with("KEEL_CLIENT__STATIC_ENDPOINTS", list.join(","));
-    Ok(ClientFactory::new(
-        &Settings::from_env(name, &env)?,
-        Metrics::disabled(),
-    ))
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serves a bare tonic server (a baseline) until killed.
+    Bare {
+        /// Which proto.
+        #[arg(long, value_enum)]
+        proto: bare::Proto,
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        addr: SocketAddr,
+    },
+    /// The platform's client stack, measured in process.
+    ClientStack(client_stack::Args),
 }
 
 /// One row of the table.
 struct Row {
-    scenario: String,
-    calls: u64,
-    errors: u64,
-    elapsed: Duration,
-    latency: Histogram<u64>,
+    name: String,
+    measured: Measured,
+    /// `(baseline's calls/s, target ratio)`; `None` for a baseline row.
+    against: Option<(f64, f64)>,
+    cpu_per_1k: Option<f64>,
+    rss: Option<(f64, f64)>,
 }
 
-/// Runs `call` from `concurrency` loops for 1 s (discarded), then for `duration`.
-async fn measure<F, Fut>(scenario: &str, args: &Args, call: F) -> Row
-where
-    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = bool> + Send,
-{
-    let seq = Arc::new(AtomicU64::new(0));
-    for (phase, length) in [("warm-up", Duration::from_secs(1)), ("run", args.duration)] {
-        let started = Instant::now();
-        let until = started + length;
-        let workers: Vec<_> = (0..args.concurrency)
-            .map(|_| {
-                let call = call.clone();
-                let seq = seq.clone();
-                tokio::spawn(async move {
-                    let mut h =
-                        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
-                    let mut errors = 0;
-                    while Instant::now() < until {
-                        let t = Instant::now();
-                        let ok = call(seq.fetch_add(1, Ordering::Relaxed)).await;
-                        h.saturating_record(t.elapsed().as_micros() as u64);
-                        errors += u64::from(!ok);
-                    }
-                    (h, errors)
-                })
-            })
-            .collect();
-        let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
-        let mut errors = 0;
-        for w in workers {
-            let (h, e) = w.await.expect("worker");
-            latency.add(h).expect("same bounds");
-            errors += e;
-        }
-        if phase == "run" {
-            return Row {
-                scenario: scenario.to_owned(),
-                calls: latency.len(),
-                errors,
-                elapsed: started.elapsed(),
-                latency,
-            };
-        }
-    }
-    unreachable!("the run phase returns")
-}
-
-fn print(rows: &[Row], args: &Args) {
-    println!(
-        "\nconcurrency {}, {} per scenario, values {} B\n",
-        args.concurrency,
-        humantime::format_duration(args.duration),
-        args.value_bytes
-    );
-    println!(
-        "| scenario | calls | errors | calls/s | p50 µs | p90 µs | p99 µs | max µs |\n|---|---:|---:|---:|---:|---:|---:|---:|"
-    );
-    for r in rows {
-        let q = |p: f64| r.latency.value_at_quantile(p);
-        println!(
-            "| {} | {} | {} | {:.0} | {} | {} | {} | {} |",
-            r.scenario,
-            r.calls,
-            r.errors,
-            r.calls as f64 / r.elapsed.as_secs_f64(),
-            q(0.5),
-            q(0.9),
-            q(0.99),
-            r.latency.max()
-        );
-    }
-}
-
-/// The accounts server's operator credential, which the cache servers present too.
 const ADMIN_TOKEN: &str = "bench-admin-token";
-
-async fn cache_server(accounts: SocketAddr, token_ttl: &str) -> anyhow::Result<SocketAddr> {
-    let env = Env::default()
-        .with(
-            "KEEL_CLIENT__STATIC_ENDPOINTS",
-            format!("accounts={accounts}"),
-        )
-        .with("KEEL_CACHE__TOKEN_TTL", token_ttl)
-        .with("KEEL_CACHE__ACCOUNTS_TOKEN", ADMIN_TOKEN)
-        .with("KEEL_CACHE__MAX_BYTES", (1usize << 30).to_string());
-    serve(App::of::<cache::Cache>(), env).await
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let mut rows = Vec::new();
-
-    let echo = serve(App::of::<echo::EchoService>(), Env::default()).await?;
-    let plain = EchoClient::new(
-        tonic::transport::Endpoint::from_shared(format!("http://{echo}"))?
-            .connect()
-            .await?,
-    );
-    let platform = EchoClient::new(clients("bench", &[("echo", echo)])?.channel("echo")?);
-    let request = || EchoRequest {
-        message: "bench".into(),
-        ..Default::default()
-    };
-    rows.push(
-        measure("echo, plain tonic channel", &args, move |_| {
-            let mut c = plain.clone();
-            async move { c.echo(request()).await.is_ok() }
-        })
-        .await,
-    );
-    rows.push(
-        measure("echo, platform channel", &args, move |_| {
-            let mut c = platform.clone();
-            async move { c.echo(request()).await.is_ok() }
-        })
-        .await,
-    );
-
-    let dir = std::env::temp_dir().join(format!("keel-bench-{}", uuid::Uuid::new_v4().simple()));
-    let accounts_env = Env::default()
-        .with(
-            "KEEL_DATABASE__URL",
-            format!("sqlite://{}/accounts.db?mode=rwc", dir.display()),
-        )
-        .with("KEEL_ACCOUNTS__ADMIN_TOKEN", ADMIN_TOKEN);
-    let accounts = serve(App::of::<accounts::Accounts>(), accounts_env).await?;
-    let token =
-        AccountsClient::new(clients("bench", &[("accounts", accounts)])?.channel("accounts")?)
-            .create_account({
-                let mut req = tonic::Request::new(CreateAccountReq {
-                    name: "bench".into(),
-                    max_cache_keys: i64::MAX / 2,
-                });
-                keel_common::context::set_bearer_token(&mut req, &Secret::new(ADMIN_TOKEN));
-                req
-            })
-            .await?
-            .into_inner()
-            .token;
-    let value = vec![7u8; args.value_bytes];
-    for (ttl, label) in [("5s", ""), ("0s", ", token_ttl 0")] {
-        let addr = cache_server(accounts, ttl).await?;
-        let cache = CacheClient::new(clients("bench", &[("cache", addr)])?.channel("cache")?);
-        let (c, t, v) = (cache.clone(), token.clone(), value.clone());
-        rows.push(
-            measure(&format!("cache Store, new keys{label}"), &args, move |i| {
-                let (mut c, t, v) = (c.clone(), t.clone(), v.clone());
-                async move {
-                    c.store(StoreReq {
-                        key: format!("k{i}"),
-                        val: v,
-                        account_token: t,
-                        ttl_ms: 0,
-                    })
-                    .await
-                    .is_ok()
-                }
-            })
-            .await,
-        );
-        if label.is_empty() {
-            // Keys k0.. up to the Stores of the run just measured (its warm-up stored more): every Get hits.
-            let stored = rows.last().map_or(1, |r: &Row| r.calls.max(1));
-            let t = token.clone();
-            rows.push(
-                measure("cache Get", &args, move |i| {
-                    let (mut c, t) = (cache.clone(), t.clone());
-                    async move {
-                        c.get(GetReq {
-                            key: format!("k{}", i % stored),
-                            account_token: t,
-                        })
-                        .await
-                        .is_ok()
-                    }
-                })
-                .await,
-            );
-        }
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Cmd::Bare { proto, addr }) => bare::serve(proto, addr).await,
+        Some(Cmd::ClientStack(args)) => client_stack::run(args).await,
+        None => run(&cli).await,
     }
-    print(&rows, &args);
+}
+
+/// Measures `proc` under `load`: its CPU per 1,000 calls and memory come with the row.
+fn row(
+    name: &str,
+    proc: &Proc,
+    idle_rss: f64,
+    load: impl FnOnce() -> anyhow::Result<Measured>,
+) -> anyhow::Result<Row> {
+    let cpu = proc.cpu_seconds();
+    let measured = load()?;
+    let used = proc.cpu_seconds() - cpu;
+    let (_, peak) = proc.rss_mib();
+    eprintln!("  {name}: {:.0} calls/s", measured.rate);
+    Ok(Row {
+        name: name.to_owned(),
+        cpu_per_1k: (measured.calls > 0).then(|| used * 1000.0 / measured.calls as f64),
+        measured,
+        against: None,
+        rss: Some((idle_rss, peak)),
+    })
+}
+
+async fn run(cli: &Cli) -> anyhow::Result<()> {
+    let shape = Shape {
+        concurrency: cli.concurrency,
+        connections: cli.connections,
+        duration: cli.duration,
+    };
+    let ghz = load::ghz_path()?;
+    let pg = std::env::var("KEEL_DATABASE_URL")
+        .context("KEEL_DATABASE_URL is not set: run through `make bench` (it starts PostgreSQL)")?;
+    let dir = std::env::temp_dir().join(format!("keel-bench-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    let protoset = dir.join("keel.protoset");
+    std::fs::write(&protoset, keel_protos::FILE_DESCRIPTOR_SET)?;
+    let bench = std::env::current_exe()?;
+    let mut rows = Vec::new();
+    let mut databases = Vec::new();
+    let call = |addr, method: &str, data: &str, meta: Option<&str>| {
+        load::ghz(&ghz, &protoset, addr, method, data, meta, &shape)
+    };
+
+    eprintln!("echo");
+    let echo = r#"{"message":"bench"}"#;
+    let bare = Proc::start(&bench, &["bare", "--proto", "echo"], &[], &dir, "bare-echo")?;
+    let base = row(
+        "bare tonic Echo (baseline)",
+        &bare,
+        bare.rss_mib().0,
+        || call(bare.addr, "keel.example.v1.Echo/Echo", echo, None),
+    )?;
+    drop(bare);
+    let svc = Proc::start(&sibling("echo")?, &[], &[], &dir, "echo")?;
+    let idle = svc.rss_mib().0;
+    let ours = row("echo Echo", &svc, idle, || {
+        call(svc.addr, "keel.example.v1.Echo/Echo", echo, None)
+    })?;
+    drop(svc);
+    push_pair(&mut rows, base, ours, 0.9);
+
+    eprintln!("cache");
+    let value = "YmVuY2ggdmFsdWUgYmVuY2ggdmFsdWUgYmVuY2ggdmFsdWU=";
+    let accounts_db = database(&pg, "accounts")?;
+    databases.push(accounts_db.clone());
+    let accounts = Proc::start(
+        &sibling("accounts")?,
+        &[],
+        &[
+            ("KEEL_DATABASE__URL", accounts_db.clone()),
+            ("KEEL_ACCOUNTS__ADMIN_TOKEN", ADMIN_TOKEN.into()),
+        ],
+        &dir,
+        "accounts",
+    )?;
+    let token = create_account(accounts.addr).await?;
+    let store = |token: &str| {
+        format!(r#"{{"key":"k{{{{.RequestNumber}}}}","val":"{value}","account_token":"{token}"}}"#)
+    };
+    let get = |token: &str| format!(r#"{{"key":"hot","account_token":"{token}"}}"#);
+    let bare = Proc::start(
+        &bench,
+        &["bare", "--proto", "cache"],
+        &[],
+        &dir,
+        "bare-cache",
+    )?;
+    let idle = bare.rss_mib().0;
+    let base_store = row(
+        "bare tonic Cache.Store, new keys (baseline)",
+        &bare,
+        idle,
+        || call(bare.addr, "rpc.Cache/Store", &store(&token), None),
+    )?;
+    call(
+        bare.addr,
+        "rpc.Cache/Store",
+        &store(&token).replace("k{{.RequestNumber}}", "hot"),
+        None,
+    )?;
+    let base_get = row("bare tonic Cache.Get (baseline)", &bare, idle, || {
+        call(bare.addr, "rpc.Cache/Get", &get(&token), None)
+    })?;
+    drop(bare);
+    let cache = Proc::start(
+        &sibling("cache")?,
+        &[],
+        &[
+            (
+                "KEEL_CLIENT__STATIC_ENDPOINTS",
+                format!("accounts={}", accounts.addr),
+            ),
+            ("KEEL_CACHE__ACCOUNTS_TOKEN", ADMIN_TOKEN.into()),
+            ("KEEL_CACHE__MAX_BYTES", (1u64 << 31).to_string()),
+        ],
+        &dir,
+        "cache",
+    )?;
+    let idle = cache.rss_mib().0;
+    let ours_store = row("cache Store, new keys", &cache, idle, || {
+        call(cache.addr, "rpc.Cache/Store", &store(&token), None)
+    })?;
+    call(
+        cache.addr,
+        "rpc.Cache/Store",
+        &store(&token).replace("k{{.RequestNumber}}", "hot"),
+        None,
+    )?;
+    let ours_get = row("cache Get", &cache, idle, || {
+        call(cache.addr, "rpc.Cache/Get", &get(&token), None)
+    })?;
+    drop(cache);
+    push_pair(&mut rows, base_store, ours_store, 0.9);
+    push_pair(&mut rows, base_get, ours_get, 0.9);
+
+    eprintln!("accounts");
+    let hash = psql(&accounts_db, "SELECT token_hash FROM accounts LIMIT 1")?;
+    let base = Row {
+        name: "pgbench: GetByToken's query (baseline)".into(),
+        measured: load::pgbench(
+            &accounts_db,
+            &format!(
+                "SELECT id, name, max_cache_keys, used_cache_keys, token_hash FROM accounts WHERE token_hash = '{hash}';\n"
+            ),
+            &dir,
+            &shape,
+        )?,
+        against: None,
+        cpu_per_1k: None,
+        rss: None,
+    };
+    let idle = accounts.rss_mib().0;
+    let ours = row("accounts GetByToken (PostgreSQL)", &accounts, idle, || {
+        call(
+            accounts.addr,
+            "rpc.Accounts/GetByToken",
+            &format!(r#"{{"token":"{token}"}}"#),
+            None,
+        )
+    })?;
+    drop(accounts);
+    push_pair(&mut rows, base, ours, 0.5);
+
+    eprintln!("geo-search");
+    let geo_db = database(&pg, "geo")?;
+    databases.push(geo_db.clone());
+    psql(
+        &geo_db,
+        "CREATE EXTENSION IF NOT EXISTS postgis; CREATE EXTENSION IF NOT EXISTS pg_trgm",
+    )?;
+    let geo = Proc::start(
+        &sibling("geo-search")?,
+        &[],
+        &[("KEEL_DATABASE__URL", geo_db.clone())],
+        &dir,
+        "geo-search",
+    )?;
+    add_grid(geo.addr, 40).await?;
+    let base = Row {
+        name: "pgbench: point search's query (baseline)".into(),
+        measured: load::pgbench(
+            &geo_db,
+            "SELECT id, name FROM things WHERE (false OR ST_Contains(geom, ST_SetSRID(ST_MakePoint(10.5, 20.5), 4326))) \
+             AND (true OR name ILIKE '') ORDER BY name, id LIMIT 11 OFFSET 0;\n",
+            &dir,
+            &shape,
+        )?,
+        against: None,
+        cpu_per_1k: None,
+        rss: None,
+    };
+    let idle = geo.rss_mib().0;
+    let ours = row(
+        "geo-search search, a point (1,600 areas)",
+        &geo,
+        idle,
+        || {
+            call(
+                geo.addr,
+                "Search/search",
+                r#"{"lat":20.5,"lng":10.5,"result_per_page":10}"#,
+                None,
+            )
+        },
+    )?;
+    drop(geo);
+    push_pair(&mut rows, base, ours, 0.5);
+
+    print(&rows, &shape);
+    for db in databases {
+        let name = db.rsplit('/').next().unwrap_or_default().to_owned();
+        let _ = psql(&pg, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Adds `ours` after its `base`line, with the ratio's target.
+fn push_pair(rows: &mut Vec<Row>, base: Row, mut ours: Row, target: f64) {
+    ours.against = Some((base.measured.rate, target));
+    rows.push(base);
+    rows.push(ours);
+}
+
+/// A new database `keelbench_<what>_<hex>` on the server of `admin` (a PostgreSQL URL); returns its URL.
+fn database(admin: &str, what: &str) -> anyhow::Result<String> {
+    let name = format!(
+        "keelbench_{what}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    psql(admin, &format!("CREATE DATABASE {name}"))?;
+    let base = admin.rsplit_once('/').map_or(admin, |(b, _)| b);
+    Ok(format!("{base}/{name}"))
+}
+
+/// Runs `sql` with psql on `url`; returns what it printed (unaligned, tuples only).
+fn psql(url: &str, sql: &str) -> anyhow::Result<String> {
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql, url])
+        .output()
+        .context("run psql")?;
+    if !out.status.success() {
+        bail!("psql: {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// An account for the cache rows, made with the operator token; returns its token.
+async fn create_account(accounts: SocketAddr) -> anyhow::Result<String> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{accounts}"))?
+        .connect()
+        .await?;
+    let mut req = tonic::Request::new(CreateAccountReq {
+        name: "bench".into(),
+        max_cache_keys: i64::MAX / 2,
+    });
+    keel_common::context::set_bearer_token(&mut req, &Secret::new(ADMIN_TOKEN));
+    Ok(AccountsClient::new(channel)
+        .create_account(req)
+        .await?
+        .into_inner()
+        .token)
+}
+
+/// `n`×`n` one-degree squares from (0, 0) as geo-search areas.
+async fn add_grid(geo: SocketAddr, n: i32) -> anyhow::Result<()> {
+    use keel_protos::geo::{AddThingRequest, search_client::SearchClient};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{geo}"))?
+        .connect()
+        .await?;
+    let mut client = SearchClient::new(channel);
+    for x in 0..n {
+        for y in 0..n {
+            let (x1, y1) = (x + 1, y + 1);
+            client
+                .add_thing(AddThingRequest {
+                    name: format!("square {x},{y}"),
+                    wkt: format!("POLYGON(({x} {y},{x1} {y},{x1} {y1},{x} {y1},{x} {y}))"),
+                })
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+fn print(rows: &[Row], shape: &Shape) {
+    let machine = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split(':')
+                    .nth(1)
+                    .map(|s| s.trim().to_owned())
+            })
+        })
+        .unwrap_or_default();
+    println!(
+        "\n{} concurrent calls over {} connections, {:?} per row; {} CPUs ({machine}); release builds\n",
+        shape.concurrency,
+        shape.connections,
+        shape.duration,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    println!(
+        "| row | calls/s | × baseline (target) | p50 µs | p99 µs | p99.9 µs | errors | CPU-s / 1k calls | RSS idle / peak MiB |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let m = &r.measured;
+        let ratio = match r.against {
+            None => "baseline".to_owned(),
+            Some((base, target)) => {
+                let x = if base > 0.0 { m.rate / base } else { 0.0 };
+                format!(
+                    "{x:.2}× (≥ {target}) {}",
+                    if x >= target { "ok" } else { "BELOW" }
+                )
+            }
+        };
+        let lat = m.latency_us.map_or(
+            ["–".to_owned(), "–".to_owned(), "–".to_owned()],
+            |l| l.map(|v| format!("{v:.0}")),
+        );
+        println!(
+            "| {} | {:.0} | {ratio} | {} | {} | {} | {} | {} | {} |",
+            r.name,
+            m.rate,
+            lat[0],
+            lat[1],
+            lat[2],
+            m.errors,
+            r.cpu_per_1k.map_or("–".into(), |c| format!("{c:.3}")),
+            r.rss
+                .map_or("–".into(), |(i, p)| format!("{i:.1} / {p:.1}")),
+        );
+    }
 }

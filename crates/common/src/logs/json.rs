@@ -13,7 +13,8 @@ use super::{SELF_TARGET, kafka::Shipper};
 pub(super) struct JsonLayer {
     pub(super) service: String,
     pub(super) instance: String,
-    pub(super) stdout: bool,
+    /// The stdout writer thread's handle, when `log.stdout` is on.
+    pub(super) stdout: Option<tracing_appender::non_blocking::NonBlocking>,
     pub(super) shipper: Option<Shipper>,
 }
 
@@ -116,13 +117,14 @@ where
         if !fields.is_empty() {
             line.insert("fields", Value::Object(fields));
         }
-        let Ok(bytes) = serde_json::to_vec(&line) else {
+        let Ok(mut bytes) = serde_json::to_vec(&line) else {
             return;
         };
-        if self.stdout {
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(&bytes);
-            let _ = out.write_all(b"\n");
+        if let Some(stdout) = &self.stdout {
+            // One write per line: the writer thread takes each write as one message.
+            bytes.push(b'\n');
+            let _ = stdout.clone().write_all(&bytes);
+            bytes.pop();
         }
         let target = meta.target();
         if let Some(shipper) = &self.shipper

@@ -80,6 +80,8 @@ pub struct ShipperStats {
     pub producer_full: AtomicU64,
     /// Dropped because Kafka did not acknowledge them in time (or refused them).
     pub delivery_failed: AtomicU64,
+    /// Lines dropped because the queue to the stdout writer thread was full (stdout not read fast enough).
+    pub stdout_full: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter>,
 }
 
 impl ShipperStats {
@@ -88,6 +90,10 @@ impl ShipperStats {
         self.queue_full.load(Ordering::Relaxed)
             + self.producer_full.load(Ordering::Relaxed)
             + self.delivery_failed.load(Ordering::Relaxed)
+            + self
+                .stdout_full
+                .get()
+                .map_or(0, |c| c.dropped_lines() as u64)
     }
 }
 
@@ -96,6 +102,8 @@ pub struct Telemetry {
     stats: Arc<ShipperStats>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Flushes the stdout writer thread when dropped.
+    stdout: Option<tracing_appender::non_blocking::WorkerGuard>,
 }
 
 impl fmt::Debug for Telemetry {
@@ -130,10 +138,26 @@ impl Telemetry {
             }
             None => (None, None),
         };
+        // Lines go to stdout through a writer thread (tracing-appender): a call never waits for a write(2) nor
+        // for the stdout lock, and lines written together leave in one write. A reader too slow for
+        // `log.buffer_lines` queued lines loses lines, counted in `telemetry.logs_dropped`.
+        let (stdout, guard) = if settings.log.stdout {
+            let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+                .buffered_lines_limit(settings.log.buffer_lines)
+                .thread_name("keel-stdout")
+                .finish(std::io::BufWriter::with_capacity(
+                    64 * 1024,
+                    std::io::stdout(),
+                ));
+            let _ = stats.stdout_full.set(writer.error_counter());
+            (Some(writer), Some(guard))
+        } else {
+            (None, None)
+        };
         let layer = JsonLayer {
             service: settings.service.name.clone(),
             instance: instance.to_owned(),
-            stdout: settings.log.stdout,
+            stdout,
             shipper,
         };
         let filter =
@@ -146,6 +170,7 @@ impl Telemetry {
             stats,
             stop,
             thread,
+            stdout: guard,
         })
     }
 
@@ -177,6 +202,8 @@ impl Telemetry {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        // Last: the stdout thread writes what is queued, then stops.
+        drop(self.stdout.take());
     }
 }
 

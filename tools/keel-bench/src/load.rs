@@ -1,0 +1,168 @@
+//! The load generators: ghz (the gRPC ecosystem's, <https://ghz.sh>) for the services and their bare baselines,
+//! pgbench for what the database itself serves of a service's query.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+
+/// How a load is shaped: the same for every row of a run.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    /// Calls (or pgbench clients) in flight at once.
+    pub concurrency: usize,
+    /// gRPC connections the calls share.
+    pub connections: usize,
+    /// How long a row is measured (after a 1 s warm-up).
+    pub duration: Duration,
+}
+
+/// What a load measured.
+#[derive(Clone, Debug, Default)]
+pub struct Measured {
+    /// Calls (transactions) completed.
+    pub calls: u64,
+    /// Calls that failed.
+    pub errors: u64,
+    /// Calls per second.
+    pub rate: f64,
+    /// Latency percentiles in microseconds: p50, p99, p99.9 (none for pgbench).
+    pub latency_us: Option<[f64; 3]>,
+}
+
+/// ghz, from `KEEL_GHZ`, else the copy `scripts/infra.sh install tools` builds under the cache.
+pub fn ghz_path() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("KEEL_GHZ")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("KEEL_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/keel")
+                });
+            cache.join("bin/ghz")
+        });
+    if !path.exists() {
+        bail!(
+            "ghz not found at {}: run `make infra-install` (or set KEEL_GHZ)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Calls `method` (`package.Service/Method`) at `addr` with request `data` (JSON; ghz templates such as
+/// `{{.RequestNumber}}` allowed) under `shape`, after a 1 s warm-up; message types from `protoset`.
+///
+/// # Errors
+/// ghz fails or prints no report.
+pub fn ghz(
+    ghz: &Path,
+    protoset: &Path,
+    addr: SocketAddr,
+    method: &str,
+    data: &str,
+    metadata: Option<&str>,
+    shape: &Shape,
+) -> anyhow::Result<Measured> {
+    let run = |duration: Duration| -> anyhow::Result<serde_json::Value> {
+        let mut cmd = Command::new(ghz);
+        cmd.arg("--insecure")
+            .arg("--protoset")
+            .arg(protoset)
+            .arg("--call")
+            .arg(method)
+            .arg("-d")
+            .arg(data)
+            .arg("-c")
+            .arg(shape.concurrency.to_string())
+            .arg("--connections")
+            .arg(shape.connections.to_string())
+            .arg("-z")
+            .arg(format!("{}ms", duration.as_millis()))
+            .arg("-O")
+            .arg("json");
+        if let Some(m) = metadata {
+            cmd.arg("-m").arg(m);
+        }
+        let out = cmd.arg(addr.to_string()).output().context("run ghz")?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "ghz printed no report: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+    run(Duration::from_secs(1))?;
+    let report = run(shape.duration)?;
+    let ok = report["statusCodeDistribution"]["OK"].as_u64().unwrap_or(0);
+    // Calls in flight when the time is up fail on ghz's own side as it closes its connections: not the
+    // server's errors.
+    let errors: u64 = report["errorDistribution"]
+        .as_object()
+        .map(|e| {
+            e.iter()
+                .filter(|(why, _)| !why.contains("use of closed network connection"))
+                .filter_map(|(_, n)| n.as_u64())
+                .sum()
+        })
+        .unwrap_or(0);
+    let mut latencies: Vec<f64> = report["details"]
+        .as_array()
+        .map(|d| d.iter().filter_map(|x| x["latency"].as_f64()).collect())
+        .unwrap_or_default();
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len().max(1)) - 1;
+        latencies.get(i).copied().unwrap_or(0.0) / 1000.0
+    };
+    Ok(Measured {
+        calls: ok + errors,
+        errors,
+        rate: report["rps"].as_f64().unwrap_or(0.0),
+        latency_us: Some([pct(0.50), pct(0.99), pct(0.999)]),
+    })
+}
+
+/// pgbench running `script` (one transaction) against `url` with `shape.concurrency` clients on 2 threads,
+/// prepared statements (the database's best), for `shape.duration`.
+///
+/// # Errors
+/// pgbench fails or prints no rate.
+pub fn pgbench(url: &str, script: &str, dir: &Path, shape: &Shape) -> anyhow::Result<Measured> {
+    let file = dir.join(format!("pgbench-{}.sql", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&file, script)?;
+    let out = Command::new("pgbench")
+        .args(["-n", "-M", "prepared", "-j", "2"])
+        .arg("-c")
+        .arg(shape.concurrency.to_string())
+        .arg("-T")
+        .arg(shape.duration.as_secs().max(1).to_string())
+        .arg("-f")
+        .arg(&file)
+        .arg(url)
+        .output()
+        .context("run pgbench (Debian postgresql-client)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|r| r.split_whitespace().next()?.parse::<f64>().ok())
+    };
+    let rate = field("tps = ").with_context(|| {
+        format!(
+            "pgbench printed no tps: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    Ok(Measured {
+        calls: field("number of transactions actually processed: ").unwrap_or(0.0) as u64,
+        errors: field("number of failed transactions: ").unwrap_or(0.0) as u64,
+        rate,
+        latency_us: None,
+    })
+}
