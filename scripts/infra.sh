@@ -331,7 +331,7 @@ stop_statsd() { stop_pidfile statsd "$RUN/statsd/statsd.pid"; }
 
 # ---------------------------------------------------------------- tools used by tests
 install_tools() {
-  apt_install dnsutils curl
+  apt_install dnsutils curl kcat
   local bin=$CACHE/bin/grpcurl
   if [[ ! -x $bin ]]; then
     log "building grpcurl $GRPCURL_VERSION (once)"

@@ -131,7 +131,15 @@ where
             && !target.starts_with("rdkafka")
             && !target.starts_with(SELF_TARGET)
         {
-            shipper.offer(bytes);
+            let trace_id = line
+                .get("trace_id")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            shipper.offer(super::kafka::Line {
+                json: bytes,
+                level: meta.level().as_str(),
+                trace_id,
+            });
         }
     }
 }

@@ -1,5 +1,11 @@
 //! Log shipping to Kafka: a bounded queue and one thread that owns the producer; never blocks the caller. What
 //! cannot be shipped is dropped and counted by reason in [`ShipperStats`].
+//!
+//! Each message is one JSON line, keyed by the service instance (so one instance's lines stay in order on one
+//! partition) with the headers [`HEADER_LEVEL`] and, when the line has one, [`HEADER_TRACE_ID`], so a consumer
+//! can filter without parsing (`kcat -C -t logs.<service> -f '%k %h %s\n'`). The topic is the project's, not
+//! left to auto-creation: the shipper creates it with `log.topic_partitions` and `log.topic_replication` and
+//! sets its `retention.ms` to `log.retention` before it ships the first line (retried while Kafka is away).
 
 use std::{
     io::Write,
@@ -19,7 +25,27 @@ use rdkafka::{
     types::RDKafkaErrorCode,
 };
 
+use rdkafka::{
+    admin::{
+        AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+    },
+    client::DefaultClientContext,
+    message::{Header, OwnedHeaders},
+};
+
 use super::{LogSettings, ShipperStats};
+
+/// Header of a shipped line: its level (`TRACE` … `ERROR`).
+pub const HEADER_LEVEL: &str = "level";
+/// Header of a shipped line: the trace id of the call it belongs to, when it belongs to one.
+pub const HEADER_TRACE_ID: &str = "trace_id";
+
+/// One line for the shipper.
+pub(super) struct Line {
+    pub(super) json: Vec<u8>,
+    pub(super) level: &'static str,
+    pub(super) trace_id: Option<String>,
+}
 
 pub(super) struct DeliveryContext {
     stats: Arc<ShipperStats>,
@@ -55,7 +81,7 @@ impl ProducerContext for DeliveryContext {
 
 /// The Kafka side: a bounded queue and the thread that owns the producer.
 pub(super) struct Shipper {
-    tx: SyncSender<Vec<u8>>,
+    tx: SyncSender<Line>,
     stats: Arc<ShipperStats>,
     stderr_fallback: bool,
 }
@@ -91,11 +117,25 @@ impl Shipper {
                 stats: stats.clone(),
                 stderr_fallback,
             })?;
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("log_level", "0")
+            .create()?;
+        let spec = TopicSpec {
+            partitions: settings.topic_partitions,
+            replication: settings.topic_replication,
+            retention_ms: settings.retention.as_millis().to_string(),
+        };
         let (tx, rx) = mpsc::sync_channel(settings.buffer_lines);
         let thread_stats = stats.clone();
+        let key = instance.to_owned();
         let handle = std::thread::Builder::new()
             .name("log-shipper".into())
-            .spawn(move || run_shipper(rx, producer, topic, thread_stats, stop))?;
+            .spawn(move || {
+                // Lines queue (up to `log.buffer_lines`) while the topic is being made.
+                prepare_topic(&admin, &topic, &spec, &stop);
+                run_shipper(rx, producer, topic, key, thread_stats, stop)
+            })?;
         Ok((
             Self {
                 tx,
@@ -107,14 +147,14 @@ impl Shipper {
     }
 
     /// Queues one line; a full queue drops it (counted, and on stderr when stdout is off).
-    pub(super) fn offer(&self, line: Vec<u8>) {
+    pub(super) fn offer(&self, line: Line) {
         match self.tx.try_send(line) {
             Ok(()) => {}
             Err(TrySendError::Full(line)) | Err(TrySendError::Disconnected(line)) => {
                 self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
                 if self.stderr_fallback {
                     let mut err = std::io::stderr().lock();
-                    let _ = err.write_all(&line);
+                    let _ = err.write_all(&line.json);
                     let _ = err.write_all(b"\n");
                 }
             }
@@ -122,17 +162,76 @@ impl Shipper {
     }
 }
 
+/// The log topic's shape, as the project sets it.
+struct TopicSpec {
+    partitions: i32,
+    replication: i32,
+    retention_ms: String,
+}
+
+/// Creates `topic` per `spec` if missing and sets its retention; retried (1 s apart) until Kafka answers or the
+/// shipper is asked to stop.
+fn prepare_topic(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+    spec: &TopicSpec,
+    stop: &AtomicBool,
+) {
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(5)));
+    let new = NewTopic::new(
+        topic,
+        spec.partitions,
+        TopicReplication::Fixed(spec.replication),
+    )
+    .set("retention.ms", &spec.retention_ms);
+    let alter =
+        AlterConfig::new(ResourceSpecifier::Topic(topic)).set("retention.ms", &spec.retention_ms);
+    while !stop.load(Ordering::Acquire) {
+        let created = futures::executor::block_on(admin.create_topics([&new], &opts));
+        let ok = match created {
+            Ok(results) => results.iter().all(|r| match r {
+                Ok(_) => true,
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    // Someone made it first (an earlier run, another instance): the retention is still ours.
+                    futures::executor::block_on(admin.alter_configs([&alter], &opts))
+                        .is_ok_and(|r| r.iter().all(Result::is_ok))
+                }
+                Err(_) => false,
+            }),
+            Err(_) => false,
+        };
+        if ok {
+            return;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 fn run_shipper(
-    rx: Receiver<Vec<u8>>,
+    rx: Receiver<Line>,
     producer: BaseProducer<DeliveryContext>,
     topic: String,
+    key: String,
     stats: Arc<ShipperStats>,
     stop: Arc<AtomicBool>,
 ) {
     loop {
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(line) => {
-                let record: BaseRecord<'_, (), [u8]> = BaseRecord::to(&topic).payload(&line[..]);
+                let mut headers = OwnedHeaders::new_with_capacity(2).insert(Header {
+                    key: HEADER_LEVEL,
+                    value: Some(line.level),
+                });
+                if let Some(id) = &line.trace_id {
+                    headers = headers.insert(Header {
+                        key: HEADER_TRACE_ID,
+                        value: Some(id.as_str()),
+                    });
+                }
+                let record: BaseRecord<'_, str, [u8]> = BaseRecord::to(&topic)
+                    .key(key.as_str())
+                    .payload(&line.json[..])
+                    .headers(headers);
                 if let Err((e, _)) = producer.send(record) {
                     match e {
                         KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {

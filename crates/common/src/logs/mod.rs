@@ -47,6 +47,14 @@ pub struct LogSettings {
     pub buffer_lines: usize,
     /// A line Kafka has not acknowledged within this time is dropped and counted (`log.delivery_timeout`).
     pub delivery_timeout: Duration,
+    /// Partitions of the log topic when the service creates it (`log.topic_partitions`, default 3).
+    pub topic_partitions: i32,
+    /// Replication factor of the log topic when the service creates it (`log.topic_replication`, default 1:
+    /// the single local broker; 3 on a production cluster).
+    pub topic_replication: i32,
+    /// How long Kafka keeps log lines (`log.retention`, default 7 days): the topic's `retention.ms`, set at
+    /// every start, on a topic that already exists too.
+    pub retention: Duration,
 }
 
 impl LogSettings {
@@ -63,6 +71,9 @@ impl LogSettings {
             topic: r.opt_string("log.topic"),
             buffer_lines: r.positive("log.buffer_lines", 10_000usize),
             delivery_timeout: r.duration("log.delivery_timeout", Duration::from_secs(5)),
+            topic_partitions: r.positive("log.topic_partitions", 3i32),
+            topic_replication: r.positive("log.topic_replication", 1i32),
+            retention: r.duration("log.retention", Duration::from_secs(7 * 24 * 3600)),
         }
     }
 }

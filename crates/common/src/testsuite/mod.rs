@@ -217,6 +217,33 @@ impl TopicReader {
         .await
         .expect("consumer task")
     }
+    /// Reads until a message (key, payload and headers) satisfies `pred` (at most `limit`); returns it and the
+    /// reader, positioned after it.
+    ///
+    /// # Panics
+    /// No such message within `limit`.
+    pub async fn record_until(
+        self,
+        limit: std::time::Duration,
+        pred: impl Fn(&Record) -> bool + Send + 'static,
+    ) -> (Record, Self) {
+        let start = std::time::Instant::now();
+        let mut reader = self;
+        loop {
+            let left = limit.saturating_sub(start.elapsed());
+            assert!(
+                !left.is_zero(),
+                "no matching message on the topic within {limit:?}"
+            );
+            let (mut got, r) = reader.records(1, left).await;
+            reader = r;
+            let record = got.remove(0);
+            if pred(&record) {
+                return (record, reader);
+            }
+        }
+    }
+
     /// Reads the next `n` messages (at most `limit` in all) with their keys and headers; returns them and the
     /// reader, positioned after them.
     ///
@@ -256,6 +283,47 @@ impl TopicReader {
         .await
         .expect("consumer task")
     }
+}
+
+/// The shape of a Kafka topic: how many partitions it has and its `retention.ms`.
+///
+/// # Panics
+/// Kafka does not answer within 10 s, or the topic is missing.
+pub fn topic_shape(brokers: &str, topic: &str) -> (usize, String) {
+    use rdkafka::{
+        admin::{AdminClient, AdminOptions, ResourceSpecifier},
+        client::DefaultClientContext,
+        consumer::{BaseConsumer, Consumer},
+    };
+    let timeout = std::time::Duration::from_secs(10);
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .expect("topic metadata");
+    let partitions = metadata
+        .topics()
+        .first()
+        .map_or(0, |t| t.partitions().len());
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin");
+    let configs = futures::executor::block_on(admin.describe_configs(
+        [&ResourceSpecifier::Topic(topic)],
+        &AdminOptions::new().request_timeout(Some(timeout)),
+    ))
+    .expect("describe configs");
+    let retention = configs
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r.entries)
+        .find(|e| e.name == "retention.ms")
+        .and_then(|e| e.value)
+        .unwrap_or_default();
+    (partitions, retention)
 }
 
 /// A Kafka message as [`TopicReader::records`] read it.

@@ -406,6 +406,8 @@ async fn log_lines_with_trace_id_reach_the_service_kafka_topic() {
     let mut p = echo_process(&[
         ("KEEL_SERVICE__NAME", name.clone()),
         ("KEEL_KAFKA__BROKERS", infra.kafka.clone()),
+        ("KEEL_LOG__TOPIC_PARTITIONS", "2".into()),
+        ("KEEL_LOG__RETENTION", "2h".into()),
     ]);
     let trace_id = unique("trace");
     let mut client = EchoClient::new(direct(p.addr().await));
@@ -430,6 +432,21 @@ async fn log_lines_with_trace_id_reach_the_service_kafka_topic() {
     assert_eq!(line["fields"]["method"], "/keel.example.v1.Echo/Echo");
     assert!(line["instance"].as_str().unwrap().starts_with(&name));
     assert!(line["timestamp"].as_str().unwrap().ends_with('Z'));
+
+    // Consumers can filter without parsing: the instance is the key, level and trace id are headers.
+    let want = trace_id.clone();
+    let (record, _c) = TopicReader::new(&infra.kafka, &format!("logs.{name}"))
+        .record_until(Duration::from_secs(40), move |r| {
+            r.header("trace_id") == Some(want.as_str())
+        })
+        .await;
+    assert_eq!(record.key.as_deref(), line["instance"].as_str());
+    assert_eq!(record.header("level"), Some("INFO"));
+    // The topic is the project's: its partitions and retention, not the broker's defaults (3, 7 days).
+    assert_eq!(
+        keel_common::testsuite::topic_shape(&infra.kafka, &format!("logs.{name}")),
+        (2, "7200000".to_owned())
+    );
     p.signal("TERM");
     assert!(p.wait_exit(Duration::from_secs(20)).await.success());
 }
