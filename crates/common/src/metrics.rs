@@ -15,8 +15,10 @@
 //!
 //! `<side>` is `server` or `client`; `<Service>` is the proto service name without its package. Paths the
 //! server does not serve are recorded as `unknown.unknown` so a scanner cannot blow up the metric namespace.
-//! Sending never blocks a request: metrics go through a bounded queue to a sender thread, and what does not fit
-//! is dropped and counted ([`Metrics::dropped`]). StatsD daemon (Etsy) then stores counters under
+//! Sending never blocks a request: counters and the in-flight gauge are kept in memory (atomics) and sent
+//! once per flush (every second), so a call costs one timer sample and no allocation; what is sent goes
+//! through a bounded queue to a sender thread, and what does not fit is dropped and counted
+//! ([`Metrics::dropped`]). StatsD sums counts per flush interval, so Graphite sees the same totals. StatsD daemon (Etsy) then stores counters under
 //! `stats_counts.<name>` and timers under `stats.timers.<name>.*` in Graphite.
 
 use std::{
@@ -76,10 +78,35 @@ impl Side {
     }
 }
 
+/// One RPC's counters since the last flush, and its metric names (made once, on its first call).
+struct MethodStats {
+    base: String,
+    latency: String,
+    requests: AtomicU64,
+    /// Calls by gRPC status code (0..=16).
+    status: [AtomicU64; 17],
+}
+
+impl MethodStats {
+    fn new(side: Side, method: &str) -> Self {
+        let base = format!("grpc.{}.{}", side.as_str(), method);
+        Self {
+            latency: format!("{base}.latency"),
+            base,
+            requests: AtomicU64::new(0),
+            status: Default::default(),
+        }
+    }
+}
+
+/// Per side, per method (`Service.Method`).
+type MethodTable = std::sync::RwLock<std::collections::HashMap<String, Arc<MethodStats>>>;
+
 struct Inner {
     client: StatsdClient,
     dropped: Arc<AtomicU64>,
     inflight: [AtomicI64; 2],
+    methods: [MethodTable; 2],
     /// Gauges sampled by the flusher: name (under the prefix) and how to read the value.
     gauges: std::sync::Mutex<Vec<(String, Sampler)>>,
 }
@@ -140,6 +167,7 @@ impl Metrics {
                 client,
                 dropped,
                 inflight: [AtomicI64::new(0), AtomicI64::new(0)],
+                methods: Default::default(),
                 gauges: Default::default(),
             }),
         })
@@ -153,6 +181,7 @@ impl Metrics {
                 client,
                 dropped: Arc::new(AtomicU64::new(0)),
                 inflight: [AtomicI64::new(0), AtomicI64::new(0)],
+                methods: Default::default(),
                 gauges: Default::default(),
             }),
         }
@@ -168,9 +197,29 @@ impl Metrics {
         self.inner.dropped.load(Ordering::Relaxed)
     }
 
-    /// Sends what is buffered now; called every second by [`Metrics::spawn_flusher`] and at shutdown.
+    /// Sends the counters and in-flight gauges kept since the last flush, then what is buffered; called every
+    /// second by [`Metrics::spawn_flusher`] and at shutdown.
     pub fn flush(&self) {
-        let _ = self.inner.client.flush();
+        let c = &self.inner.client;
+        for side in [Side::Server, Side::Client] {
+            let inflight = self.inner.inflight[side as usize].load(Ordering::Relaxed);
+            let _ = c.gauge(INFLIGHT[side as usize], inflight.max(0) as u64);
+            let methods = self.inner.methods[side as usize].read().expect("metrics");
+            for m in methods.values() {
+                let n = m.requests.swap(0, Ordering::Relaxed);
+                if n > 0 {
+                    let _ = c.count(&format!("{}.requests", m.base), n);
+                }
+                for (code, count) in m.status.iter().enumerate() {
+                    let n = count.swap(0, Ordering::Relaxed);
+                    if n > 0 {
+                        let name = code_name(Code::from_i32(code as i32));
+                        let _ = c.count(&format!("{}.status.{name}", m.base), n);
+                    }
+                }
+            }
+        }
+        let _ = c.flush();
     }
 
     /// Adds gauge `name` (under the prefix), read with `value` and sent by the flusher every period.
@@ -206,23 +255,31 @@ impl Metrics {
         });
     }
 
+    /// Counts a call starting (`delta` 1) or ending (-1); sent as a gauge at each flush.
     pub(crate) fn inflight(&self, side: Side, delta: i64) {
-        let slot = &self.inner.inflight[side as usize];
-        let now = slot.fetch_add(delta, Ordering::Relaxed) + delta;
-        let _ = self.inner.client.gauge(
-            &format!("grpc.{}.inflight", side.as_str()),
-            now.max(0) as u64,
-        );
+        self.inner.inflight[side as usize].fetch_add(delta, Ordering::Relaxed);
     }
 
+    /// Records a finished call of `method` (`Service.Method`): its latency now, its counters at the next flush.
     pub(crate) fn record(&self, side: Side, method: &str, code: Code, elapsed: Duration) {
-        let base = format!("grpc.{}.{}", side.as_str(), method);
-        let c = &self.inner.client;
-        let _ = c.count(&format!("{base}.requests"), 1);
-        let _ = c.time(&format!("{base}.latency"), elapsed);
-        let _ = c.count(&format!("{base}.status.{}", code_name(code)), 1);
+        let table = &self.inner.methods[side as usize];
+        let known = table.read().expect("metrics").get(method).cloned();
+        let stats = known.unwrap_or_else(|| {
+            table
+                .write()
+                .expect("metrics")
+                .entry(method.to_owned())
+                .or_insert_with(|| Arc::new(MethodStats::new(side, method)))
+                .clone()
+        });
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        stats.status[(code as usize).min(16)].fetch_add(1, Ordering::Relaxed);
+        let _ = self.inner.client.time(&stats.latency, elapsed);
     }
 }
+
+/// The in-flight gauges' names, by [`Side`].
+const INFLIGHT: [&str; 2] = ["grpc.server.inflight", "grpc.client.inflight"];
 
 /// `SCREAMING_SNAKE` name of a gRPC status code, as in the gRPC spec (`NOT_FOUND`).
 pub fn code_name(code: Code) -> &'static str {

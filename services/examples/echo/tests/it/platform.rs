@@ -381,6 +381,9 @@ async fn rpc_metrics_reach_graphite_through_statsd() {
     let latency = infra
         .whisper_dir
         .join(format!("stats/timers/{base}/latency/count.wsp"));
+    let inflight = infra.whisper_dir.join(format!(
+        "stats/gauges/{prefix}/echo/grpc/server/inflight.wsp"
+    ));
     eventually(
         "counters and timer in graphite",
         Duration::from_secs(40),
@@ -390,6 +393,7 @@ async fn rpc_metrics_reach_graphite_through_statsd() {
             let okc = whisper_sum(&ok)?;
             let lat = whisper_sum(&latency)?;
             let client = whisper_sum(&client_requests)?;
+            whisper_sum(&inflight)?;
             (r == 10.0 && nf == 2.0 && okc == 8.0 && lat >= 10.0 && client == 3.0).then_some(())
         },
     )
