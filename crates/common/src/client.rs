@@ -65,6 +65,10 @@ pub struct ClientSettings {
     /// Static endpoints by service, used when Consul DNS is off: `client.static_endpoints`, e.g.
     /// `echo=127.0.0.1:5000|127.0.0.1:5001,accounts=127.0.0.1:6000`.
     pub static_endpoints: HashMap<String, Vec<SocketAddr>>,
+    /// Services every call to which waits, within its deadline, for an instance to appear instead of failing
+    /// UNAVAILABLE when there is none (gRPC's wait-for-ready; `client.wait_for_ready`, comma separated, `*`
+    /// for all; default none: fail fast). One call can ask with [`crate::WaitForReady`].
+    pub wait_for_ready: Vec<String>,
 }
 
 impl ClientSettings {
@@ -85,6 +89,7 @@ impl ClientSettings {
             connect_timeout: r.duration("client.connect_timeout", Duration::from_secs(1)),
             max_attempts: r.positive("client.max_attempts", 3u32),
             static_endpoints,
+            wait_for_ready: r.list("client.wait_for_ready"),
         }
     }
 }
@@ -265,10 +270,13 @@ impl ClientFactory {
         );
         let balance = Balance::new(discover);
         let buffer = Buffer::new(balance, 1024);
+        let wait = &self.settings.client.wait_for_ready;
+        let wait_for_ready = wait.iter().any(|s| s == "*" || s == service);
         self.outer(NoEndpointFastFail::new(
             buffer,
             endpoints,
             Arc::from(service),
+            wait_for_ready,
         ))
     }
 }

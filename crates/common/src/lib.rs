@@ -49,6 +49,7 @@ pub use client::{Channel, ClientFactory};
 pub use config::Settings;
 pub use error::ServiceError;
 pub use events::EventBus;
+pub use layers::WaitForReady;
 pub use metrics::Metrics;
 pub use retry::{Idempotent, RetryPolicy};
 pub use server::Server;

@@ -8,7 +8,7 @@
 //! | [`ConcurrencyLimitLayer`] | server | at most `grpc.max_concurrent_requests` calls, streams for their whole life; over it RESOURCE_EXHAUSTED before any handler |
 //! | [`ClientContextLayer`] | client | trace id and the remaining deadline out as metadata; local DEADLINE_EXCEEDED |
 //! | [`ErrorToStatusLayer`] | client | transport and balancer errors → UNAVAILABLE |
-//! | [`NoEndpointFastFail`] | client | no healthy instance → UNAVAILABLE at once; waits for discovery's first answer |
+//! | [`NoEndpointFastFail`] | client | no healthy instance → UNAVAILABLE at once (waits for one with [`WaitForReady`]); waits for discovery's first answer |
 //! | [`Ejecting`] | client, per endpoint | timed ejection after a transport failure, half-open retry |
 //!
 //! The answers these layers give without a handler (deadline passed, shed, no endpoint, transport failure)
@@ -27,5 +27,5 @@ pub use concurrency::{ConcurrencyLimit, ConcurrencyLimitLayer};
 pub use ejection::Ejecting;
 pub use error_to_status::{ErrorToStatus, ErrorToStatusLayer};
 pub use grpc_metrics::{GrpcMetrics, GrpcMetricsLayer};
-pub use no_endpoint::NoEndpointFastFail;
+pub use no_endpoint::{NoEndpointFastFail, WaitForReady};
 pub use server_context::{ServerContext, ServerContextLayer};

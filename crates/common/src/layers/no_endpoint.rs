@@ -1,6 +1,11 @@
 //! The no-endpoint fast path: when discovery answered and found no healthy instance, a call fails at once
 //! with UNAVAILABLE; a call made before discovery's first answer waits for it (within its deadline) and then
 //! decides. (A call queued in the balancer with no endpoint would otherwise wait out its whole deadline.)
+//!
+//! Wait-for-ready (gRPC's call option, <https://github.com/grpc/grpc/blob/master/doc/wait-for-ready.md>): a call
+//! that asks for it ([`WaitForReady`] in its extensions), or any call to a service named in
+//! `client.wait_for_ready`, waits instead for an instance to appear, within its deadline (DEADLINE_EXCEEDED
+//! when none does in time).
 
 use std::{
     future::Future,
@@ -17,27 +22,38 @@ use tower::{BoxError, Service};
 
 use crate::error::layer_status;
 
+/// gRPC's wait-for-ready call option: put it in a request's extensions
+/// (`request.extensions_mut().insert(WaitForReady)`) and the call waits, within its deadline, for an instance
+/// of the service to appear instead of failing with UNAVAILABLE when there is none.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WaitForReady;
+
 /// Fails fast with UNAVAILABLE when discovery found no healthy instance; holds a call made before discovery's
 /// first answer until that answer (a call queued in the balancer with no endpoint would wait out its deadline).
+/// With wait-for-ready, waits for an instance instead.
 #[derive(Clone, Debug)]
 pub struct NoEndpointFastFail<S> {
     inner: S,
     endpoints: watch::Receiver<Option<Vec<SocketAddr>>>,
     service: Arc<str>,
+    wait_for_ready: bool,
 }
 
 impl<S> NoEndpointFastFail<S> {
     /// `inner` (the balancer) for service `service`, whose instances `endpoints` publishes (`None` until
-    /// discovery's first answer).
+    /// discovery's first answer); `wait_for_ready`: every call waits for an instance (else only those with
+    /// [`WaitForReady`]).
     pub fn new(
         inner: S,
         endpoints: watch::Receiver<Option<Vec<SocketAddr>>>,
         service: Arc<str>,
+        wait_for_ready: bool,
     ) -> Self {
         Self {
             inner,
             endpoints,
             service,
+            wait_for_ready,
         }
     }
 }
@@ -66,6 +82,19 @@ where
             )
         };
         let answered = self.endpoints.borrow().as_ref().map(Vec::is_empty);
+        let wait = self.wait_for_ready || req.extensions().get::<WaitForReady>().is_some();
+        if wait && answered != Some(false) {
+            let mut endpoints = self.endpoints.clone();
+            let mut inner = self.inner.clone();
+            return Box::pin(async move {
+                // Bounded by the call's deadline, which the client context layer outside enforces.
+                let _ = endpoints
+                    .wait_for(|v| v.as_ref().is_some_and(|l| !l.is_empty()))
+                    .await;
+                use tower::ServiceExt;
+                inner.ready().await?.call(req).await
+            });
+        }
         match answered {
             Some(true) => {
                 let r = none(&self.service);

@@ -148,6 +148,51 @@ async fn a_client_finds_a_peer_that_starts_after_it_without_waiting_an_interval(
     assert_eq!(reply.into_inner().message, "found");
 }
 
+/// Wait-for-ready (gRPC's call option): with it, a call to a service with no instance yet waits, within its
+/// deadline, for one to pass in Consul instead of failing UNAVAILABLE; set per service
+/// (`client.wait_for_ready`) or per call (`WaitForReady` in the request's extensions). Without either, the same
+/// call fails at once (the test above), and a wait that outlives the deadline is DEADLINE_EXCEEDED.
+#[tokio::test]
+async fn wait_for_ready_calls_wait_for_an_instance_within_their_deadline() {
+    let infra = Infra::get();
+    let name = unique("echo-wfr");
+    let env = keel_common::config::Env::default()
+        .with("CONSUL_HTTP_ADDR", &infra.consul_http)
+        .with("KEEL_CONSUL__DNS_ADDR", &infra.consul_dns)
+        .with("KEEL_CONSUL__DISCOVERY_INTERVAL", "500ms")
+        .with("KEEL_CLIENT__WAIT_FOR_READY", &name);
+    let settings = keel_common::Settings::from_env("wfr-client", &env).unwrap();
+    let factory = ClientFactory::new(&settings, Metrics::disabled());
+    let mut client = EchoClient::new(factory.channel(&name).unwrap());
+
+    let mut short = tonic::Request::new(echo("too short a wait"));
+    short.set_timeout(Duration::from_millis(700));
+    let err = client.echo(short).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+
+    let mut waiting = tonic::Request::new(echo("waited"));
+    waiting.set_timeout(Duration::from_secs(30));
+    let call = tokio::spawn(async move { client.echo(waiting).await });
+    // Per call, on a channel whose settings do not name the service.
+    let plain = ClientFactory::new(&infra.client_settings(), Metrics::disabled());
+    let mut per_call = EchoClient::new(plain.channel(&name).unwrap());
+    let mut asked = tonic::Request::new(echo("asked to wait"));
+    asked.set_timeout(Duration::from_secs(30));
+    asked.extensions_mut().insert(keel_common::WaitForReady);
+    let asked = tokio::spawn(async move { per_call.echo(asked).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!call.is_finished() && !asked.is_finished(), "both wait");
+
+    let _late = echo_process(&consul_env(&infra, &name));
+    let reply = call
+        .await
+        .unwrap()
+        .expect("the call waits for the instance");
+    assert_eq!(reply.into_inner().message, "waited");
+    let reply = asked.await.unwrap().expect("the call that asked waits too");
+    assert_eq!(reply.into_inner().message, "asked to wait");
+}
+
 #[tokio::test]
 async fn client_balances_over_consul_dns_and_survives_sigkill() {
     let infra = Infra::get();
