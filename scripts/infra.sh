@@ -43,6 +43,7 @@ STATSD_ADMIN_PORT=${KEEL_STATSD_ADMIN_PORT:-18126}
 CARBON_PORT=${KEEL_CARBON_PORT:-12003}
 CARBON_PICKLE_PORT=${KEEL_CARBON_PICKLE_PORT:-12004}
 CARBON_QUERY_PORT=${KEEL_CARBON_QUERY_PORT:-17002}
+GRAPHITE_WEB_PORT=${KEEL_GRAPHITE_WEB_PORT:-18080}
 
 ALL=(postgres consul kafka graphite statsd)
 
@@ -231,12 +232,12 @@ EOF
 stop_kafka() { stop_pidfile kafka "$RUN/kafka/kafka.pid"; }
 
 # ---------------------------------------------------------------- graphite (carbon)
-install_graphite() { apt_install graphite-carbon python3-whisper; }
+install_graphite() { apt_install graphite-carbon python3-whisper graphite-web gunicorn; }
 
 start_graphite() {
   local dir=$RUN/graphite
   mkdir -p "$dir/storage/whisper" "$dir/log" "$dir/conf"
-  if pid_alive "$dir/carbon-cache-a.pid"; then log "carbon already running"; return; fi
+  if pid_alive "$dir/carbon-cache-a.pid"; then log "carbon already running"; start_graphite_web; return; fi
   cat >"$dir/conf/carbon.conf" <<EOF
 [cache]
 STORAGE_DIR = $dir/storage/
@@ -291,9 +292,48 @@ EOF
     || { tail "$dir/log/start.log" >&2; die "carbon-cache failed to start"; }
   wait_for carbon 30 "$dir/log/console.log" port_open "$CARBON_PORT"
   log "carbon ready: line receiver 127.0.0.1:$CARBON_PORT, whisper under $dir/storage/whisper"
+  start_graphite_web
 }
 
-stop_graphite() { stop_pidfile carbon "$RUN/graphite/carbon-cache-a.pid"; }
+# graphite-web (Debian's, Apache-2.0) under gunicorn on 127.0.0.1, reading carbon's whisper files (and its
+# cache, for points not yet written), with its own settings and SQLite database under the run directory:
+# nothing of /etc/graphite or /var/lib/graphite is used.
+start_graphite_web() {
+  local dir=$RUN/graphite web=$RUN/graphite/webapp
+  if pid_alive "$dir/graphite-web.pid"; then log "graphite-web already running"; return; fi
+  mkdir -p "$web" "$dir/log/webapp"
+  [[ -f $dir/secret-key ]] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dir/secret-key"
+  cat >"$web/keel_graphite_local.py" <<PY
+SECRET_KEY = open('$dir/secret-key').read().strip()
+ALLOWED_HOSTS = ['127.0.0.1', 'localhost']
+TIME_ZONE = 'UTC'
+GRAPHITE_ROOT = '/usr/share/graphite-web'
+STATIC_ROOT = '/usr/share/graphite-web/static'
+CONF_DIR = '$dir/conf'
+STORAGE_DIR = '$dir/storage'
+WHISPER_DIR = '$dir/storage/whisper'
+STANDARD_DIRS = ['$dir/storage/whisper']
+INDEX_FILE = '$dir/storage/index'
+LOG_DIR = '$dir/log/webapp'
+LOG_ROTATION = False
+DEFAULT_XFILES_FACTOR = 0
+CARBONLINK_HOSTS = ['127.0.0.1:$CARBON_QUERY_PORT:a']
+DATABASES = {'default': {'ENGINE': 'django.db.backends.sqlite3', 'NAME': '$dir/graphite-web.db'}}
+PY
+  local env=(env PYTHONPATH="$web" GRAPHITE_SETTINGS_MODULE=keel_graphite_local DJANGO_SETTINGS_MODULE=graphite.settings)
+  "${env[@]}" django-admin migrate --noinput >"$dir/log/webapp-migrate.log" 2>&1 \
+    || { tail "$dir/log/webapp-migrate.log" >&2; die "graphite-web database set-up failed"; }
+  "${env[@]}" gunicorn --daemon --bind "127.0.0.1:$GRAPHITE_WEB_PORT" --workers 2 --timeout 60 \
+    --pid "$dir/graphite-web.pid" --error-logfile "$dir/log/webapp/gunicorn.log" graphite.wsgi:application \
+    || die "graphite-web failed to start"
+  wait_for graphite-web 60 "$dir/log/webapp/gunicorn.log" curl -fsS "http://127.0.0.1:$GRAPHITE_WEB_PORT/version/"
+  log "graphite-web ready: http://127.0.0.1:$GRAPHITE_WEB_PORT/ (render API, dashboards)"
+}
+
+stop_graphite() {
+  stop_pidfile graphite-web "$RUN/graphite/graphite-web.pid"
+  stop_pidfile carbon "$RUN/graphite/carbon-cache-a.pid"
+}
 
 # ---------------------------------------------------------------- statsd
 install_statsd() {
@@ -368,6 +408,7 @@ export KEEL_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
 export KEEL_STATSD_ADDR=127.0.0.1:$STATSD_PORT
 export KEEL_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres
 export KEEL_WHISPER_DIR=$RUN/graphite/storage/whisper
+export KEEL_GRAPHITE_URL=http://127.0.0.1:$GRAPHITE_WEB_PORT
 export KEEL_GRPCURL=$CACHE/bin/grpcurl
 export KEEL_GHZ=$CACHE/bin/ghz
 EOF
@@ -377,7 +418,7 @@ status() {
   printf '%-9s %s\n' postgres "$(port_open "$PG_PORT" && echo "up 127.0.0.1:$PG_PORT" || echo down)"
   printf '%-9s %s\n' consul "$(pid_alive "$RUN/consul/consul.pid" && echo "up http 127.0.0.1:$CONSUL_HTTP_PORT dns :$CONSUL_DNS_PORT" || echo down)"
   printf '%-9s %s\n' kafka "$(pid_alive "$RUN/kafka/kafka.pid" && echo "up 127.0.0.1:$KAFKA_PORT" || echo down)"
-  printf '%-9s %s\n' graphite "$(pid_alive "$RUN/graphite/carbon-cache-a.pid" && echo "up 127.0.0.1:$CARBON_PORT" || echo down)"
+  printf '%-9s %s\n' graphite "$(pid_alive "$RUN/graphite/carbon-cache-a.pid" && echo "up 127.0.0.1:$CARBON_PORT web http://127.0.0.1:$GRAPHITE_WEB_PORT/" || echo down)"
   printf '%-9s %s\n' statsd "$(pid_alive "$RUN/statsd/statsd.pid" && echo "up udp 127.0.0.1:$STATSD_PORT" || echo down)"
 }
 

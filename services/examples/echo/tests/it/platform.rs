@@ -443,6 +443,23 @@ async fn rpc_metrics_reach_graphite_through_statsd() {
         },
     )
     .await;
+    // graphite-web, as ops see it: its render API draws the same counter from the same files.
+    let target = format!("stats_counts.{prefix}.echo.grpc.server.Echo.Echo.requests");
+    let url = format!(
+        "{}/render?target={target}&from=-15min&format=json",
+        infra.graphite_url
+    );
+    eventually("graphite-web renders the counter", Duration::from_secs(30), || async {
+        let out = Command::new("curl").args(["-fsS", &url]).output().ok()?;
+        let series: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let sum: f64 = series[0]["datapoints"]
+            .as_array()?
+            .iter()
+            .filter_map(|p| p[0].as_f64())
+            .sum();
+        (sum == 10.0).then_some(())
+    })
+    .await;
     p.signal("TERM");
     assert!(p.wait_exit(Duration::from_secs(20)).await.success());
 }

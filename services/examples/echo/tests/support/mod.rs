@@ -19,6 +19,8 @@ pub struct Infra {
     pub kafka: String,
     pub statsd: String,
     pub whisper_dir: PathBuf,
+    /// graphite-web's base URL (render API).
+    pub graphite_url: String,
     pub grpcurl: PathBuf,
     pub infra_script: PathBuf,
 }
@@ -37,6 +39,7 @@ impl Infra {
             kafka: var("KEEL_KAFKA_BROKERS"),
             statsd: var("KEEL_STATSD_ADDR"),
             whisper_dir: var("KEEL_WHISPER_DIR").into(),
+            graphite_url: var("KEEL_GRAPHITE_URL"),
             grpcurl: var("KEEL_GRPCURL").into(),
             infra_script: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
                 .join("../../../scripts/infra.sh"),
