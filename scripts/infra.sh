@@ -357,12 +357,15 @@ start_statsd() {
   graphiteHost: "127.0.0.1",
   graphitePort: $CARBON_PORT,
   flushInterval: 1000,
+  percentThreshold: [50, 90, 99],
   deleteIdleStats: true,
   backends: ["./backends/graphite"]
 }
 EOF
+  # `exec`: the PID recorded is node's own, so `stop` ends the daemon itself (not a subshell it outlives).
   (cd "$CACHE/statsd-$STATSD_VERSION/node_modules/statsd" &&
-    nohup node stats.js "$dir/config.js" >"$dir/statsd.log" 2>&1 & echo $! >"$dir/statsd.pid")
+    exec nohup node stats.js "$dir/config.js" >"$dir/statsd.log" 2>&1) &
+  echo $! >"$dir/statsd.pid"
   wait_for statsd 30 "$dir/statsd.log" port_open "$STATSD_ADMIN_PORT"
   log "statsd ready: udp 127.0.0.1:$STATSD_PORT -> carbon 127.0.0.1:$CARBON_PORT"
 }

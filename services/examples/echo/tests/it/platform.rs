@@ -449,16 +449,20 @@ async fn rpc_metrics_reach_graphite_through_statsd() {
         "{}/render?target={target}&from=-15min&format=json",
         infra.graphite_url
     );
-    eventually("graphite-web renders the counter", Duration::from_secs(30), || async {
-        let out = Command::new("curl").args(["-fsS", &url]).output().ok()?;
-        let series: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        let sum: f64 = series[0]["datapoints"]
-            .as_array()?
-            .iter()
-            .filter_map(|p| p[0].as_f64())
-            .sum();
-        (sum == 10.0).then_some(())
-    })
+    eventually(
+        "graphite-web renders the counter",
+        Duration::from_secs(30),
+        || async {
+            let out = Command::new("curl").args(["-fsS", &url]).output().ok()?;
+            let series: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let sum: f64 = series[0]["datapoints"]
+                .as_array()?
+                .iter()
+                .filter_map(|p| p[0].as_f64())
+                .sum();
+            (sum == 10.0).then_some(())
+        },
+    )
     .await;
     p.signal("TERM");
     assert!(p.wait_exit(Duration::from_secs(20)).await.success());
@@ -703,6 +707,97 @@ async fn outbox_and_dead_letter_gauges_reach_graphite() {
         "the gauges in graphite",
         Duration::from_secs(40),
         || async { files.iter().all(|f| whisper_sum(f).is_some()).then_some(()) },
+    )
+    .await;
+    p.signal("TERM");
+    assert!(p.wait_exit(Duration::from_secs(20)).await.success());
+}
+
+/// The generated dashboards, as ops see them: `keel dashboards --load` saves them into graphite-web, and after
+/// calls (some failing) every target of the echo service's dashboard renders a series with data.
+#[tokio::test]
+async fn generated_dashboards_load_into_graphite_web_and_every_echo_target_has_data() {
+    let infra = Infra::get();
+    let prefix = unique("d").replace('-', "");
+    let mut p = echo_process(&[
+        ("KEEL_STATSD__ADDR", infra.statsd.clone()),
+        ("KEEL_STATSD__PREFIX", prefix.clone()),
+    ]);
+    let client = EchoClient::new(direct(p.addr().await));
+    let out = Command::new(keel_common::testsuite::binary("keel"))
+        .args([
+            "dashboards",
+            "--prefix",
+            &prefix,
+            "--load",
+            &infra.graphite_url,
+        ])
+        .output()
+        .expect("keel dashboards");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let load = |name: &str| {
+        let url = format!("{}/dashboard/load/{name}", infra.graphite_url);
+        let out = Command::new("curl").args(["-fsS", &url]).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
+    };
+    let board = load(&format!("{prefix}.Echo"));
+    let targets: Vec<String> = board["state"]["graphs"]
+        .as_array()
+        .expect("the echo dashboard is in graphite-web")
+        .iter()
+        .flat_map(|g| g[1]["target"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t.as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(targets.len(), 7, "{targets:?}");
+    assert!(load(&format!("{prefix}.fleet"))["state"]["graphs"].is_array());
+
+    let has_data = |target: &str| {
+        let url = format!("{}/render?format=json&from=-15min", infra.graphite_url);
+        let out = Command::new("curl")
+            .args([
+                "-fsS",
+                "--data-urlencode",
+                &format!("target={target}"),
+                &url,
+            ])
+            .output()
+            .ok()?;
+        let series: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        series
+            .as_array()?
+            .iter()
+            .any(|s| {
+                s["datapoints"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().any(|p| p[0].is_number()))
+            })
+            .then_some(())
+    };
+    eventually(
+        "every target of the echo dashboard renders data",
+        Duration::from_secs(60),
+        || {
+            let mut c = client.clone();
+            let targets = targets.clone();
+            async move {
+                for code in [Code::Ok, Code::NotFound] {
+                    let _ = c
+                        .echo(EchoRequest {
+                            message: "dashboards".into(),
+                            fail_with_code: code as i32,
+                            ..Default::default()
+                        })
+                        .await;
+                }
+                let missing: Vec<&String> =
+                    targets.iter().filter(|t| has_data(t).is_none()).collect();
+                missing.is_empty().then_some(())
+            }
+        },
     )
     .await;
     p.signal("TERM");

@@ -1,0 +1,57 @@
+//! `keel`: the operator's command. `keel dashboards` writes the Graphite and Grafana dashboards of every
+//! service (generated from the protos) and loads them into graphite-web.
+
+mod dashboards;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "keel", about = "Operate a keel fleet", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Writes one dashboard per gRPC service (golden signals per RPC), a fleet overview and the platform's
+    /// health, as graphite-web and Grafana JSON, and loads them into graphite-web.
+    ///
+    /// Example: keel dashboards --out deploy/dashboards --load http://127.0.0.1:18080
+    Dashboards {
+        /// `statsd.prefix` of the services.
+        #[arg(long, default_value = "keel")]
+        prefix: String,
+        /// Directory to write `graphite/*.json` and `grafana/*.json` into.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// graphite-web to save the dashboards into (its dashboard API).
+        #[arg(long, env = "KEEL_GRAPHITE_URL")]
+        load: Option<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Dashboards { prefix, out, load } => {
+            let boards = dashboards::generate(&prefix)?;
+            if let Some(dir) = &out {
+                dashboards::write(&boards, dir)?;
+                println!("wrote {} dashboards to {}", boards.len(), dir.display());
+            }
+            if let Some(url) = &load {
+                dashboards::load(&boards, url).await?;
+                println!("loaded {} dashboards into {url}/dashboard/", boards.len());
+            }
+            if out.is_none() && load.is_none() {
+                for b in &boards {
+                    println!("{}", b.name);
+                }
+            }
+            Ok(())
+        }
+    }
+}
