@@ -232,7 +232,7 @@ EOF
 stop_kafka() { stop_pidfile kafka "$RUN/kafka/kafka.pid"; }
 
 # ---------------------------------------------------------------- graphite (carbon)
-install_graphite() { apt_install graphite-carbon python3-whisper graphite-web gunicorn; }
+install_graphite() { apt_install graphite-carbon python3-whisper graphite-web gunicorn python3-whitenoise; }
 
 start_graphite() {
   local dir=$RUN/graphite
@@ -308,7 +308,7 @@ SECRET_KEY = open('$dir/secret-key').read().strip()
 ALLOWED_HOSTS = ['127.0.0.1', 'localhost']
 TIME_ZONE = 'UTC'
 GRAPHITE_ROOT = '/usr/share/graphite-web'
-STATIC_ROOT = '/usr/share/graphite-web/static'
+STATIC_ROOT = '$dir/static'
 CONF_DIR = '$dir/conf'
 STORAGE_DIR = '$dir/storage'
 WHISPER_DIR = '$dir/storage/whisper'
@@ -320,11 +320,29 @@ DEFAULT_XFILES_FACTOR = 0
 CARBONLINK_HOSTS = ['127.0.0.1:$CARBON_QUERY_PORT:a']
 DATABASES = {'default': {'ENGINE': 'django.db.backends.sqlite3', 'NAME': '$dir/graphite-web.db'}}
 PY
-  local env=(env PYTHONPATH="$web" GRAPHITE_SETTINGS_MODULE=keel_graphite_local DJANGO_SETTINGS_MODULE=graphite.settings)
+  # graphite.settings sets STATICFILES_DIRS after reading local settings, to a directory Debian does not ship:
+  # the dashboard's theme and scripts are found through this module instead.
+  cat >"$web/keel_graphite_settings.py" <<PY
+from graphite.settings import *  # noqa: F401,F403
+STATICFILES_DIRS = ['/usr/share/graphite-web/static']
+PY
+  # Debian's graphite.wsgi mistakes WhiteNoise 6 (no __version__) for an old one: serve the dashboard's static
+  # files with WhiteNoise in our own WSGI module instead. They are served from a copy, because Debian's XSS
+  # patches (CVE-2022-4728..4730) call an `htmlEncode` that its dashboard.js never defines, which stops the
+  # dashboard UI at the first named dashboard; the copy's dashboard.js first binds it to ExtJS's own encoder.
+  rm -rf "$web/static" && cp -r /usr/share/graphite-web/static "$web/static"
+  { echo 'var htmlEncode = Ext.util.Format.htmlEncode;'; cat /usr/share/graphite-web/static/js/dashboard.js; } \
+    >"$web/static/js/dashboard.js"
+  cat >"$web/keel_graphite_wsgi.py" <<PY
+from django.core.wsgi import get_wsgi_application
+from whitenoise import WhiteNoise
+application = WhiteNoise(get_wsgi_application(), root='$web/static', prefix='static/')
+PY
+  local env=(env PYTHONPATH="$web" GRAPHITE_SETTINGS_MODULE=keel_graphite_local DJANGO_SETTINGS_MODULE=keel_graphite_settings)
   "${env[@]}" django-admin migrate --noinput >"$dir/log/webapp-migrate.log" 2>&1 \
     || { tail "$dir/log/webapp-migrate.log" >&2; die "graphite-web database set-up failed"; }
   "${env[@]}" gunicorn --daemon --bind "127.0.0.1:$GRAPHITE_WEB_PORT" --workers 2 --timeout 60 \
-    --pid "$dir/graphite-web.pid" --error-logfile "$dir/log/webapp/gunicorn.log" graphite.wsgi:application \
+    --pid "$dir/graphite-web.pid" --error-logfile "$dir/log/webapp/gunicorn.log" keel_graphite_wsgi:application \
     || die "graphite-web failed to start"
   wait_for graphite-web 60 "$dir/log/webapp/gunicorn.log" curl -fsS "http://127.0.0.1:$GRAPHITE_WEB_PORT/version/"
   log "graphite-web ready: http://127.0.0.1:$GRAPHITE_WEB_PORT/ (render API, dashboards)"
@@ -374,7 +392,7 @@ stop_statsd() { stop_pidfile statsd "$RUN/statsd/statsd.pid"; }
 
 # ---------------------------------------------------------------- tools used by tests
 install_tools() {
-  apt_install dnsutils curl kcat
+  apt_install dnsutils curl kcat chromium
   local bin=$CACHE/bin/grpcurl
   if [[ ! -x $bin ]]; then
     log "building grpcurl $GRPCURL_VERSION (once)"

@@ -76,7 +76,7 @@ pub fn service(prefix: &str, svc: &str) -> Dashboard {
                 unit: "%",
                 // Node 8 is the status code name; OK is not an error.
                 targets: vec![format!(
-                    "asPercent(groupByNode(exclude({counts}.status.*, '\\.OK$'), 8, 'sumSeries'), sumSeries({counts}.requests))"
+                    "aliasSub(asPercent(groupByNode(exclude({counts}.status.*, '\\.OK$'), 8, 'sumSeries'), sumSeries({counts}.requests)), '^asPercent\\(([^,]+),.*', '\\1')"
                 )],
             },
             Graph {
@@ -119,7 +119,7 @@ pub fn fleet(prefix: &str) -> Dashboard {
                 title: "errors by service, % of calls".into(),
                 unit: "%",
                 targets: vec![format!(
-                    "asPercent(groupByNode(exclude({counts}.status.*, '\\.OK$'), 5, 'sumSeries'), groupByNode({counts}.requests, 5, 'sumSeries'), 0)"
+                    "aliasSub(asPercent(groupByNode(exclude({counts}.status.*, '\\.OK$'), 5, 'sumSeries'), groupByNode({counts}.requests, 5, 'sumSeries'), 0), '^asPercent\\(([^,]+),.*', '\\1')"
                 )],
             },
             Graph {
@@ -161,20 +161,58 @@ pub fn platform(prefix: &str) -> Dashboard {
     }
 }
 
-/// graphite-web's dashboard state (what its dashboard UI saves): graphs as `[id, params, url]`.
-pub fn graphite_json(d: &Dashboard) -> Value {
+/// How far back a dashboard shows by default: a quantity and a Graphite unit (`30`, `minutes`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Range {
+    /// How many units.
+    pub quantity: u32,
+    /// `minutes`, `hours` or `days`.
+    pub units: String,
+}
+
+impl Default for Range {
+    fn default() -> Self {
+        Self {
+            quantity: 30,
+            units: "minutes".into(),
+        }
+    }
+}
+
+impl std::str::FromStr for Range {
+    type Err = String;
+
+    /// `30minutes`, `2hours`, `1days` (Graphite's units).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let rest = s.trim_start_matches('-');
+        let digits = rest.chars().take_while(char::is_ascii_digit).count();
+        let (n, units) = rest.split_at(digits);
+        let quantity = n
+            .parse()
+            .map_err(|_| format!("{s:?}: expected e.g. 30minutes"))?;
+        match units {
+            "minutes" | "hours" | "days" => Ok(Self {
+                quantity,
+                units: units.to_owned(),
+            }),
+            _ => Err(format!("{s:?}: the unit is minutes, hours or days")),
+        }
+    }
+}
+
+/// graphite-web's dashboard state (what its dashboard UI saves): graphs as `[id, params, url]`, showing the
+/// last `range` by default.
+pub fn graphite_json(d: &Dashboard, range: &Range) -> Value {
     let graphs: Vec<Value> = d
         .graphs
         .iter()
         .map(|g| {
+            // No time range or size of its own: the dashboard's apply to every graph.
             let params = json!({
                 "target": g.targets,
                 "title": g.title,
                 "vtitle": g.unit,
-                "from": "-1hours",
-                "until": "now",
-                "width": 600,
-                "height": 300,
+                "lineWidth": 2,
                 "hideLegend": false,
             });
             json!([g.title, params, "", "png"])
@@ -184,14 +222,19 @@ pub fn graphite_json(d: &Dashboard) -> Value {
         "name": d.name,
         "timeConfig": {
             "type": "relative",
-            "relativeStartQuantity": "1",
-            "relativeStartUnits": "hours",
+            "relativeStartQuantity": range.quantity.to_string(),
+            "relativeStartUnits": range.units,
             "relativeUntilQuantity": "",
             "relativeUntilUnits": "now",
         },
         "refreshConfig": {"enabled": true, "interval": 60000},
         "graphSize": {"width": 600, "height": 300},
-        "defaultGraphParams": {"from": "-1hours", "until": "now", "width": 600, "height": 300},
+        "defaultGraphParams": {
+            "from": format!("-{}{}", range.quantity, range.units),
+            "until": "now",
+            "width": 600,
+            "height": 300,
+        },
         "graphs": graphs,
     })
 }
@@ -228,7 +271,7 @@ pub fn grafana_json(d: &Dashboard) -> Value {
         "title": d.name,
         "uid": d.name.replace('.', "-"),
         "schemaVersion": 39,
-        "time": {"from": "now-1h", "to": "now"},
+        "time": {"from": "now-30m", "to": "now"},
         "refresh": "10s",
         "tags": ["keel"],
         "panels": panels,
@@ -249,9 +292,10 @@ fn grafana_unit(unit: &str) -> &'static str {
 /// # Errors
 /// A file cannot be written.
 pub fn write(boards: &[Dashboard], dir: &Path) -> anyhow::Result<()> {
+    let graphite = |d: &Dashboard| graphite_json(d, &Range::default());
     for (kind, render) in [
-        ("graphite", graphite_json as fn(&Dashboard) -> Value),
-        ("grafana", grafana_json),
+        ("graphite", &graphite as &dyn Fn(&Dashboard) -> Value),
+        ("grafana", &grafana_json),
     ] {
         let sub = dir.join(kind);
         std::fs::create_dir_all(&sub)?;
@@ -263,16 +307,17 @@ pub fn write(boards: &[Dashboard], dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Saves every dashboard into graphite-web at `url` (`POST /dashboard/save/<name>`, form field `state`).
+/// Saves every dashboard into graphite-web at `url` (`POST /dashboard/save/<name>`, form field `state`),
+/// showing the last `range` by default.
 ///
 /// # Errors
 /// graphite-web is unreachable or refuses one (the error names it and the setting to change).
-pub async fn load(boards: &[Dashboard], url: &str) -> anyhow::Result<()> {
+pub async fn load(boards: &[Dashboard], url: &str, range: &Range) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()?;
     for b in boards {
-        let state = graphite_json(b).to_string();
+        let state = graphite_json(b, range).to_string();
         let answer: Value = http
             .post(format!(
                 "{}/dashboard/save/{}",
@@ -329,10 +374,8 @@ mod tests {
     fn the_files_in_deploy_are_what_the_generator_writes() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/dashboards");
         for d in generate("keel").unwrap() {
-            for (kind, json) in [
-                ("graphite", graphite_json(&d)),
-                ("grafana", grafana_json(&d)),
-            ] {
+            let graphite = graphite_json(&d, &Range::default());
+            for (kind, json) in [("graphite", graphite), ("grafana", grafana_json(&d))] {
                 let path = dir.join(kind).join(format!("{}.json", d.name));
                 let file = std::fs::read_to_string(&path).unwrap_or_default();
                 assert_eq!(

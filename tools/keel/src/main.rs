@@ -30,20 +30,28 @@ enum Cmd {
         /// graphite-web to save the dashboards into (its dashboard API).
         #[arg(long, env = "KEEL_GRAPHITE_URL")]
         load: Option<String>,
+        /// How far back the loaded dashboards show by default (`30minutes`, `2hours`, `1days`).
+        #[arg(long, default_value = "30minutes")]
+        last: dashboards::Range,
     },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Cmd::Dashboards { prefix, out, load } => {
+        Cmd::Dashboards {
+            prefix,
+            out,
+            load,
+            last,
+        } => {
             let boards = dashboards::generate(&prefix)?;
             if let Some(dir) = &out {
                 dashboards::write(&boards, dir)?;
                 println!("wrote {} dashboards to {}", boards.len(), dir.display());
             }
             if let Some(url) = &load {
-                dashboards::load(&boards, url).await?;
+                dashboards::load(&boards, url, &last).await?;
                 println!("loaded {} dashboards into {url}/dashboard/", boards.len());
             }
             if out.is_none() && load.is_none() {

@@ -800,6 +800,95 @@ async fn generated_dashboards_load_into_graphite_web_and_every_echo_target_has_d
         },
     )
     .await;
+
+    // As a person sees it: headless Chromium opens the dashboard, and the screenshot shows drawn lines (coloured
+    // pixels), well beyond the same dashboard for a prefix with no metrics at all ("No Data" graphs).
+    let empty = unique("n").replace('-', "");
+    // Ten seconds of steady calls, shown by the dashboards loaded again to show the last minute (their own
+    // range is 30 minutes, where this test's data would be a sliver).
+    let start = std::time::Instant::now();
+    let mut c = client.clone();
+    while start.elapsed() < Duration::from_secs(10) {
+        for code in [Code::Ok, Code::Ok, Code::NotFound] {
+            let mut req = echo("steady");
+            req.fail_with_code = code as i32;
+            let _ = c.echo(req).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for p in [&prefix, &empty] {
+        let out = Command::new(keel_common::testsuite::binary("keel"))
+            .args([
+                "dashboards",
+                "--prefix",
+                p,
+                "--last",
+                "1minutes",
+                "--load",
+                &infra.graphite_url,
+            ])
+            .output()
+            .expect("keel dashboards");
+        assert!(out.status.success());
+    }
+    let url = |board: &str| format!("{}/dashboard/{board}", infra.graphite_url);
+    let drawn = coloured_pixels(&screenshot(&url(&format!("{prefix}.Echo"))));
+    let blank = coloured_pixels(&screenshot(&url(&format!("{empty}.Echo"))));
+    // The page around the graphs is the same in both (toolbar icons); the difference is the lines.
+    assert!(
+        drawn >= blank + 1_000,
+        "graphs drawn: {drawn} coloured pixels; with no data: {blank}"
+    );
     p.signal("TERM");
     assert!(p.wait_exit(Duration::from_secs(20)).await.success());
+}
+
+/// A 1400×1100 screenshot of `url` by headless Chromium (Debian's, installed by `make infra-install`), with
+/// the flags that keep it off the network; returns the PNG file.
+fn screenshot(url: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(unique("chromium"));
+    let png = dir.with_extension("png");
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1400,1100",
+            "--virtual-time-budget=20000",
+        ])
+        .arg(format!("--user-data-dir={}", dir.display()))
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(url)
+        .output()
+        .expect("chromium (make infra-install installs it)");
+    assert!(
+        png.exists(),
+        "no screenshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    png
+}
+
+/// Pixels of a PNG whose colour is strong (max − min channel > 100): graph lines and legend swatches, not the
+/// UI's greys and pale blues.
+fn coloured_pixels(path: &std::path::Path) -> usize {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let channels = info.color_type.samples();
+    buf[..info.buffer_size()]
+        .chunks(channels)
+        .filter(|px| {
+            let rgb = &px[..3.min(px.len())];
+            rgb.iter().max().unwrap() - rgb.iter().min().unwrap() > 100
+        })
+        .count()
 }
