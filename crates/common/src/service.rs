@@ -141,10 +141,11 @@ pub trait Service: Sized + Clone + Send + Sync + 'static {
         resources: Resources<Self::Settings>,
     ) -> impl Future<Output = anyhow::Result<Self>> + Send;
 
-    /// Applies one consumed event; see [`crate::events`] for retries and skipping.
+    /// Applies one consumed event; see [`crate::events`] for retries and dead letters.
     ///
     /// # Errors
-    /// [`HandlerError::Malformed`] is logged and skipped; anything else is retried.
+    /// [`HandlerError::Unavailable`] is waited out; [`HandlerError::Failed`] is retried `events.max_attempts`
+    /// times and [`HandlerError::Malformed`] not at all before the event is dead-lettered.
     fn handle(&self, event: Event) -> impl Future<Output = Result<(), HandlerError>> + Send {
         let topic = event.topic;
         async move {
