@@ -381,6 +381,29 @@ impl ConsulAgent {
         }
     }
 
+    /// Every service name in the catalog (`GET /v1/catalog/services`), sorted; Consul's own `consul` included.
+    ///
+    /// # Errors
+    /// [`ConsulError`] when the agent is unreachable or refuses.
+    pub async fn catalog_services(&self) -> Result<Vec<String>, ConsulError> {
+        let resp = self
+            .send(
+                "catalog query",
+                self.req(reqwest::Method::GET, "/v1/catalog/services"),
+            )
+            .await?;
+        let map: HashMap<String, serde_json::Value> =
+            resp.json()
+                .await
+                .map_err(|source| ConsulError::Unreachable {
+                    addr: self.base.clone(),
+                    source,
+                })?;
+        let mut names: Vec<String> = map.into_keys().collect();
+        names.sort();
+        Ok(names)
+    }
+
     /// The cluster-wide instances of `name` (`GET /v1/health/service/:name`), only those passing every check
     /// when `passing_only`.
     ///

@@ -1,7 +1,9 @@
-//! `keel`: the operator's command. `keel dashboards` writes the Graphite and Grafana dashboards of every
-//! service (generated from the protos) and loads them into graphite-web.
+//! `keel`: the operator's command. `keel health` shows the fleet's state (exit code for cron); `keel
+//! dashboards` writes the Graphite and Grafana dashboards of every service (generated from the protos) and
+//! loads them into graphite-web.
 
 mod dashboards;
+mod health;
 
 use std::path::PathBuf;
 
@@ -16,6 +18,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Every service instance's Consul health and whether Consul, Kafka, PostgreSQL and graphite-web answer;
+    /// exit code 1 when something is critical (for cron).
+    ///
+    /// Example: eval "$(scripts/infra.sh env)"; keel health --service echo
+    Health(health::Args),
     /// Writes one dashboard per gRPC service (golden signals per RPC), a fleet overview and the platform's
     /// health, as graphite-web and Grafana JSON, and loads them into graphite-web.
     ///
@@ -39,6 +46,12 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Cmd::Health(args) => {
+            if !health::run(&args).await? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Cmd::Dashboards {
             prefix,
             out,

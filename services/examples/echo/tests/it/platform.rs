@@ -892,3 +892,51 @@ fn coloured_pixels(path: &std::path::Path) -> usize {
         })
         .count()
 }
+
+/// `keel health`, as cron runs it: exit 0 with a passing instance listed; after a SIGKILL, the instance shows
+/// critical and the exit code is 1.
+#[tokio::test]
+async fn keel_health_reports_a_killed_instance_as_critical_with_a_failing_exit_code() {
+    let infra = Infra::get();
+    let name = unique("echo-health");
+    let p = echo_process(&consul_env(&infra, &name));
+    passing_ports(&name, 1, CONSUL_WAIT).await;
+    let health = || {
+        Command::new(keel_common::testsuite::binary("keel"))
+            .args(["health", "--json", "--service", &name])
+            .env("CONSUL_HTTP_ADDR", &infra.consul_http)
+            .env("KEEL_KAFKA_BROKERS", &infra.kafka)
+            .env("KEEL_GRAPHITE_URL", &infra.graphite_url)
+            .output()
+            .expect("keel health")
+    };
+    let state = |out: &std::process::Output| {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == name.as_str())
+            .map(|c| c["state"].as_str().unwrap_or_default().to_owned())
+    };
+    let ok = health();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    assert_eq!(state(&ok).as_deref(), Some("passing"));
+
+    p.signal("KILL");
+    let failing = eventually(
+        "the killed instance is critical",
+        Duration::from_secs(30),
+        || async {
+            let out = health();
+            (state(&out).as_deref() == Some("critical")).then_some(out)
+        },
+    )
+    .await;
+    assert_eq!(failing.status.code(), Some(1));
+}
