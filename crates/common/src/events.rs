@@ -65,7 +65,7 @@ pub mod headers {
     pub const ORIGINAL_OFFSET: &str = "kafka_dlt-original-offset";
     /// The consumer group that could not apply it, absent for an event the broker refused.
     pub const ORIGINAL_CONSUMER_GROUP: &str = "kafka_dlt-original-consumer-group";
-    /// Why (the handler's or the broker's error, at most 1,000 bytes).
+    /// Why (the handler's or the broker's error, cut like a status message: [`crate::error::bounded`]).
     pub const EXCEPTION_MESSAGE: &str = "kafka_dlt-exception-message";
     /// How many times the handler was tried (decimal text).
     pub const ATTEMPTS: &str = "keel_dlt-attempts";
@@ -512,7 +512,10 @@ impl EventBus {
                             (headers::ORIGINAL_PARTITION, msg.partition().to_string()),
                             (headers::ORIGINAL_OFFSET, msg.offset().to_string()),
                             (headers::ORIGINAL_CONSUMER_GROUP, group.clone()),
-                            (headers::EXCEPTION_MESSAGE, cut(&failure.error, 1000)),
+                            (
+                                headers::EXCEPTION_MESSAGE,
+                                crate::error::bounded(&failure.error),
+                            ),
                             (headers::ATTEMPTS, failure.attempts.to_string()),
                         ];
                         // The offset is committed only once the dead letter is safely on its topic.
@@ -609,15 +612,6 @@ fn dlt_record<'r>(
 struct Failure {
     attempts: u32,
     error: String,
-}
-
-/// At most `max` bytes of `s`, cut on a character boundary.
-fn cut(s: &str, max: usize) -> String {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
 }
 
 /// Whether Kafka refused a record for its size.
@@ -820,6 +814,5 @@ mod tests {
             dead_letter_topic("topic-kv-videoCreation"),
             "topic-kv-videoCreation-dlt"
         );
-        assert_eq!(cut("héllo", 2), "h");
     }
 }

@@ -216,9 +216,9 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
 
     eprintln!("accounts");
     let hash = psql(&accounts_db, "SELECT token_hash FROM accounts LIMIT 1")?;
-    let base = Row {
-        name: "pgbench: GetByToken's query (baseline)".into(),
-        measured: load::pgbench(
+    let base = baseline(
+        "pgbench: GetByToken's query (baseline)",
+        load::pgbench(
             &accounts_db,
             &format!(
                 "SELECT id, name, max_cache_keys, used_cache_keys, token_hash FROM accounts WHERE token_hash = '{hash}';\n"
@@ -226,10 +226,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             &dir,
             &shape,
         )?,
-        against: None,
-        cpu_per_1k: None,
-        rss: None,
-    };
+    );
     let idle = accounts.rss_mib().0;
     let ours = row("accounts GetByToken (PostgreSQL)", &accounts, idle, || {
         call(
@@ -257,19 +254,16 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         "geo-search",
     )?;
     add_grid(geo.addr, 40).await?;
-    let base = Row {
-        name: "pgbench: point search's query (baseline)".into(),
-        measured: load::pgbench(
+    let base = baseline(
+        "pgbench: point search's query (baseline)",
+        load::pgbench(
             &geo_db,
             "SELECT id, name FROM things WHERE (false OR ST_Contains(geom, ST_SetSRID(ST_MakePoint(10.5, 20.5), 4326))) \
              AND (true OR name ILIKE '') ORDER BY name, id LIMIT 11 OFFSET 0;\n",
             &dir,
             &shape,
         )?,
-        against: None,
-        cpu_per_1k: None,
-        rss: None,
-    };
+    );
     let idle = geo.rss_mib().0;
     let ours = row(
         "geo-search search, a point (1,600 areas)",
@@ -294,6 +288,17 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// A baseline row measured outside our processes (pgbench): no CPU or memory of ours.
+fn baseline(name: &str, measured: Measured) -> Row {
+    Row {
+        name: name.to_owned(),
+        measured,
+        against: None,
+        cpu_per_1k: None,
+        rss: None,
+    }
 }
 
 /// Adds `ours` after its `base`line, with the ratio's target.

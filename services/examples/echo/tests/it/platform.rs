@@ -445,16 +445,11 @@ async fn rpc_metrics_reach_graphite_through_statsd() {
     .await;
     // graphite-web, as ops see it: its render API draws the same counter from the same files.
     let target = format!("stats_counts.{prefix}.echo.grpc.server.Echo.Echo.requests");
-    let url = format!(
-        "{}/render?target={target}&from=-15min&format=json",
-        infra.graphite_url
-    );
     eventually(
         "graphite-web renders the counter",
         Duration::from_secs(30),
         || async {
-            let out = Command::new("curl").args(["-fsS", &url]).output().ok()?;
-            let series: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let series = render(&infra, &target)?;
             let sum: f64 = series[0]["datapoints"]
                 .as_array()?
                 .iter()
@@ -724,21 +719,7 @@ async fn generated_dashboards_load_into_graphite_web_and_every_echo_target_has_d
         ("KEEL_STATSD__PREFIX", prefix.clone()),
     ]);
     let client = EchoClient::new(direct(p.addr().await));
-    let out = Command::new(keel_common::testsuite::binary("keel"))
-        .args([
-            "dashboards",
-            "--prefix",
-            &prefix,
-            "--load",
-            &infra.graphite_url,
-        ])
-        .output()
-        .expect("keel dashboards");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    load_dashboards(&infra, &prefix, "30minutes");
     let load = |name: &str| {
         let url = format!("{}/dashboard/load/{name}", infra.graphite_url);
         let out = Command::new("curl").args(["-fsS", &url]).output().unwrap();
@@ -756,18 +737,7 @@ async fn generated_dashboards_load_into_graphite_web_and_every_echo_target_has_d
     assert!(load(&format!("{prefix}.fleet"))["state"]["graphs"].is_array());
 
     let has_data = |target: &str| {
-        let url = format!("{}/render?format=json&from=-15min", infra.graphite_url);
-        let out = Command::new("curl")
-            .args([
-                "-fsS",
-                "--data-urlencode",
-                &format!("target={target}"),
-                &url,
-            ])
-            .output()
-            .ok()?;
-        let series: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        series
+        render(&infra, target)?
             .as_array()?
             .iter()
             .any(|s| {
@@ -818,19 +788,7 @@ async fn generated_dashboards_load_into_graphite_web_and_every_echo_target_has_d
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     for p in [&prefix, &empty] {
-        let out = Command::new(keel_common::testsuite::binary("keel"))
-            .args([
-                "dashboards",
-                "--prefix",
-                p,
-                "--last",
-                "1minutes",
-                "--load",
-                &infra.graphite_url,
-            ])
-            .output()
-            .expect("keel dashboards");
-        assert!(out.status.success());
+        load_dashboards(&infra, p, "1minutes");
     }
     let url = |board: &str| format!("{}/dashboard/{board}", infra.graphite_url);
     let drawn = coloured_pixels(&screenshot(&url(&format!("{prefix}.Echo"))));
@@ -842,6 +800,35 @@ async fn generated_dashboards_load_into_graphite_web_and_every_echo_target_has_d
     );
     p.signal("TERM");
     assert!(p.wait_exit(Duration::from_secs(20)).await.success());
+}
+
+/// The series graphite-web's render API draws for `target` over the last 15 minutes (JSON), if it answers.
+fn render(infra: &Infra, target: &str) -> Option<serde_json::Value> {
+    let url = format!("{}/render?format=json&from=-15min", infra.graphite_url);
+    let out = Command::new("curl")
+        .args([
+            "-fsS",
+            "--data-urlencode",
+            &format!("target={target}"),
+            &url,
+        ])
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// `keel dashboards --prefix PREFIX --last LAST --load <graphite-web>`, which must succeed.
+fn load_dashboards(infra: &Infra, prefix: &str, last: &str) {
+    let out = Command::new(keel_common::testsuite::binary("keel"))
+        .args(["dashboards", "--prefix", prefix, "--last", last])
+        .args(["--load", &infra.graphite_url])
+        .output()
+        .expect("keel dashboards");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A 1400×1100 screenshot of `url` by headless Chromium (Debian's, installed by `make infra-install`), with
