@@ -188,6 +188,8 @@ impl Server {
 
         let mut known: HashSet<String> = names.iter().map(|n| n.to_string()).collect();
         known.insert("grpc.health.v1.Health".into());
+        known.insert("grpc.reflection.v1.ServerReflection".into());
+        known.insert("grpc.reflection.v1alpha.ServerReflection".into());
         // Outermost first. Context first, so even shed calls carry a trace id in logs, and the deadline bounds
         // the whole response stream; metrics before the limit, so shed calls are counted as RESOURCE_EXHAUSTED;
         // the limit sheds (never queues) and holds a slot until the response's last message.

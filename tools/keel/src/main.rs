@@ -1,9 +1,16 @@
-//! `keel`: the operator's command. `keel health` shows the fleet's state (exit code for cron); `keel
-//! dashboards` writes the Graphite and Grafana dashboards of every service (generated from the protos) and
-//! loads them into graphite-web.
+//! `keel`: the operator's command, with verbs modelled on `linkerd viz`, `micro` and `consul catalog`:
+//! `services`, `stat`, `call`, `logs`, `tap`, `health`, and `dashboards` (Graphite and Grafana dashboards
+//! generated from the protos). Every verb takes `--help` with an example; tables for people, `--json` for scripts.
 
+mod call;
+mod consul;
 mod dashboards;
+mod graphite;
 mod health;
+mod logs;
+mod output;
+mod services;
+mod stat;
 
 use std::path::PathBuf;
 
@@ -18,15 +25,24 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Every service instance's Consul health and whether Consul, Kafka, PostgreSQL and graphite-web answer;
-    /// exit code 1 when something is critical (for cron).
-    ///
-    /// Example: eval "$(scripts/infra.sh env)"; keel health --service echo
+    /// Every service in Consul: instances passing/total, versions, and calls/s and error ratio from Graphite.
+    Services(services::Args),
+    /// Per RPC of one service: calls/s, success rate, status codes, latency p50/p90/p99 from Graphite.
+    Stat(stat::Args),
+    /// Calls a method of a service found through Consul DNS, its types learnt through server reflection.
+    Call(call::Args),
+    /// A service's log lines from its Kafka topic (or one request's lines across every service).
+    Logs(logs::LogsArgs),
+    /// Live stream of the calls a service serves, from its call log.
+    Tap(logs::TapArgs),
+    /// Every service instance's Consul health, whether Consul, Kafka, PostgreSQL and graphite-web answer,
+    /// outbox backlogs and dropped telemetry; exit code 1 when something is critical (for cron).
     Health(health::Args),
     /// Writes one dashboard per gRPC service (golden signals per RPC), a fleet overview and the platform's
     /// health, as graphite-web and Grafana JSON, and loads them into graphite-web.
-    ///
-    /// Example: keel dashboards --out deploy/dashboards --load http://127.0.0.1:18080
+    #[command(
+        after_help = "Example: keel dashboards --out deploy/dashboards --load http://127.0.0.1:18080"
+    )]
     Dashboards {
         /// `statsd.prefix` of the services.
         #[arg(long, default_value = "keel")]
@@ -44,14 +60,26 @@ enum Cmd {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Cmd::Health(args) => {
-            if !health::run(&args).await? {
-                std::process::exit(1);
-            }
-            Ok(())
+async fn main() {
+    let code = match run(Cli::parse().command).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("keel: {e:#}");
+            2
         }
+    };
+    std::process::exit(code);
+}
+
+/// Runs one verb; returns the exit code (0 fine, 1 something critical or a failed call).
+async fn run(cmd: Cmd) -> anyhow::Result<i32> {
+    match cmd {
+        Cmd::Services(args) => services::run(&args).await.map(|()| 0),
+        Cmd::Stat(args) => stat::run(&args).await.map(|()| 0),
+        Cmd::Call(args) => call::run(&args).await,
+        Cmd::Logs(args) => blocking(move || logs::logs(args)).await,
+        Cmd::Tap(args) => blocking(move || logs::tap(args)).await,
+        Cmd::Health(args) => Ok(if health::run(&args).await? { 0 } else { 1 }),
         Cmd::Dashboards {
             prefix,
             out,
@@ -72,7 +100,30 @@ async fn main() -> anyhow::Result<()> {
                     println!("{}", b.name);
                 }
             }
-            Ok(())
+            Ok(0)
+        }
+    }
+}
+
+/// Runs a Kafka reader (blocking polls) off the runtime's threads.
+async fn blocking(f: impl FnOnce() -> anyhow::Result<()> + Send + 'static) -> anyhow::Result<i32> {
+    tokio::task::spawn_blocking(f).await??;
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_verb_parses_and_has_an_example() {
+        super::Cli::command().debug_assert();
+        for verb in super::Cli::command().get_subcommands() {
+            let help = verb
+                .get_after_help()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            assert!(help.contains("keel "), "{} has no example", verb.get_name());
         }
     }
 }

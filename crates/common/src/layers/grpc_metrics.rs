@@ -68,6 +68,9 @@ struct CallRecord {
     peer: String,
     /// The deadline the call carried (`grpc-timeout`), in ms; logged so a call's budget can be traced hop by hop.
     deadline_ms: Option<f64>,
+    /// The call's trace id (server side: the request context's; client side: the `x-trace-id` sent), logged
+    /// with the line because the line is written when the body ends, after the request's span closed.
+    trace_id: Option<String>,
     start: Instant,
     code: Option<Code>,
 }
@@ -92,16 +95,17 @@ impl Drop for CallRecord {
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
         let status = code_name(code);
         let deadline_ms = self.deadline_ms;
+        let trace_id = self.trace_id.as_deref();
         if code == Code::Ok && method.starts_with("/grpc.health.v1.Health/") {
             // Consul's GRPC check calls every few seconds: not worth a line each at INFO.
-            tracing::debug!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, "grpc call");
+            tracing::debug!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, "grpc call");
         } else if matches!(
             code,
             Code::Ok | Code::NotFound | Code::AlreadyExists | Code::InvalidArgument
         ) {
-            tracing::info!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, "grpc call");
+            tracing::info!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, "grpc call");
         } else {
-            tracing::warn!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, "grpc call");
+            tracing::warn!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, "grpc call");
         }
     }
 }
@@ -150,6 +154,16 @@ where
                 .and_then(|v| v.to_str().ok())
                 .and_then(crate::context::parse_grpc_timeout)
                 .map(|d| d.as_secs_f64() * 1000.0),
+            trace_id: req
+                .extensions()
+                .get::<crate::context::RequestContext>()
+                .map(|c| c.trace_id.clone())
+                .or_else(|| {
+                    req.headers()
+                        .get(crate::context::TRACE_ID_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                }),
             method,
             start: Instant::now(),
             code: None,

@@ -108,6 +108,8 @@ where
         let deadline = tokio::time::Instant::now() + limit;
         // The layers inside read the deadline from here instead of parsing `grpc-timeout` again.
         req.extensions_mut().insert(CallDeadline(deadline));
+        // The call log (inside) logs the trace id when the response ends, outside this span.
+        req.extensions_mut().insert(ctx.clone());
         let fut = CONTEXT.scope(ctx, self.inner.call(req).instrument(span.clone()));
         Box::pin(async move {
             match tokio::time::timeout_at(deadline, fut).await {

@@ -84,7 +84,25 @@ where
         let message = fields
             .remove("message")
             .unwrap_or(Value::String(String::new()));
+        // Records of the `log` crate (librdkafka's, through rdkafka) arrive with target `log` and their own
+        // target in `log.target`: that one is the line's target, and the bridge's bookkeeping is dropped.
+        let target = if meta.target() == "log" {
+            for k in ["log.file", "log.line", "log.module_path"] {
+                fields.remove(k);
+            }
+            match fields.remove("log.target") {
+                Some(Value::String(t)) => t,
+                _ => "log".to_owned(),
+            }
+        } else {
+            meta.target().to_owned()
+        };
         let mut line = BTreeMap::new();
+        // A trace id the event names itself (the call log, logged after its request's span closed) is the
+        // line's; otherwise the nearest span's, below.
+        if let Some(id) = fields.remove("trace_id") {
+            line.insert("trace_id", id);
+        }
         line.insert(
             "timestamp",
             Value::String(
@@ -94,7 +112,8 @@ where
         line.insert("level", Value::String(meta.level().to_string()));
         line.insert("service", Value::String(self.service.clone()));
         line.insert("instance", Value::String(self.instance.clone()));
-        line.insert("target", Value::String(meta.target().to_owned()));
+        let foreign = target.starts_with("rdkafka") || target.starts_with("librdkafka");
+        line.insert("target", Value::String(target));
         line.insert("message", message);
         if let Some(scope) = ctx.event_scope(event) {
             let mut first = true;
@@ -126,10 +145,9 @@ where
             let _ = stdout.clone().write_all(&bytes);
             bytes.pop();
         }
-        let target = meta.target();
         if let Some(shipper) = &self.shipper
-            && !target.starts_with("rdkafka")
-            && !target.starts_with(SELF_TARGET)
+            && !foreign
+            && !meta.target().starts_with(SELF_TARGET)
         {
             let trace_id = line
                 .get("trace_id")

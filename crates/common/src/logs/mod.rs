@@ -28,6 +28,7 @@ use std::{
 
 use tracing_subscriber::{EnvFilter, prelude::*};
 
+pub use self::kafka::{HEADER_LEVEL, HEADER_TRACE_ID};
 use self::{json::JsonLayer, kafka::Shipper};
 
 use crate::config::{Reader, Settings};

@@ -8,6 +8,7 @@ mod support;
 mod database;
 mod dead_letters;
 mod limits;
+mod operator;
 mod outbox;
 mod platform;
 mod secrets;
