@@ -31,7 +31,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -220,6 +223,49 @@ struct Inner {
     max_attempts: u32,
     /// Events this process's consumers dead-lettered since start.
     dead_letters: std::sync::atomic::AtomicU64,
+    /// Each Kafka consumer group's lag, as [`measure_lag`] last saw it.
+    lags: Mutex<Vec<Arc<AtomicU64>>>,
+}
+
+/// How often a Kafka consumer's lag is measured (one ListOffsets request per assigned partition).
+const LAG_PERIOD: Duration = Duration::from_secs(5);
+
+/// A Kafka consumer group's lag in this process: the sum over the partitions assigned to it of the events
+/// between its position (the next event it takes; before its first since the assignment, the group's
+/// committed offset, else the partition's start, as `auto.offset.reset` is `earliest`) and the partition's end. Blocking (asks the broker for the ends);
+/// `None` when the broker does not answer within a second.
+fn measure_lag(consumer: &StreamConsumer) -> Option<u64> {
+    let timeout = Duration::from_secs(1);
+    let positions = consumer.position().ok()?;
+    // A partition it has taken nothing from since it was assigned: from the group's committed offset.
+    let unstarted = positions
+        .elements()
+        .iter()
+        .any(|p| !matches!(p.offset(), rdkafka::Offset::Offset(_)));
+    let committed = if unstarted {
+        Some(consumer.committed(timeout).ok()?)
+    } else {
+        None
+    };
+    let mut lag = 0i64;
+    for p in positions.elements() {
+        let (low, high) = consumer
+            .fetch_watermarks(p.topic(), p.partition(), timeout)
+            .ok()?;
+        let from = match p.offset() {
+            rdkafka::Offset::Offset(o) => o,
+            _ => match committed
+                .as_ref()
+                .and_then(|c| c.find_partition(p.topic(), p.partition()))
+                .map(|c| c.offset())
+            {
+                Some(rdkafka::Offset::Offset(o)) => o,
+                _ => low.max(0),
+            },
+        };
+        lag += (high - from).max(0);
+    }
+    Some(lag as u64)
 }
 
 enum Transport {
@@ -298,6 +344,7 @@ impl EventBus {
                 transport,
                 max_attempts: max_attempts.max(1),
                 dead_letters: Default::default(),
+                lags: Default::default(),
             }),
         }
     }
@@ -307,6 +354,18 @@ impl EventBus {
         self.inner
             .dead_letters
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Events not yet consumed by this process's Kafka consumer groups, summed (the gauge
+    /// `events.consumer_lag`; 0 in process, where a publish returns only once every group applied the event).
+    pub fn consumer_lag(&self) -> u64 {
+        self.inner
+            .lags
+            .lock()
+            .expect("event bus")
+            .iter()
+            .map(|l| l.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Publishes `payload` on `topic` with `key` (the id of the entity it is about; Kafka's message key);
@@ -470,6 +529,8 @@ impl EventBus {
                 Ok(())
             }
             Transport::Kafka { brokers, .. } => {
+                let lag = Arc::new(AtomicU64::new(0));
+                self.inner.lags.lock().expect("event bus").push(lag.clone());
                 let consumer: StreamConsumer = ClientConfig::new()
                     .set("bootstrap.servers", brokers)
                     .set("group.id", group)
@@ -482,6 +543,20 @@ impl EventBus {
                     .set("log_level", "3")
                     .create()?;
                 consumer.subscribe(topics)?;
+                let consumer = Arc::new(consumer);
+                let measured = Arc::downgrade(&consumer);
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(LAG_PERIOD);
+                    loop {
+                        tick.tick().await;
+                        let Some(c) = measured.upgrade() else { break };
+                        if let Ok(Some(l)) =
+                            tokio::task::spawn_blocking(move || measure_lag(&c)).await
+                        {
+                            lag.store(l, Ordering::Relaxed);
+                        }
+                    }
+                });
                 let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
                     .set("bootstrap.servers", brokers)
                     .create()?;
@@ -497,7 +572,7 @@ impl EventBus {
         }
     }
 
-    async fn consume_kafka(&self, consumer: StreamConsumer, group: String, handler: Handler) {
+    async fn consume_kafka(&self, consumer: Arc<StreamConsumer>, group: String, handler: Handler) {
         loop {
             match consumer.recv().await {
                 Ok(msg) => {

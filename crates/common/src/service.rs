@@ -351,6 +351,8 @@ impl App {
         let metrics = &platform.metrics;
         let bus = platform.events.clone();
         metrics.sample("events.dead_letters", move || bus.dead_letters());
+        let bus = platform.events.clone();
+        metrics.sample("events.consumer_lag", move || bus.consumer_lag());
         for (name, outbox) in relays {
             let counts = outbox.counts();
             let name = crate::metrics::sanitize(name);

@@ -133,7 +133,7 @@ pub fn fleet(prefix: &str) -> Dashboard {
     }
 }
 
-/// The platform's own health: telemetry dropped, outbox backlog, dead letters.
+/// The platform's own health: telemetry dropped, outbox backlog, dead letters, consumer lag.
 pub fn platform(prefix: &str) -> Dashboard {
     let gauges = format!("stats.gauges.{prefix}.*");
     Dashboard {
@@ -156,6 +156,11 @@ pub fn platform(prefix: &str) -> Dashboard {
                     format!("aliasByNode({gauges}.outbox.*.dead_letters, 5)"),
                     format!("aliasByNode({gauges}.events.dead_letters, 3)"),
                 ],
+            },
+            Graph {
+                title: "consumer lag: events not yet consumed, by process".into(),
+                unit: "events",
+                targets: vec![format!("aliasByNode({gauges}.events.consumer_lag, 3)")],
             },
         ],
     }

@@ -1,7 +1,7 @@
 //! `keel health`: the fleet's state on one screen, usable from cron: every service instance's worst Consul
 //! check, whether the servers the stack runs on answer, and (from Graphite's gauges) each process's outbox
-//! backlog, dead letters and dropped telemetry. Exit code 0 when nothing is critical, 1 when an instance is
-//! critical or a server does not answer; backlogs, dead letters and drops are warnings.
+//! backlog, dead letters, consumer lag and dropped telemetry. Exit code 0 when nothing is critical, 1 when an instance is
+//! critical or a server does not answer; backlogs, lags, dead letters and drops are warnings.
 
 use std::{net::ToSocketAddrs, time::Duration};
 
@@ -36,7 +36,7 @@ pub struct Args {
     /// `statsd.prefix` of the services.
     #[arg(long, default_value = "keel")]
     pub prefix: String,
-    /// An outbox backlog above this many events is a warning.
+    /// An outbox backlog or a consumer lag above this many events is a warning.
     #[arg(long, default_value_t = 1000)]
     pub backlog_warning: u64,
     /// Print JSON instead of a table.
@@ -172,7 +172,7 @@ async fn gauge_rows(
         .render(
             &[
                 format!("{g}.outbox.*.{{backlog,dead_letters}}"),
-                format!("{g}.events.dead_letters"),
+                format!("{g}.events.{{dead_letters,consumer_lag}}"),
                 format!("{g}.telemetry.{{metrics_dropped,logs_dropped}}"),
             ],
             GAUGE_WINDOW,
@@ -194,11 +194,16 @@ fn gauge_findings(series: &[Series], only: &[String], backlog_warning: u64) -> V
             continue;
         };
         let last = recorded.last().copied().unwrap_or(first);
-        // stats.gauges.<prefix>.<process>.{outbox.<service>.<gauge> | events.dead_letters | telemetry.<gauge>}
+        // stats.gauges.<prefix>.<process>.{outbox.<service>.<gauge> | events.<gauge> | telemetry.<gauge>}
         let (kind, what, warn) = match (s.node(4), s.node(6), s.node(5)) {
             ("outbox", "backlog", _) => (
                 "outbox",
                 format!("{last} events waiting"),
+                last > backlog_warning as f64,
+            ),
+            ("events", _, "consumer_lag") => (
+                "consumer lag",
+                format!("{last} events not yet consumed"),
                 last > backlog_warning as f64,
             ),
             ("outbox", "dead_letters", _) | ("events", _, "dead_letters") => (
@@ -290,6 +295,10 @@ mod tests {
                 &[Some(2.0)],
             ),
             s(
+                "stats.gauges.keel.statistics.events.consumer_lag",
+                &[Some(1200.0), Some(10.0)],
+            ),
+            s(
                 "stats.gauges.keel.echo.telemetry.logs_dropped",
                 &[Some(7.0), Some(9.0)],
             ),
@@ -313,12 +322,13 @@ mod tests {
                 ("outbox", "comments", "warning"),
                 ("outbox", "ratings", "passing"),
                 ("dead letters", "ratings", "warning"),
+                ("consumer lag", "statistics", "passing"),
                 ("telemetry", "echo", "warning"),
                 ("telemetry", "echo", "passing"),
             ]
         );
         assert_eq!(
-            rows[3].detail,
+            rows[4].detail,
             "logs_dropped: 2 in the last 5 min (9 since start)"
         );
         assert_eq!(gauge_findings(&series, &["echo".into()], 1000).len(), 2);

@@ -1,5 +1,5 @@
 //! `keel services`: every service in the Consul catalog with its instances passing/total, the versions they
-//! run (service meta `version`), and, from Graphite, the calls per second and error ratio it served over the
+//! run (service meta `version`), the instances whose checks are critical, and, from Graphite, the calls per second and error ratio it served over the
 //! last minute, health checks left out (`micro services` and `consul catalog services`, with `linkerd viz stat`'s two numbers).
 
 use std::{collections::BTreeSet, time::Duration};
@@ -39,6 +39,8 @@ struct Line {
     passing: usize,
     total: usize,
     versions: Vec<String>,
+    /// Ids of the instances with a critical check.
+    critical: Vec<String>,
     requests: Option<f64>,
     ok: Option<f64>,
 }
@@ -81,7 +83,13 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             .iter()
             .filter_map(|e| e.service.meta.as_ref()?.get("version").cloned())
             .collect();
+        let critical = entries
+            .iter()
+            .filter(|e| e.checks.iter().any(|c| c.status == "critical"))
+            .map(|e| e.service.id.clone())
+            .collect();
         lines.push(Line {
+            critical,
             passing: entries.iter().filter(|e| instance_passing(e)).count(),
             total: entries.len(),
             versions: versions.into_iter().collect(),
@@ -130,6 +138,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
                     "passing": l.passing,
                     "instances": l.total,
                     "versions": l.versions,
+                    "critical_instances": l.critical,
                     "requests_per_second": l.requests.map(|r| r / secs),
                     "error_ratio": l.error_ratio(),
                 })
@@ -138,7 +147,9 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         output::json(&json!({"window_seconds": secs, "services": list}));
         return Ok(());
     }
-    let mut table = output::table(["SERVICE", "STATE", "PASSING", "VERSION", "RPS", "ERRORS"]);
+    let mut table = output::table([
+        "SERVICE", "STATE", "PASSING", "VERSION", "RPS", "ERRORS", "CRITICAL",
+    ]);
     for l in &lines {
         table.add_row(vec![
             comfy_table::Cell::new(&l.name),
@@ -153,6 +164,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
                 l.error_ratio()
                     .map_or("-".into(), |e| format!("{:.2}%", e * 100.0)),
             ),
+            comfy_table::Cell::new(l.critical.join("\n")).fg(comfy_table::Color::Red),
         ]);
     }
     println!("{table}");

@@ -23,6 +23,47 @@ fn kafka_bus(max_attempts: u32) -> EventBus {
     .expect("kafka bus")
 }
 
+/// The consumer lag gauge: events piling up behind a handler that is stuck count as lag, and the lag drains to
+/// 0 once it is unstuck.
+#[tokio::test(flavor = "multi_thread")]
+async fn consumer_lag_counts_the_events_a_group_has_not_consumed_yet() {
+    let topic = unique("lag");
+    let bus = kafka_bus(5);
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let applied = Arc::new(Mutex::new(0usize));
+    let count = applied.clone();
+    bus.consume(&unique("lag-group"), &[&topic], move |_event| {
+        let (mut gate, count) = (gate.clone(), count.clone());
+        async move {
+            let _ = gate.wait_for(|open| *open).await;
+            *count.lock().unwrap() += 1;
+            Ok(())
+        }
+    })
+    .unwrap();
+    for i in 0..11 {
+        testsuite::eventually("kafka takes the event", Duration::from_secs(30), || async {
+            bus.publish(&topic, Some("one-key"), format!("e{i}").as_bytes())
+                .await
+                .ok()
+        })
+        .await;
+    }
+    // The first event holds the handler; all of them are behind the group's (absent) committed offset.
+    testsuite::eventually(
+        "the lag shows the waiting events",
+        Duration::from_secs(30),
+        || async { (bus.consumer_lag() >= 10).then_some(()) },
+    )
+    .await;
+    assert_eq!(*applied.lock().unwrap(), 0);
+    open.send(true).unwrap();
+    testsuite::eventually("the lag drains", Duration::from_secs(30), || async {
+        (*applied.lock().unwrap() == 11 && bus.consumer_lag() == 0).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn events_a_consumer_cannot_apply_go_to_the_dead_letter_topic_and_the_rest_flow_on() {
     let brokers = infra_var("KEEL_KAFKA_BROKERS");

@@ -236,7 +236,8 @@ async fn keel_call_logs_and_tap_follow_one_request_through_the_fleet() {
 }
 
 /// `keel services` and `keel stat` read what the service served from Graphite (24 calls OK, 6 INTERNAL) and
-/// its instances from Consul; a SIGKILLed instance turns the service from passing to warning.
+/// its instances from Consul; a SIGKILLed instance is listed critical and turns the service from passing to
+/// warning.
 #[tokio::test]
 async fn keel_services_and_stat_show_rates_error_ratios_and_a_killed_instance() {
     let infra = Infra::get();
@@ -326,6 +327,7 @@ async fn keel_services_and_stat_show_rates_error_ratios_and_a_killed_instance() 
         serde_json::json!([env!("CARGO_PKG_VERSION")])
     );
 
+    let killed_port = format!("-{}-", one.addr().await.port());
     one.signal("KILL");
     let after = eventually(
         "the killed instance fails its check",
@@ -338,6 +340,12 @@ async fn keel_services_and_stat_show_rates_error_ratios_and_a_killed_instance() 
     .await;
     assert_eq!(after["instances"], 2);
     assert_eq!(after["state"], "warning");
+    let critical = after["critical_instances"].as_array().unwrap();
+    assert_eq!(critical.len(), 1, "{after}");
+    assert!(
+        critical[0].as_str().unwrap().contains(&killed_port),
+        "{after}"
+    );
 }
 
 /// `keel health`, as cron runs it: exit 0 with a passing instance and its telemetry gauges listed; after a SIGKILL, the instance shows
