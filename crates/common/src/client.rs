@@ -48,6 +48,7 @@ use crate::{
     layers::{
         ClientContextLayer, Ejecting, ErrorToStatusLayer, GrpcMetricsLayer, NoEndpointFastFail,
     },
+    live::{LiveCount, LiveDuration, LiveSettings},
     metrics::{Metrics, Side},
     retry::{RetryBudget, RetryPolicy},
 };
@@ -130,6 +131,10 @@ pub enum ClientError {
 #[derive(Clone, Debug)]
 pub struct ClientFactory {
     settings: Arc<Settings>,
+    /// `client.default_timeout`, changed live by [`Self::follow`].
+    default_timeout: LiveDuration,
+    /// `client.max_attempts`, changed live by [`Self::follow`].
+    max_attempts: LiveCount,
     metrics: Metrics,
     resolver: Option<SrvResolver>,
     budget: Arc<RetryBudget>,
@@ -146,6 +151,8 @@ impl ClientFactory {
             .then(|| SrvResolver::new(settings.consul.dns_addr));
         Self {
             settings: Arc::new(settings.clone()),
+            default_timeout: LiveDuration::new(settings.client.default_timeout),
+            max_attempts: LiveCount::new(settings.client.max_attempts),
             metrics,
             resolver,
             budget: Arc::new(RetryBudget::default()),
@@ -153,9 +160,24 @@ impl ClientFactory {
         }
     }
 
-    /// The retry policy for calls made through this factory's channels (one shared budget per process).
+    /// The retry policy for calls made through this factory's channels (one shared budget per process; its
+    /// attempts follow `client.max_attempts` live).
     pub fn retry_policy(&self) -> RetryPolicy {
-        RetryPolicy::new(self.settings.client.max_attempts, self.budget.clone())
+        RetryPolicy::live(self.max_attempts.clone(), self.budget.clone())
+    }
+
+    /// Keeps `client.default_timeout` and `client.max_attempts` of every channel and policy made by this
+    /// factory, before or after, in step with `live` (Consul KV). Must be called inside a Tokio runtime.
+    pub fn follow(&self, live: &LiveSettings) {
+        let mut changes = live.changes();
+        let (timeout, attempts) = (self.default_timeout.clone(), self.max_attempts.clone());
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let s = changes.borrow_and_update().clone();
+                timeout.set(s.client.default_timeout);
+                attempts.set(s.client.max_attempts);
+            }
+        });
     }
 
     /// A channel to Consul service `service`. Must be called inside a Tokio runtime.
@@ -194,9 +216,7 @@ impl ClientFactory {
         S::Error: Into<BoxError>,
     {
         let svc = ServiceBuilder::new()
-            .layer(ClientContextLayer::new(
-                self.settings.client.default_timeout,
-            ))
+            .layer(ClientContextLayer::live(self.default_timeout.clone()))
             .layer(GrpcMetricsLayer::new(
                 self.metrics.clone(),
                 Side::Client,

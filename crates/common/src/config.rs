@@ -1,4 +1,6 @@
-//! Typed, layered configuration: built-in defaults, then an optional TOML file, then the environment.
+//! Typed, layered configuration: built-in defaults, then an optional TOML file, then Consul KV (`keel/_defaults/…`
+//! for every service, then `keel/<service>/…`; [`KvSettings`], watched live by [`crate::live`]), then the
+//! environment. [`Settings::source`] says which layer a value came from.
 //!
 //! Environment keys are `KEEL_<SECTION>__<KEY>` (double underscore between section and key, e.g.
 //! `KEEL_GRPC__LISTEN_ADDR=0.0.0.0:50101`), plus the ecosystem's own names where they exist:
@@ -9,7 +11,13 @@
 //! The environment is read in exactly one place ([`Env::from_process`]); tests pass an [`Env`] map instead of
 //! calling `set_var`.
 
-use std::{collections::HashMap, fmt, net::SocketAddr, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt,
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
 
 pub use crate::{
     client::ClientSettings,
@@ -23,7 +31,7 @@ pub use crate::{
     tokens::TokenSettings,
 };
 
-use config::{Config, Environment, File, FileFormat};
+use config::{Config, Environment, File, FileFormat, Source, Value, ValueKind};
 use serde::de::DeserializeOwned;
 
 /// A snapshot of environment variables: the only way configuration sees the environment.
@@ -166,6 +174,183 @@ pub struct Settings {
     raw: Raw,
     /// What [`Settings::effective`] reports.
     effective: Vec<(String, String)>,
+    /// Which keys each layer set, for [`Settings::source`].
+    layers: Arc<Layers>,
+}
+
+/// Settings kept in Consul KV, as dotted keys: `keel/_defaults/<section>/<key>` for every service
+/// (`defaults`), `keel/<service>/<section>/<key>` for one (`service`); `keel/echo/log/level` is `log.level`.
+/// Layered between the file and the environment, service over defaults. `keel/<service>/service-config` is
+/// not a setting (it is a client policy) and is left out.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KvSettings {
+    /// From `keel/_defaults/`.
+    pub defaults: BTreeMap<String, String>,
+    /// From `keel/<service>/`.
+    pub service: BTreeMap<String, String>,
+}
+
+impl KvSettings {
+    /// The KV prefix every setting lives under.
+    pub const ROOT: &'static str = "keel/";
+    /// The folder of settings shared by every service.
+    pub const DEFAULTS: &'static str = "_defaults";
+
+    /// The settings of `service` among the KV pairs under [`Self::ROOT`] (full keys, as Consul lists them).
+    pub fn from_pairs(service: &str, pairs: impl IntoIterator<Item = (String, String)>) -> Self {
+        let mut kv = Self::default();
+        for (key, value) in pairs {
+            let Some(rest) = key.strip_prefix(Self::ROOT) else {
+                continue;
+            };
+            let Some((folder, path)) = rest.split_once('/') else {
+                continue;
+            };
+            if path.is_empty() || path.ends_with('/') || path == "service-config" {
+                continue;
+            }
+            let dotted = path.replace('/', ".").to_ascii_lowercase();
+            if NOT_FROM_KV.contains(&dotted.as_str()) {
+                continue;
+            }
+            if folder == Self::DEFAULTS {
+                kv.defaults.insert(dotted, value);
+            } else if folder == service {
+                kv.service.insert(dotted, value);
+            }
+        }
+        kv
+    }
+
+    /// The Consul KV key of dotted setting `key` in `folder` (`_defaults` or a service's name).
+    pub fn kv_key(folder: &str, key: &str) -> String {
+        format!("{}{folder}/{}", Self::ROOT, key.replace('.', "/"))
+    }
+
+    /// The KV key `key` (dotted) comes from, service over defaults; `None` when KV does not set it.
+    pub fn origin(&self, service: &str, key: &str) -> Option<String> {
+        let under = |map: &BTreeMap<String, String>| {
+            map.keys()
+                .find(|k| {
+                    *k == key
+                        || k.starts_with(&format!("{key}."))
+                        || key.starts_with(&format!("{k}."))
+                })
+                .cloned()
+        };
+        under(&self.service)
+            .map(|k| Self::kv_key(service, &k))
+            .or_else(|| under(&self.defaults).map(|k| Self::kv_key(Self::DEFAULTS, &k)))
+    }
+
+    /// With the values at or under `key` as they are in `previous` (dropped where `previous` has none).
+    pub fn restore(&self, key: &str, previous: &Self) -> Self {
+        let mut out = self.without(key);
+        let under = |k: &String| k == key || k.starts_with(&format!("{key}."));
+        out.defaults.extend(
+            previous
+                .defaults
+                .iter()
+                .filter(|(k, _)| under(k))
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        out.service.extend(
+            previous
+                .service
+                .iter()
+                .filter(|(k, _)| under(k))
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        out
+    }
+
+    /// Without the values at or under `key`, in both folders.
+    pub fn without(&self, key: &str) -> Self {
+        let keep = |k: &String| !(k == key || k.starts_with(&format!("{key}.")));
+        Self {
+            defaults: self
+                .defaults
+                .iter()
+                .filter(|(k, _)| keep(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            service: self
+                .service
+                .iter()
+                .filter(|(k, _)| keep(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    fn source(folder: &str, map: &BTreeMap<String, String>) -> FlatSource {
+        FlatSource(
+            map.iter()
+                .map(|(k, v)| {
+                    let origin = Self::kv_key(folder, k);
+                    (
+                        k.clone(),
+                        Value::new(Some(&origin), ValueKind::String(v.clone())),
+                    )
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Settings Consul KV cannot set: who the process is, and how it reaches Consul itself.
+const NOT_FROM_KV: &[&str] = &[
+    "service.name",
+    "service.instance_id",
+    "consul.http_addr",
+    "consul.token",
+];
+
+/// A configuration layer of dotted keys (Consul KV's).
+#[derive(Clone, Debug)]
+struct FlatSource(config::Map<String, Value>);
+
+impl Source for FlatSource {
+    fn clone_into_box(&self) -> Box<dyn Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+    fn collect(&self) -> Result<config::Map<String, Value>, config::ConfigError> {
+        Ok(self.0.clone())
+    }
+}
+
+/// Which dotted keys each layer set.
+#[derive(Debug, Default)]
+struct Layers {
+    file: HashSet<String>,
+    kv: KvSettings,
+    env: HashSet<String>,
+}
+
+impl Layers {
+    /// Whether `set` holds `key`, a section above it, or a key below it (a section's report names the section).
+    fn has(set: &HashSet<String>, key: &str) -> bool {
+        set.iter().any(|k| {
+            k == key || k.starts_with(&format!("{key}.")) || key.starts_with(&format!("{k}."))
+        })
+    }
+}
+
+/// Every dotted key of a nested configuration map (`{"grpc": {"listen_addr": …}}` → `grpc.listen_addr`).
+fn flatten(prefix: &str, map: &config::Map<String, Value>, out: &mut HashSet<String>) {
+    for (k, v) in map {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match &v.kind {
+            ValueKind::Table(t) => flatten(&key, t, out),
+            _ => {
+                out.insert(key);
+            }
+        }
+    }
 }
 
 /// The layered configuration, kept for service-specific sections; never printed (it may hold secrets).
@@ -447,16 +632,44 @@ impl Settings {
     /// # Errors
     /// Only an unreadable `KEEL_CONFIG_FILE`.
     pub fn read(name: &str, env: &Env) -> Result<(Self, Vec<ConfigError>), ConfigErrors> {
+        Self::read_layered(name, env, &KvSettings::default())
+    }
+
+    /// [`Settings::read`] with the settings from Consul KV layered between the file and the environment.
+    ///
+    /// # Errors
+    /// Only an unreadable `KEEL_CONFIG_FILE`.
+    pub fn read_layered(
+        name: &str,
+        env: &Env,
+        kv: &KvSettings,
+    ) -> Result<(Self, Vec<ConfigError>), ConfigErrors> {
+        let mut layers = Layers {
+            kv: kv.clone(),
+            ..Layers::default()
+        };
         let mut builder = Config::builder();
         if let Some(path) = env.get("KEEL_CONFIG_FILE") {
-            builder = builder.add_source(File::new(path, FileFormat::Toml).required(true));
+            let file = File::new(path, FileFormat::Toml).required(true);
+            if let Ok(map) = file.collect() {
+                flatten("", &map, &mut layers.file);
+            }
+            builder = builder.add_source(file);
         }
+        builder = builder
+            .add_source(KvSettings::source(KvSettings::DEFAULTS, &kv.defaults))
+            .add_source(KvSettings::source("service", &kv.service));
         let keel_vars: HashMap<String, String> = env
             .0
             .iter()
             .filter(|(k, _)| k.starts_with("KEEL_") && *k != "KEEL_CONFIG_FILE")
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        layers.env.extend(keel_vars.keys().filter_map(|k| {
+            let rest = k.strip_prefix("KEEL_")?;
+            rest.contains("__")
+                .then(|| rest.to_ascii_lowercase().replace("__", "."))
+        }));
         builder = builder.add_source(
             Environment::with_prefix("KEEL")
                 .prefix_separator("_")
@@ -469,6 +682,7 @@ impl Settings {
         ] {
             if let Some(v) = env.get(var) {
                 builder = builder.set_override(key, v).expect("static key");
+                layers.env.insert(key.to_owned());
             }
         }
         if let Some(v) = env.get("RUST_LOG") {
@@ -515,6 +729,7 @@ impl Settings {
                 tokens,
                 raw,
                 effective: r.effective,
+                layers: Arc::new(layers),
             },
             r.errors,
         ))
@@ -590,6 +805,26 @@ impl Settings {
     /// sections are added by [`crate::App`]'s report.
     pub fn effective(&self) -> &[(String, String)] {
         &self.effective
+    }
+
+    /// Where the value of dotted `key` comes from: `env`, `consul-kv keel/<service>/…` (or
+    /// `keel/_defaults/…`), `file`, or `default` (`RUST_LOG` counts as the default of `log.level`).
+    pub fn source(&self, key: &str) -> String {
+        let l = &self.layers;
+        if Layers::has(&l.env, key) {
+            "env".into()
+        } else if let Some(kv) = l.kv.origin(&self.service.name, key) {
+            format!("consul-kv {kv}")
+        } else if Layers::has(&l.file, key) {
+            "file".into()
+        } else {
+            "default".into()
+        }
+    }
+
+    /// The Consul KV settings these were built with.
+    pub fn kv(&self) -> &KvSettings {
+        &self.layers.kv
     }
 }
 
@@ -714,6 +949,67 @@ mod tests {
             &Env::default().with("KEEL_CONFIG_FILE", "/nonexistent.toml"),
         );
         assert_eq!(missing.unwrap_err().0[0].key, "KEEL_CONFIG_FILE");
+    }
+
+    #[test]
+    fn consul_kv_sits_between_file_and_environment_and_every_value_names_its_source() {
+        let dir = std::env::temp_dir().join(format!("keel-kv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("svc.toml");
+        std::fs::write(
+            &path,
+            "[grpc]\ndrain_timeout = \"3s\"\n[log]\nlevel = \"warn\"\n",
+        )
+        .unwrap();
+        let pairs = [
+            ("keel/_defaults/log/level", "debug"),
+            ("keel/_defaults/client/default_timeout", "1s"),
+            ("keel/echo/client/default_timeout", "250ms"),
+            ("keel/echo/grpc/drain_timeout", "4s"),
+            ("keel/other/client/max_attempts", "9"),
+            ("keel/echo/service-config", "{}"),
+            ("keel/echo/service/name", "impostor"),
+            ("keel/echo/", ""),
+        ];
+        let kv = KvSettings::from_pairs(
+            "echo",
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        let env = Env::default()
+            .with("KEEL_CONFIG_FILE", path.to_string_lossy())
+            .with("KEEL_GRPC__DRAIN_TIMEOUT", "5s");
+        let (s, errors) = Settings::read_layered("echo", &env, &kv).unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(s.log.level, "debug", "KV defaults beat the file");
+        assert_eq!(
+            s.client.default_timeout,
+            Duration::from_millis(250),
+            "the service's KV beats the defaults"
+        );
+        assert_eq!(s.client.max_attempts, 3, "another service's KV is not ours");
+        assert_eq!(
+            s.grpc.drain_timeout,
+            Duration::from_secs(5),
+            "the environment beats KV"
+        );
+        assert_eq!(s.service.name, "echo", "KV cannot rename a service");
+        assert_eq!(s.source("log.level"), "consul-kv keel/_defaults/log/level");
+        assert_eq!(
+            s.source("client.default_timeout"),
+            "consul-kv keel/echo/client/default_timeout"
+        );
+        assert_eq!(s.source("grpc.drain_timeout"), "env");
+        assert_eq!(s.source("grpc.listen_addr"), "default");
+        let (plain, _) = Settings::read_layered(
+            "echo",
+            &Env::default().with("KEEL_CONFIG_FILE", path.to_string_lossy()),
+            &KvSettings::default(),
+        )
+        .unwrap();
+        assert_eq!(plain.source("log.level"), "file");
+        assert_eq!(plain.log.level, "warn");
     }
 
     #[test]

@@ -55,6 +55,13 @@ pub struct ConsulSettings {
     /// How often clients re-resolve peers; also how long shutdown waits after deregistering
     /// (`consul.discovery_interval`).
     pub discovery_interval: Duration,
+    /// Read settings from Consul KV at start and watch them (`consul.kv_watch`, default on when `http_addr` is
+    /// set; [`crate::live`]).
+    pub kv_watch: bool,
+    /// When a setting that cannot change live changes in KV, shut down gracefully so the supervisor restarts
+    /// the process with it (`consul.kv_restart_on_change`, default off: the change is only reported;
+    /// envconsul's restart mode when on).
+    pub kv_restart_on_change: bool,
 }
 
 /// The kind of Consul health check an instance registers with
@@ -105,6 +112,7 @@ impl ConsulSettings {
             );
         }
         r.report("consul.check", format!("{check:?}").to_ascii_lowercase());
+        let has_agent = http_addr.is_some();
         Self {
             dns_enabled: r.bool("consul.dns_enabled", http_addr.is_some()),
             http_addr,
@@ -116,6 +124,8 @@ impl ConsulSettings {
             deregister_critical_after: r
                 .duration("consul.deregister_critical_after", Duration::from_secs(60)),
             discovery_interval: r.duration("consul.discovery_interval", Duration::from_secs(2)),
+            kv_watch: r.bool("consul.kv_watch", has_agent),
+            kv_restart_on_change: r.bool("consul.kv_restart_on_change", false),
         }
     }
 }
@@ -402,6 +412,105 @@ impl ConsulAgent {
         let mut names: Vec<String> = map.into_keys().collect();
         names.sort();
         Ok(names)
+    }
+
+    /// Every KV pair under `prefix` (`GET /v1/kv/<prefix>?recurse`), values decoded, and the KV index to wait on
+    /// next. With `index` > 0 this is a blocking query: Consul answers when something under the prefix changed
+    /// or after `wait` (Consul's blocking-query contract, <https://developer.hashicorp.com/consul/api-docs/features/blocking>).
+    /// No key under the prefix is an empty list, not an error.
+    ///
+    /// # Errors
+    /// [`ConsulError`] when the agent is unreachable, refuses, or does not answer within `wait` + 5 s.
+    pub async fn kv_tree(
+        &self,
+        prefix: &str,
+        index: u64,
+        wait: Duration,
+    ) -> Result<(Vec<(String, String)>, u64), ConsulError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Pair {
+            key: String,
+            value: Option<String>,
+        }
+        let mut rb = self
+            .req(reqwest::Method::GET, &format!("/v1/kv/{prefix}"))
+            .query(&[("recurse", "true")])
+            .timeout(wait + Duration::from_secs(5));
+        if index > 0 {
+            rb = rb.query(&[
+                ("index", index.to_string()),
+                ("wait", format!("{}s", wait.as_secs().max(1))),
+            ]);
+        }
+        let resp = rb.send().await.map_err(|source| ConsulError::Unreachable {
+            addr: self.base.clone(),
+            source,
+        })?;
+        let next = resp
+            .headers()
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok((Vec::new(), next));
+        }
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let body = resp.text().await.unwrap_or_default();
+            return Err(ConsulError::Refused {
+                what: format!("KV read of {prefix}"),
+                status,
+                body,
+            });
+        }
+        let pairs: Vec<Pair> = resp
+            .json()
+            .await
+            .map_err(|source| ConsulError::Unreachable {
+                addr: self.base.clone(),
+                source,
+            })?;
+        use base64::Engine as _;
+        let decoded = pairs
+            .into_iter()
+            .map(|p| {
+                let value = p
+                    .value
+                    .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
+                (p.key, value)
+            })
+            .collect();
+        Ok((decoded, next))
+    }
+
+    /// Sets KV key `key` to `value` (`PUT /v1/kv/<key>`).
+    ///
+    /// # Errors
+    /// [`ConsulError`] when the agent is unreachable or refuses.
+    pub async fn kv_put(&self, key: &str, value: &str) -> Result<(), ConsulError> {
+        self.send(
+            "KV write",
+            self.req(reqwest::Method::PUT, &format!("/v1/kv/{key}"))
+                .body(value.to_owned()),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Deletes KV key `key`, or everything under it with `recurse` (`DELETE /v1/kv/<key>`).
+    ///
+    /// # Errors
+    /// [`ConsulError`] when the agent is unreachable or refuses.
+    pub async fn kv_delete(&self, key: &str, recurse: bool) -> Result<(), ConsulError> {
+        let mut rb = self.req(reqwest::Method::DELETE, &format!("/v1/kv/{key}"));
+        if recurse {
+            rb = rb.query(&[("recurse", "true")]);
+        }
+        self.send("KV delete", rb).await.map(drop)
     }
 
     /// The cluster-wide instances of `name` (`GET /v1/health/service/:name`), only those passing every check

@@ -30,6 +30,7 @@ pub mod error;
 pub mod events;
 pub mod layers;
 pub mod limits;
+pub mod live;
 pub mod logs;
 pub mod metrics;
 pub mod outbox;
@@ -68,6 +69,9 @@ pub struct Platform {
     pub clients: ClientFactory,
     /// Domain events (Kafka, or in-process when no brokers are configured).
     pub events: EventBus,
+    /// The settings as they are now: `settings` with what Consul KV changed since ([`live`]); fixed when the
+    /// process does not watch Consul KV.
+    pub live: live::LiveSettings,
 }
 
 impl Platform {
@@ -88,8 +92,10 @@ impl Platform {
         });
         let clients = ClientFactory::new(&settings, metrics.clone());
         let events = EventBus::new(&settings)?;
+        let settings = Arc::new(settings);
         Ok(Self {
-            settings: Arc::new(settings),
+            live: live::LiveSettings::fixed(settings.clone()),
+            settings,
             instance_id,
             metrics,
             clients,

@@ -17,6 +17,8 @@ use std::{
 use rand::RngExt;
 use tonic::{Code, Status};
 
+use crate::live::LiveCount;
+
 /// Whether repeating a call is safe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Idempotent {
@@ -97,7 +99,7 @@ impl RetryBudget {
 /// Attempts, backoff and the shared budget.
 #[derive(Clone, Debug)]
 pub struct RetryPolicy {
-    max_attempts: u32,
+    max_attempts: LiveCount,
     base: Duration,
     cap: Duration,
     budget: Arc<RetryBudget>,
@@ -106,8 +108,13 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     /// `max_attempts` counts the first try; backoff starts at 25 ms and doubles up to 1 s, full jitter.
     pub fn new(max_attempts: u32, budget: Arc<RetryBudget>) -> Self {
+        Self::live(LiveCount::new(max_attempts), budget)
+    }
+
+    /// [`Self::new`] with the attempts read at each call (`client.max_attempts`, changed live).
+    pub fn live(max_attempts: LiveCount, budget: Arc<RetryBudget>) -> Self {
         Self {
-            max_attempts: max_attempts.max(1),
+            max_attempts,
             base: Duration::from_millis(25),
             cap: Duration::from_secs(1),
             budget,
@@ -140,7 +147,7 @@ impl RetryPolicy {
             };
             if idempotent == Idempotent::No
                 || err.code() != Code::Unavailable
-                || tries >= self.max_attempts
+                || tries >= self.max_attempts.get().max(1)
             {
                 return Err(err);
             }

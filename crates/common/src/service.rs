@@ -31,7 +31,7 @@ use sqlx::{AnyPool, migrate::Migrator};
 
 use crate::{
     Platform, Server,
-    config::{ConfigError, ConfigErrors, Env, SectionSettings, Settings},
+    config::{ConfigError, ConfigErrors, Env, KvSettings, SectionSettings, Settings},
     db,
     events::{Event, HandlerError},
     logs,
@@ -116,6 +116,10 @@ pub trait Service: Sized + Clone + Send + Sync + 'static {
     /// Its configuration section; `()` when it has none.
     type Settings: SectionSettings;
 
+    /// Dotted keys of its own settings that change without a restart when Consul KV changes them
+    /// (`cache.max_bytes`); the service applies them by watching [`crate::Platform::live`]. None by default.
+    const LIVE: &'static [&'static str] = &[];
+
     /// Checks of the platform's settings this service needs beyond their own rules (geo-search needs a
     /// PostgreSQL `database.url`), run with the rest before anything is bound. None by default.
     fn check(settings: &Settings) -> Vec<ConfigError> {
@@ -167,6 +171,7 @@ type Opening = LocalBoxFuture<'static, anyhow::Result<(Server, Option<(&'static 
 #[derive(Clone, Copy)]
 struct Unit {
     name: &'static str,
+    live: &'static [&'static str],
     check: fn(&Settings) -> Vec<ConfigError>,
     report: fn(&Settings) -> Vec<(String, String)>,
     open: fn(Platform, Server) -> Opening,
@@ -284,6 +289,7 @@ impl App {
     pub fn with<S: Service>(mut self) -> Self {
         self.units.push(Unit {
             name: S::NAME,
+            live: S::LIVE,
             check: check::<S>,
             report: report::<S>,
             open: open::<S>,
@@ -309,13 +315,21 @@ impl App {
     /// # Errors
     /// As above.
     pub fn settings(&self, env: &Env) -> Result<Settings, ConfigErrors> {
+        self.settings_layered(env, &KvSettings::default())
+    }
+
+    /// [`App::settings`] with the settings from Consul KV between the file and the environment.
+    ///
+    /// # Errors
+    /// As [`App::settings`]; a bad KV value is reported under its setting's key.
+    pub fn settings_layered(&self, env: &Env, kv: &KvSettings) -> Result<Settings, ConfigErrors> {
         let mut env = env.clone();
         for (key, value) in &self.defaults {
             if env.get(key).is_none() {
                 env = env.with(*key, *value);
             }
         }
-        let (settings, mut errors) = Settings::read(self.name, &env)?;
+        let (settings, mut errors) = Settings::read_layered(self.name, &env, kv)?;
         for unit in &self.units {
             errors.extend((unit.check)(&settings));
         }
@@ -324,6 +338,14 @@ impl App {
         } else {
             Err(ConfigErrors(errors))
         }
+    }
+
+    /// The settings its services change without a restart ([`Service::LIVE`]).
+    pub fn live_keys(&self) -> Vec<&'static str> {
+        self.units
+            .iter()
+            .flat_map(|u| u.live.iter().copied())
+            .collect()
     }
 
     /// Every effective setting of this process, platform and services, as `key=value` pairs with secrets
@@ -397,14 +419,77 @@ impl App {
     /// Runs the process until SIGTERM/SIGINT: settings from the process environment (exit 2 with every bad
     /// value listed, before binding anything), listener, JSON logs shipped to Kafka, StatsD, the services,
     /// serving with health, reflection and Consul registration, the shutdown order, flushes, exit 0.
+    ///
+    /// With `--settings` as its argument the process prints every effective setting with its source (default,
+    /// file, Consul KV, env) and exits instead.
     pub async fn run(self) -> ExitCode {
+        if std::env::args().skip(1).any(|a| a == "--settings") {
+            return self.print_settings(&Env::from_process()).await;
+        }
         self.run_until(shutdown::signal()).await
+    }
+
+    /// The settings of `env` and, when `consul.kv_watch` is on and Consul answers, Consul KV; the KV index read
+    /// and the warnings to log once logging is up (refused KV values, Consul unreachable).
+    async fn settings_at_start(
+        &self,
+        env: &Env,
+    ) -> Result<(Settings, u64, Vec<String>), ConfigErrors> {
+        let settings = self.settings(env)?;
+        if !settings.consul.kv_watch {
+            return Ok((settings, 0, Vec::new()));
+        }
+        match crate::live::read_at_start(&settings).await {
+            Ok((kv, index)) => {
+                let (settings, refused) =
+                    crate::live::layered(self, env, kv, &KvSettings::default())?;
+                let warnings = refused
+                    .into_iter()
+                    .map(|r| {
+                        format!(
+                            "invalid value in consul kv refused: {} ({}): {}",
+                            r.kv_key, r.setting, r.reason
+                        )
+                    })
+                    .collect();
+                Ok((settings, index, warnings))
+            }
+            Err(e) => Ok((
+                settings,
+                0,
+                vec![format!(
+                    "consul kv unreachable at start ({e}); starting on file and environment, watching for it"
+                )],
+            )),
+        }
+    }
+
+    /// `--settings`: key, value and source of every setting, one per line; exit 2 when one is invalid.
+    async fn print_settings(&self, env: &Env) -> ExitCode {
+        match self.settings_at_start(env).await {
+            Ok((settings, _, warnings)) => {
+                for w in warnings {
+                    eprintln!("{}: {w}", self.name);
+                }
+                let report = self.effective(&settings);
+                let width = report.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+                for (key, value) in &report {
+                    println!("{key:width$}  {value}  ({})", settings.source(key));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", self.name);
+                ExitCode::from(2)
+            }
+        }
     }
 
     /// [`App::run`], stopping when `stop` resolves instead of on a signal.
     pub async fn run_until(self, stop: impl Future<Output = ()>) -> ExitCode {
         let name = self.name;
-        let settings = match self.settings(&Env::from_process()) {
+        let env = Env::from_process();
+        let (settings, kv_index, kv_warnings) = match self.settings_at_start(&env).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("{name}: {e}");
@@ -434,23 +519,63 @@ impl App {
                 return ExitCode::from(2);
             }
         };
+        for w in &kv_warnings {
+            tracing::warn!("{w}");
+        }
         for (key, value) in self.effective(&settings) {
             let value = if key == "service.instance_id" {
                 instance_id.as_str()
             } else {
                 value.as_str()
             };
-            tracing::info!(key = key.as_str(), value, "setting");
+            let source = settings.source(&key);
+            tracing::info!(key = key.as_str(), value, source, "setting");
         }
         crate::tokens::install(&settings.tokens);
         let mut settings = settings;
         settings.service.instance_id = Some(instance_id);
-        let platform = match Platform::new(settings, port) {
+        let mut platform = match Platform::new(settings, port) {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = ?e, "platform set-up failed");
                 telemetry.shutdown();
                 return ExitCode::from(2);
+            }
+        };
+        let restart = std::sync::Arc::new(tokio::sync::Notify::new());
+        if platform.settings.consul.kv_watch {
+            let notify = restart.clone();
+            platform.live = crate::live::watch(crate::live::Watch {
+                app: self.clone(),
+                env,
+                initial: platform.settings.clone(),
+                index: kv_index,
+                restart: Box::new(move || notify.notify_one()),
+            });
+            platform.clients.follow(&platform.live);
+            let mut changes = platform.live.changes();
+            let level = telemetry.log_level();
+            let mut current = platform.settings.log.level.clone();
+            tokio::spawn(async move {
+                while changes.changed().await.is_ok() {
+                    let wanted = changes.borrow_and_update().log.level.clone();
+                    if wanted != current {
+                        if let Err(e) = level.set(&wanted) {
+                            tracing::warn!(
+                                level = wanted.as_str(),
+                                error = e.as_str(),
+                                "log level not changed"
+                            );
+                        }
+                        current = wanted;
+                    }
+                }
+            });
+        }
+        let stop = async move {
+            tokio::select! {
+                () = stop => {}
+                () = restart.notified() => {}
             }
         };
         let stats = telemetry.stats();

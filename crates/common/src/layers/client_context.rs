@@ -20,6 +20,7 @@ use crate::{
         outgoing_timeout, parse_grpc_timeout,
     },
     error::layer_status,
+    live::LiveDuration,
 };
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -27,12 +28,17 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// Client side: see the module docs.
 #[derive(Clone, Debug)]
 pub struct ClientContextLayer {
-    default_timeout: Duration,
+    default_timeout: LiveDuration,
 }
 
 impl ClientContextLayer {
     /// `default_timeout` bounds calls that have no deadline of their own nor an incoming one.
     pub fn new(default_timeout: Duration) -> Self {
+        Self::live(LiveDuration::new(default_timeout))
+    }
+
+    /// [`Self::new`] with a default timeout read at each call (`client.default_timeout`, changed live).
+    pub fn live(default_timeout: LiveDuration) -> Self {
         Self { default_timeout }
     }
 }
@@ -42,7 +48,7 @@ impl<S> Layer<S> for ClientContextLayer {
     fn layer(&self, inner: S) -> Self::Service {
         ClientContext {
             inner,
-            default_timeout: self.default_timeout,
+            default_timeout: self.default_timeout.clone(),
         }
     }
 }
@@ -51,7 +57,7 @@ impl<S> Layer<S> for ClientContextLayer {
 #[derive(Clone, Debug)]
 pub struct ClientContext<S> {
     inner: S,
-    default_timeout: Duration,
+    default_timeout: LiveDuration,
 }
 
 impl<S> Service<Request<Body>> for ClientContext<S>
@@ -78,7 +84,7 @@ where
         let timeout = outgoing_timeout(
             own,
             incoming.as_ref().and_then(RequestContext::remaining),
-            self.default_timeout,
+            self.default_timeout.get(),
         );
         let trace_id = incoming.map(|c| c.trace_id).unwrap_or_else(new_trace_id);
         let headers = req.headers_mut();

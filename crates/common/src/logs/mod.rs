@@ -116,7 +116,32 @@ pub struct Telemetry {
     thread: Option<JoinHandle<()>>,
     /// Flushes the stdout writer thread when dropped.
     stdout: Option<tracing_appender::non_blocking::WorkerGuard>,
+    /// Swaps the level filter of the installed subscriber (`log.level` changed live).
+    filter: Option<FilterHandle>,
 }
+
+/// Changes the level filter of the installed subscriber; see [`Telemetry::log_level`].
+#[derive(Clone)]
+pub struct LogLevel(Option<FilterHandle>);
+
+impl LogLevel {
+    /// Replaces the level filter (`log.level`'s syntax: `info`, `info,keel::calls=warn`); events already
+    /// being logged are unaffected.
+    ///
+    /// # Errors
+    /// The directives do not parse (the filter in place stays), or this process's subscriber was installed
+    /// by someone else.
+    pub fn set(&self, level: &str) -> Result<(), String> {
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        match &self.0 {
+            Some(h) => h.reload(filter).map_err(|e| e.to_string()),
+            None => Err("this process's subscriber was installed elsewhere".into()),
+        }
+    }
+}
+
+/// The reload handle of the installed subscriber's level filter.
+type FilterHandle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 
 impl fmt::Debug for Telemetry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -174,16 +199,24 @@ impl Telemetry {
         };
         let filter =
             EnvFilter::try_new(&settings.log.level).unwrap_or_else(|_| EnvFilter::new("info"));
-        let _ = tracing_subscriber::registry()
+        let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+        let installed = tracing_subscriber::registry()
             .with(filter)
             .with(layer)
-            .try_init();
+            .try_init()
+            .is_ok();
         Ok(Self {
             stats,
             stop,
             thread,
             stdout: guard,
+            filter: installed.then_some(handle),
         })
+    }
+
+    /// A handle that changes the level filter of the running subscriber (`log.level` changed live).
+    pub fn log_level(&self) -> LogLevel {
+        LogLevel(self.filter.clone())
     }
 
     /// Lines lost so far, all reasons.

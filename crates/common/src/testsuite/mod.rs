@@ -388,7 +388,7 @@ impl ServiceProcess {
         }
     }
 
-    /// Starts binary `binary_name` in a clean environment (only PATH and HOME kept, `log.level` info) with just
+    /// Starts binary `binary_name` in a clean environment (only PATH and HOME kept, `RUST_LOG=info`) with just
     /// `env`: for tests that set every address themselves (a server that is down, TLS, limits).
     ///
     /// # Panics
@@ -406,7 +406,8 @@ impl ServiceProcess {
                 cmd.env(k, v);
             }
         }
-        cmd.env("KEEL_LOG__LEVEL", "info")
+        // As the default of `log.level` (below the file and Consul KV), so a test can change it through either.
+        cmd.env("RUST_LOG", "info")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(std::process::Stdio::null())
             .stdout(file.try_clone().expect("log file"))

@@ -8,6 +8,7 @@ mod support;
 mod database;
 mod dead_letters;
 mod limits;
+mod live;
 mod operator;
 mod outbox;
 mod platform;
