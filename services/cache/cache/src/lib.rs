@@ -10,7 +10,8 @@
 //!   the accounts service, atomically across every cache instance; over it, the accounts service's
 //!   FAILED_PRECONDITION with its QuotaFailure detail reaches the caller as it is. Concurrent reservations of
 //!   one account are sent as one (see [`Quota`]). Keys evicted or expired give their quota back.
-//! - Memory: at most `cache.max_bytes` (default 64 MiB) per instance, least recently used keys evicted first;
+//! - Memory: at most `cache.max_bytes` (default 64 MiB, changed live through Consul KV) per instance, least
+//!   recently used keys evicted first;
 //!   `ttl_ms` per key (at most [`MAX_TTL_MS`], a year); keys of at most [`MAX_KEY_BYTES`].
 //! - Dump streams the account's pairs in key order, 256 keys at a time through a bounded channel: memory stays
 //!   bounded and a slow reader slows the sender (HTTP/2 flow control), never the cache.
@@ -153,6 +154,20 @@ impl Cache {
         &self.quota
     }
 
+    /// Changes the memory bound (`cache.max_bytes`); what no longer fits is evicted at once, its quota given
+    /// back.
+    pub fn set_max_bytes(&self, max_bytes: usize) {
+        let evicted = self.lock().set_max_bytes(max_bytes);
+        if !evicted.is_empty() {
+            tracing::info!(
+                max_bytes,
+                evicted = evicted.len(),
+                "memory bound changed; keys evicted"
+            );
+        }
+        self.release(evicted);
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.lock().bytes()
@@ -224,15 +239,28 @@ impl Cache {
 impl Service for Cache {
     const NAME: &'static str = SERVICE;
     type Settings = CacheSettings;
+    const LIVE: &'static [&'static str] = &["cache.max_bytes"];
 
-    /// Its `[cache]` section, and the accounts service found through the platform's discovery.
+    /// Its `[cache]` section, and the accounts service found through the platform's discovery;
+    /// `cache.max_bytes` follows the live settings (Consul KV).
     async fn open(r: Resources<CacheSettings>) -> anyhow::Result<Self> {
         let clients = &r.platform.clients;
-        Ok(Self::new(
+        let cache = Self::new(
             &r.settings,
             AccountsClient::new(clients.channel(&r.settings.accounts_service)?),
             clients.retry_policy(),
-        ))
+        );
+        let mut changes = r.platform.live.changes();
+        let live = cache.clone();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let settings = changes.borrow_and_update().clone();
+                if let Ok(section) = settings.section::<CacheSettings>(SERVICE) {
+                    live.set_max_bytes(section.max_bytes);
+                }
+            }
+        });
+        Ok(cache)
     }
 
     fn add_to(self, server: Server) -> Server {

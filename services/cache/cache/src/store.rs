@@ -51,6 +51,22 @@ impl Store {
         }
     }
 
+    /// Changes the bound to `max_bytes` (`cache.max_bytes` changed live); when the store holds more, evicts
+    /// least recently used entries until it fits and returns their accounts (their quota is to be released).
+    pub fn set_max_bytes(&mut self, max_bytes: usize) -> Vec<String> {
+        self.max_bytes = max_bytes;
+        let mut evicted = Vec::new();
+        while self.bytes > self.max_bytes {
+            let Some(((a, victim), e)) = self.lru.pop_lru() else {
+                break;
+            };
+            self.bytes -= size(&a, &victim, &e.val);
+            self.unindex(&a, &victim);
+            evicted.push(a);
+        }
+        evicted
+    }
+
     /// Bytes in use.
     pub fn bytes(&self) -> usize {
         self.bytes
@@ -171,6 +187,29 @@ mod tests {
         assert!(s.bytes() <= per * 3);
         let replaced = s.put("a", "k0", vec![1; 100], None);
         assert!(!replaced.created && replaced.evicted.is_empty());
+    }
+
+    #[test]
+    fn a_smaller_bound_evicts_the_least_recently_used_entries_at_once() {
+        let per = size("a", "k0", &[0; 100]);
+        let mut s = Store::new(per * 4);
+        let now = Instant::now();
+        for (account, key) in [("a", "k0"), ("b", "k1"), ("a", "k2"), ("b", "k3")] {
+            s.put(account, key, vec![0; 100], None);
+        }
+        assert!(
+            s.contains("a", "k0", now),
+            "touch k0: k1 and k2 are now the oldest"
+        );
+        assert_eq!(s.set_max_bytes(per * 2), ["b", "a"]);
+        assert_eq!(s.bytes(), per * 2);
+        assert!(s.contains("a", "k0", now) && s.contains("b", "k3", now));
+        assert!(s.keys_after("b", None, 10) == ["k3"], "the index follows");
+        assert!(
+            s.set_max_bytes(per * 8).is_empty(),
+            "a larger bound evicts nothing"
+        );
+        assert!(s.put("c", "k4", vec![0; 100], None).evicted.is_empty());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use keel_common::{
     testsuite::{ServiceProcess, infra_var, passing_ports},
 };
 use keel_protos::rpc::{
-    CreateAccountReq, DumpReq, GetReq, StoreReq, accounts_client::AccountsClient,
+    CreateAccountReq, DumpReq, GetByTokenReq, GetReq, StoreReq, accounts_client::AccountsClient,
     cache_client::CacheClient,
 };
 use tokio_stream::StreamExt;
@@ -335,4 +335,120 @@ async fn bad_cache_settings_are_reported_with_the_platform_ones_before_binding()
         assert!(out.contains(key), "{key} not reported: {out}");
     }
     assert!(!out.contains("grpc server listening"), "{out}");
+}
+
+/// `cache.max_bytes` changes live from Consul KV (the cache declares it in `Service::LIVE`): lowered under
+/// what the instance holds, the least recently used keys go at once and their quota is given back, with no
+/// restart.
+#[tokio::test]
+async fn max_bytes_changes_live_from_consul_kv_and_evicted_keys_give_their_quota_back() {
+    let d = Deployment::start().await;
+    let p = d.cache(&[]);
+    passing_ports(&d.cache_name, 1, Duration::from_secs(60)).await;
+    let env = Env::default()
+        .with("CONSUL_HTTP_ADDR", infra_var("CONSUL_HTTP_ADDR"))
+        .with("KEEL_CONSUL__DNS_ADDR", infra_var("KEEL_CONSUL_DNS_ADDR"))
+        .with("KEEL_CONSUL__DISCOVERY_INTERVAL", "500ms");
+    let clients = ClientFactory::new(
+        &Settings::from_env("cache-test-client", &env).unwrap(),
+        Metrics::disabled(),
+    );
+    let mut accounts = AccountsClient::new(clients.channel(&d.accounts_name).unwrap());
+    let token = accounts
+        .create_account(as_operator(CreateAccountReq {
+            name: "tenant".into(),
+            max_cache_keys: 100,
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let used = || {
+        let (mut a, t) = (accounts.clone(), token.clone());
+        async move {
+            a.get_by_token(GetByTokenReq { token: t })
+                .await
+                .unwrap()
+                .into_inner()
+                .account
+                .unwrap()
+                .used_cache_keys
+        }
+    };
+    let cache = CacheClient::new(clients.channel(&d.cache_name).unwrap());
+    let keys: Vec<String> = (0..20).map(|i| format!("key{i:02}")).collect();
+    for key in &keys {
+        keel_common::testsuite::eventually("the cache stores", Duration::from_secs(20), || {
+            let mut c = cache.clone();
+            let req = StoreReq {
+                key: key.clone(),
+                val: vec![7; 1000],
+                account_token: token.clone(),
+                ttl_ms: 0,
+            };
+            async move { c.store(req).await.ok() }
+        })
+        .await;
+    }
+    assert_eq!(used().await, 20);
+
+    let agent = keel_common::consul::ConsulAgent::new(
+        &infra_var("CONSUL_HTTP_ADDR"),
+        keel_common::config::Secret::default(),
+    );
+    let kv_key = format!("keel/{}/cache/max_bytes", d.cache_name);
+    agent.kv_put(&kv_key, "5000").await.unwrap();
+    keel_common::testsuite::eventually(
+        "the bound changes live",
+        Duration::from_secs(10),
+        || async {
+            p.lines()
+                .iter()
+                .any(|l| l["message"] == "memory bound changed; keys evicted")
+                .then_some(())
+        },
+    )
+    .await;
+    let mut held = 0;
+    for key in &keys {
+        let got = cache
+            .clone()
+            .get(GetReq {
+                key: key.clone(),
+                account_token: token.clone(),
+            })
+            .await;
+        if got.is_ok() {
+            held += 1;
+        }
+    }
+    assert!(
+        (1..=4).contains(&held),
+        "5,000 bytes hold at most four 1 kB values, not {held}"
+    );
+    assert!(
+        cache
+            .clone()
+            .get(GetReq {
+                key: keys[0].clone(),
+                account_token: token.clone()
+            })
+            .await
+            .is_err(),
+        "the least recently used key went first"
+    );
+    keel_common::testsuite::eventually("the quota follows", Duration::from_secs(10), || async {
+        (used().await == held).then_some(())
+    })
+    .await;
+    assert!(
+        p.lines()
+            .iter()
+            .any(|l| l["message"] == "setting changed" && l["fields"]["key"] == "cache.max_bytes"),
+        "a live change, not a restart"
+    );
+    agent
+        .kv_delete(&format!("keel/{}", d.cache_name), true)
+        .await
+        .unwrap();
 }
