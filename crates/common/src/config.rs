@@ -170,6 +170,9 @@ pub struct Settings {
     pub tls: TlsSettings,
     /// Tokens handed to clients (paging states).
     pub tokens: TokenSettings,
+    /// Feature flags (`features.<name>`, booleans; unset: off), live from Consul KV: read them through
+    /// [`crate::Platform::live`] with [`Settings::feature`].
+    pub features: BTreeMap<String, bool>,
     /// Every layered value, for the service's own section ([`Settings::section`]).
     raw: Raw,
     /// What [`Settings::effective`] reports.
@@ -710,6 +713,10 @@ impl Settings {
         let tls = TlsSettings::read(&mut r);
         let consul = ConsulSettings::read(&mut r, &tls);
         let tokens = TokenSettings::read(&mut r);
+        let features: BTreeMap<String, bool> = r.raw("features", BTreeMap::new());
+        for (flag, on) in &features {
+            r.report(&format!("features.{flag}"), on.to_string());
+        }
         let log_topic = log
             .topic
             .clone()
@@ -727,6 +734,7 @@ impl Settings {
                 events,
                 tls,
                 tokens,
+                features,
                 raw,
                 effective: r.effective,
                 layers: Arc::new(layers),
@@ -820,6 +828,11 @@ impl Settings {
         } else {
             "default".into()
         }
+    }
+
+    /// Whether feature flag `name` (`features.<name>`) is on; off when unset.
+    pub fn feature(&self, name: &str) -> bool {
+        self.features.get(name).copied().unwrap_or(false)
     }
 
     /// The Consul KV settings these were built with.
@@ -969,6 +982,7 @@ mod tests {
             ("keel/other/client/max_attempts", "9"),
             ("keel/echo/service-config", "{}"),
             ("keel/echo/service/name", "impostor"),
+            ("keel/echo/features/search_v2", "true"),
             ("keel/echo/", ""),
         ];
         let kv = KvSettings::from_pairs(
@@ -1002,6 +1016,15 @@ mod tests {
         );
         assert_eq!(s.source("grpc.drain_timeout"), "env");
         assert_eq!(s.source("grpc.listen_addr"), "default");
+        assert!(s.feature("search_v2") && !s.feature("unset"));
+        assert_eq!(
+            s.source("features.search_v2"),
+            "consul-kv keel/echo/features/search_v2"
+        );
+        assert!(
+            s.effective()
+                .contains(&("features.search_v2".into(), "true".into()))
+        );
         let (plain, _) = Settings::read_layered(
             "echo",
             &Env::default().with("KEEL_CONFIG_FILE", path.to_string_lossy()),

@@ -10,7 +10,8 @@
 //!   replaced stays;
 //! - a setting in [`LIVE`] (or one a service declares, [`crate::Service::LIVE`]) takes effect at once through
 //!   [`LiveSettings`], which the code that reads it per call consults (log level, client deadline and retry
-//!   attempts, a service's own knobs), logged as `setting changed`;
+//!   attempts, the server's concurrency limit, feature flags, a service's own knobs), logged as `setting
+//!   changed`;
 //! - any other setting (listen address, database URL, …) is reported once, `restart required`, and with
 //!   `consul.kv_restart_on_change` the process shuts down gracefully for its supervisor to restart it.
 
@@ -36,6 +37,7 @@ pub const LIVE: &[&str] = &[
     "log.level",
     "client.default_timeout",
     "client.max_attempts",
+    "grpc.max_concurrent_requests",
     "features",
 ];
 

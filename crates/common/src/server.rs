@@ -193,6 +193,16 @@ impl Server {
         // Outermost first. Context first, so even shed calls carry a trace id in logs, and the deadline bounds
         // the whole response stream; metrics before the limit, so shed calls are counted as RESOURCE_EXHAUSTED;
         // the limit sheds (never queues) and holds a slot until the response's last message.
+        let limit = ConcurrencyLimitLayer::new(g.max_concurrent_requests, g.request_timeout);
+        // `grpc.max_concurrent_requests` follows the live settings (Consul KV).
+        let mut changes = platform.live.changes();
+        let follower = limit.clone();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let max = changes.borrow_and_update().grpc.max_concurrent_requests;
+                follower.set_max(max);
+            }
+        });
         let stack = ServiceBuilder::new()
             .layer(ServerContextLayer::new(g.request_timeout))
             .layer(GrpcMetricsLayer::new(
@@ -200,10 +210,7 @@ impl Server {
                 Side::Server,
                 known,
             ))
-            .layer(ConcurrencyLimitLayer::new(
-                g.max_concurrent_requests,
-                g.request_timeout,
-            ))
+            .layer(limit)
             .into_inner();
 
         let mut builder = tonic::transport::Server::builder();

@@ -26,8 +26,43 @@ use crate::{context::CallDeadline, error::layer_status};
 /// Makes [`ConcurrencyLimit`]: one semaphore shared by every connection of the server.
 #[derive(Clone, Debug)]
 pub struct ConcurrencyLimitLayer {
-    slots: Arc<Semaphore>,
+    limit: Arc<Limit>,
     default_timeout: Duration,
+}
+
+/// The slots, and how many of those in use are to vanish when given back (the limit was lowered below what
+/// was in use).
+#[derive(Debug)]
+struct Limit {
+    slots: Arc<Semaphore>,
+    max: Mutex<usize>,
+    debt: Mutex<usize>,
+}
+
+impl Limit {
+    /// Gives a slot back, or lets it vanish while a lowered limit still has slots to take away.
+    fn release(&self, permit: OwnedSemaphorePermit) {
+        let mut debt = self.debt.lock().expect("limit");
+        if *debt > 0 {
+            *debt -= 1;
+            permit.forget();
+        }
+    }
+}
+
+/// A call's slot; given back (or forgotten, see [`Limit::release`]) when dropped.
+#[derive(Debug)]
+struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    limit: Arc<Limit>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(p) = self.permit.take() {
+            self.limit.release(p);
+        }
+    }
 }
 
 impl ConcurrencyLimitLayer {
@@ -35,9 +70,38 @@ impl ConcurrencyLimitLayer {
     /// (`default_timeout`, `grpc.request_timeout`, for calls that carry none).
     pub fn new(max: usize, default_timeout: Duration) -> Self {
         Self {
-            slots: Arc::new(Semaphore::new(max)),
+            limit: Arc::new(Limit {
+                slots: Arc::new(Semaphore::new(max)),
+                max: Mutex::new(max),
+                debt: Mutex::new(0),
+            }),
             default_timeout,
         }
+    }
+
+    /// Changes the limit for every connection (`grpc.max_concurrent_requests` changed live). Raised: the new
+    /// slots are free at once. Lowered: free slots go at once, slots in use go as their calls end; calls over
+    /// the new limit are shed meanwhile.
+    pub fn set_max(&self, max: usize) {
+        let l = &self.limit;
+        let mut current = l.max.lock().expect("limit");
+        let mut debt = l.debt.lock().expect("limit");
+        if max > *current {
+            let more = max - *current;
+            let repaid = more.min(*debt);
+            *debt -= repaid;
+            l.slots.add_permits(more - repaid);
+        } else {
+            let fewer = *current - max;
+            let gone = l.slots.forget_permits(fewer);
+            *debt += fewer - gone;
+        }
+        *current = max;
+    }
+
+    /// Slots free now.
+    pub fn available(&self) -> usize {
+        self.limit.slots.available_permits()
     }
 }
 
@@ -46,7 +110,7 @@ impl<S> Layer<S> for ConcurrencyLimitLayer {
     fn layer(&self, inner: S) -> Self::Service {
         ConcurrencyLimit {
             inner,
-            slots: self.slots.clone(),
+            limit: self.limit.clone(),
             default_timeout: self.default_timeout,
         }
     }
@@ -56,7 +120,7 @@ impl<S> Layer<S> for ConcurrencyLimitLayer {
 #[derive(Clone, Debug)]
 pub struct ConcurrencyLimit<S> {
     inner: S,
-    slots: Arc<Semaphore>,
+    limit: Arc<Limit>,
     default_timeout: Duration,
 }
 
@@ -79,7 +143,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+        let Ok(permit) = self.limit.slots.clone().try_acquire_owned() else {
             let shed = layer_status::overloaded(
                 "server overloaded: concurrency limit reached; retry later",
             );
@@ -90,13 +154,17 @@ where
             || tokio::time::Instant::now() + self.default_timeout,
             |d| d.0,
         );
+        let slot = Slot {
+            permit: Some(permit),
+            limit: self.limit.clone(),
+        };
         let fut = self.inner.call(req);
         Box::pin(async move {
             Ok(match fut.await {
                 Ok(resp) => resp.map(|body| {
                     Body::new(PermitBody {
                         inner: body,
-                        slot: Arc::new(Mutex::new(Some(permit))),
+                        slot: Arc::new(Mutex::new(Some(slot))),
                         deadline,
                         reaper: false,
                         frames: 0,
@@ -119,7 +187,7 @@ pin_project! {
     struct PermitBody {
         #[pin]
         inner: Body,
-        slot: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+        slot: Arc<Mutex<Option<Slot>>>,
         deadline: tokio::time::Instant,
         reaper: bool,
         frames: u32,
@@ -168,5 +236,42 @@ impl HttpBody for PermitBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lowered_limit_takes_free_slots_at_once_and_busy_ones_as_their_calls_end() {
+        let layer = ConcurrencyLimitLayer::new(4, Duration::from_secs(1));
+        let take = || Slot {
+            permit: Some(layer.limit.slots.clone().try_acquire_owned().unwrap()),
+            limit: layer.limit.clone(),
+        };
+        let (a, b, c) = (take(), take(), take());
+        layer.set_max(1);
+        assert_eq!(layer.available(), 0, "the free slot went at once");
+        drop(a);
+        drop(b);
+        assert_eq!(
+            layer.available(),
+            0,
+            "two busy slots went as their calls ended"
+        );
+        drop(c);
+        assert_eq!(layer.available(), 1);
+
+        layer.set_max(3);
+        assert_eq!(layer.available(), 3, "raised: free at once");
+        let (x, y, z) = (take(), take(), take());
+        layer.set_max(1);
+        layer.set_max(2);
+        drop(x);
+        assert_eq!(layer.available(), 0, "one slot still to go");
+        drop(y);
+        drop(z);
+        assert_eq!(layer.available(), 2);
     }
 }

@@ -233,3 +233,70 @@ async fn with_restart_on_change_a_restart_only_setting_stops_the_process_gracefu
         .await
         .unwrap();
 }
+
+/// `grpc.max_concurrent_requests` follows Consul KV: lowered to 1, a call beside a slow one is shed; raised
+/// again, it goes through.
+#[tokio::test]
+async fn the_concurrency_limit_follows_consul_kv() {
+    let infra = Infra::get();
+    let agent = infra.agent();
+    let name = unique("echo-kvlim");
+    let p = echo_process(&consul_env(&infra, &name));
+    passing_ports(&name, 1, CONSUL_WAIT).await;
+    let client = EchoClient::new(direct(p.addr().await));
+    let key = format!("keel/{name}/grpc/max_concurrent_requests");
+    let beside_a_slow_call = |text: &'static str| {
+        let (client, p) = (client.clone(), &p);
+        async move {
+            let mut slow = client.clone();
+            let holder = tokio::spawn(async move {
+                slow.echo(EchoRequest {
+                    message: text.into(),
+                    delay_ms: 1500,
+                    ..Default::default()
+                })
+                .await
+            });
+            let needle = format!("\"text\":\"{text}\"");
+            eventually(
+                "the slow call is in the handler",
+                Duration::from_secs(5),
+                || async { p.output().contains(&needle).then_some(()) },
+            )
+            .await;
+            let second = client
+                .clone()
+                .echo(EchoRequest {
+                    message: "beside".into(),
+                    ..Default::default()
+                })
+                .await;
+            assert!(holder.await.unwrap().is_ok(), "the slow call completes");
+            second
+        }
+    };
+    let applied = |value: &'static str| {
+        let p = &p;
+        move || async move {
+            logged(
+                p,
+                "setting changed",
+                &[("key", "grpc.max_concurrent_requests"), ("value", value)],
+            )
+            .then_some(())
+        }
+    };
+
+    agent.kv_put(&key, "1").await.unwrap();
+    eventually("the limit is lowered", Duration::from_secs(5), applied("1")).await;
+    let shed = beside_a_slow_call("slow-1").await.unwrap_err();
+    assert_eq!(shed.code(), tonic::Code::ResourceExhausted, "{shed:?}");
+
+    agent.kv_put(&key, "8").await.unwrap();
+    eventually("the limit is raised", Duration::from_secs(5), applied("8")).await;
+    assert!(beside_a_slow_call("slow-2").await.is_ok());
+    agent
+        .kv_delete(&format!("keel/{name}"), true)
+        .await
+        .unwrap();
+}
