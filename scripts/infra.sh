@@ -27,6 +27,8 @@ KAFKA_LIBS_REV=2
 STATSD_VERSION=0.9.0
 GRPCURL_VERSION=v1.9.3
 GHZ_VERSION=v0.120.0
+GRPCIO_VERSION=1.85.3
+GRPCIO_TOOLS_VERSION=1.85.1
 
 # Ports: off the usual defaults so a machine's own servers never collide with ours.
 PG_PORT=${KEEL_PG_PORT:-15432}
@@ -399,6 +401,12 @@ install_tools() {
     mkdir -p "$CACHE/bin"
     GOBIN=$CACHE/bin CGO_ENABLED=0 go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
   fi
+  # Python grpcio (Apache-2.0): a gRPC implementation other than ours, for the interoperability tests (gzip).
+  if [[ ! -x $CACHE/py/bin/python ]] || ! "$CACHE/py/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; then
+    log "installing grpcio $GRPCIO_VERSION in $CACHE/py (once)"
+    python3 -m venv "$CACHE/py"
+    "$CACHE/py/bin/pip" install -q "grpcio==$GRPCIO_VERSION" "grpcio-tools==$GRPCIO_TOOLS_VERSION"
+  fi
   # ghz (Apache-2.0), the load generator of `make bench`.
   if [[ ! -x $CACHE/bin/ghz ]]; then
     log "building ghz $GHZ_VERSION (once)"
@@ -432,6 +440,7 @@ export KEEL_WHISPER_DIR=$RUN/graphite/storage/whisper
 export KEEL_GRAPHITE_URL=http://127.0.0.1:$GRAPHITE_WEB_PORT
 export KEEL_GRPCURL=$CACHE/bin/grpcurl
 export KEEL_GHZ=$CACHE/bin/ghz
+export KEEL_PYTHON=$CACHE/py/bin/python
 EOF
 }
 

@@ -6,6 +6,10 @@
 //!    the wait for a ready endpoint, so a call never hangs past it.
 //! 2. [`GrpcMetricsLayer`](crate::layers::GrpcMetricsLayer) (client side): count, latency, status per method, as the caller experiences them.
 //! 3. errors of the layers below become UNAVAILABLE statuses, so callers see one error type.
+//!
+//!    Then [`CompressionLayer`](crate::layers::CompressionLayer): `grpc-accept-encoding: gzip` out, gzip
+//!    answers decompressed, requests compressed for `client.gzip` targets; below the metrics, so they see the
+//!    call as the typed client does.
 //! 4. no-endpoint fast path: when discovery answered and found no healthy instance, fail fast with UNAVAILABLE;
 //!    a call made before the first answer waits for it (within its deadline) and then decides.
 //! 5. `Buffer`: makes the balancer cloneable and shareable between tasks.
@@ -43,10 +47,11 @@ use tower::{
 
 use crate::{
     config::{Reader, Settings},
-    connect::{Connector, connect},
+    connect::{Connector, Dial, connect},
     discovery::{self, Source, SrvResolver},
     layers::{
-        ClientContextLayer, Ejecting, ErrorToStatusLayer, GrpcMetricsLayer, NoEndpointFastFail,
+        ClientContextLayer, CompressionLayer, Ejecting, ErrorToStatusLayer, GrpcMetricsLayer,
+        NoEndpointFastFail,
     },
     live::{LiveCount, LiveDuration, LiveSettings},
     metrics::{Metrics, Side},
@@ -70,6 +75,16 @@ pub struct ClientSettings {
     /// UNAVAILABLE when there is none (gRPC's wait-for-ready; `client.wait_for_ready`, comma separated, `*`
     /// for all; default none: fail fast). One call can ask with [`crate::WaitForReady`].
     pub wait_for_ready: Vec<String>,
+    /// Services whose requests are sent gzip-compressed (`client.gzip`, comma separated, `*` for all; default
+    /// none). Compressed answers are accepted from every service.
+    pub gzip: Vec<String>,
+    /// HTTP/2 PING interval on every connection, idle ones included (`client.keepalive_interval`, default 30 s).
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed (`client.keepalive_timeout`, 10 s).
+    pub keepalive_timeout: Duration,
+    /// A connection no call has used for this long is closed, and reopened by the next call
+    /// (`client.idle_timeout`, default 5 min; `0s`: never).
+    pub idle_timeout: Duration,
 }
 
 impl ClientSettings {
@@ -91,8 +106,21 @@ impl ClientSettings {
             max_attempts: r.positive("client.max_attempts", 3u32),
             static_endpoints,
             wait_for_ready: r.list("client.wait_for_ready"),
+            gzip: r.list("client.gzip"),
+            keepalive_interval: nonzero(r, "client.keepalive_interval", Duration::from_secs(30)),
+            keepalive_timeout: nonzero(r, "client.keepalive_timeout", Duration::from_secs(10)),
+            idle_timeout: r.duration("client.idle_timeout", Duration::from_secs(300)),
         }
     }
+}
+
+/// A duration that must not be zero.
+fn nonzero(r: &mut Reader, key: &str, default: Duration) -> Duration {
+    let d = r.duration(key, default);
+    if d.is_zero() {
+        r.fail(key, "must be more than 0s");
+    }
+    d
 }
 
 fn parse_static_entry(entry: &str) -> Result<(String, Vec<SocketAddr>), String> {
@@ -205,11 +233,11 @@ impl ClientFactory {
             channels: Arc::default(),
             connect: self.connector()?,
         };
-        Ok(self.outer(router))
+        Ok(self.outer(service, router))
     }
 
     /// The layers every channel shares (1–3 of the module docs) on top of `routing`, what picks the endpoint.
-    fn outer<S>(&self, routing: S) -> Channel
+    fn outer<S>(&self, service: &str, routing: S) -> Channel
     where
         S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
@@ -223,15 +251,35 @@ impl ClientFactory {
                 HashSet::new(),
             ))
             .layer(ErrorToStatusLayer)
+            .layer(CompressionLayer::new(
+                self.settings
+                    .client
+                    .gzip
+                    .iter()
+                    .any(|s| s == "*" || s == service),
+            ))
             .service(routing);
         BoxCloneSyncService::new(svc)
     }
 
     /// Makes the lazily connecting channel of one endpoint (TLS when configured).
     fn connector(&self) -> Result<Connector, ClientError> {
-        let tls = self.tls.clone().map_err(ClientError::Tls)?;
-        let timeout = self.settings.client.connect_timeout;
-        Ok(Arc::new(move |addr| connect(addr, timeout, tls.as_ref())))
+        self.tls.as_ref().map_err(|e| ClientError::Tls(e.clone()))?;
+        let dial = self.dial();
+        Ok(Arc::new(move |addr| connect(addr, &dial)))
+    }
+
+    /// How this factory dials endpoints (`client.*`, TLS; a TLS configuration that failed to load is reported
+    /// by [`Self::channel`] before any dialling).
+    fn dial(&self) -> Dial {
+        let c = &self.settings.client;
+        Dial {
+            connect_timeout: c.connect_timeout,
+            keepalive_interval: c.keepalive_interval,
+            keepalive_timeout: c.keepalive_timeout,
+            idle_timeout: c.idle_timeout,
+            tls: self.tls.clone().ok().flatten(),
+        }
     }
 
     fn watch(
@@ -259,13 +307,12 @@ impl ClientFactory {
         service: &str,
         endpoints: watch::Receiver<Option<Vec<SocketAddr>>>,
     ) -> Channel {
-        let connect_timeout = self.settings.client.connect_timeout;
-        let tls = self.tls.clone().ok().flatten();
+        let dial = self.dial();
         let changes = WatchStream::new(endpoints.clone())
             .filter_map(|v| async move { v })
             .scan(BTreeSet::<SocketAddr>::new(), move |known, list| {
                 let next: BTreeSet<SocketAddr> = list.into_iter().collect();
-                let mut changes: Vec<Change<SocketAddr, Ejecting<tonic::transport::Channel>>> =
+                let mut changes: Vec<Change<SocketAddr, Ejecting<crate::connect::Conn>>> =
                     Vec::new();
                 for gone in known.difference(&next) {
                     changes.push(Change::Remove(*gone));
@@ -273,7 +320,7 @@ impl ClientFactory {
                 for new in next.difference(known) {
                     changes.push(Change::Insert(
                         *new,
-                        Ejecting::new(*new, connect(*new, connect_timeout, tls.as_ref())),
+                        Ejecting::new(*new, connect(*new, &dial)),
                     ));
                 }
                 *known = next;
@@ -292,11 +339,9 @@ impl ClientFactory {
         let buffer = Buffer::new(balance, 1024);
         let wait = &self.settings.client.wait_for_ready;
         let wait_for_ready = wait.iter().any(|s| s == "*" || s == service);
-        self.outer(NoEndpointFastFail::new(
-            buffer,
-            endpoints,
-            Arc::from(service),
-            wait_for_ready,
-        ))
+        self.outer(
+            service,
+            NoEndpointFastFail::new(buffer, endpoints, Arc::from(service), wait_for_ready),
+        )
     }
 }

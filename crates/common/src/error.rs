@@ -192,6 +192,16 @@ pub(crate) mod layer_status {
         Status::resource_exhausted(message)
     }
 
+    /// A message the client cannot compress or decompress (gzip), with what went wrong: INTERNAL, or
+    /// RESOURCE_EXHAUSTED for an answer that would decompress past the limit.
+    pub(crate) fn compression(message: impl Into<String>, too_large: bool) -> Status {
+        if too_large {
+            Status::resource_exhausted(message)
+        } else {
+            Status::internal(message)
+        }
+    }
+
     /// An unexpected failure of the server stack itself: logged in full, opaque INTERNAL to the caller.
     pub(crate) fn internal(error: anyhow::Error) -> Status {
         super::ServiceError::Internal(error).into()

@@ -73,7 +73,7 @@ pub fn owner(key: &str, endpoints: &[SocketAddr]) -> Option<SocketAddr> {
 pub(crate) struct KeyRouter {
     pub(crate) service: Arc<str>,
     pub(crate) endpoints: watch::Receiver<Option<Vec<SocketAddr>>>,
-    pub(crate) channels: Arc<Mutex<HashMap<SocketAddr, tonic::transport::Channel>>>,
+    pub(crate) channels: Arc<Mutex<HashMap<SocketAddr, crate::connect::Conn>>>,
     pub(crate) connect: crate::connect::Connector,
 }
 

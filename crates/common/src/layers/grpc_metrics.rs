@@ -1,7 +1,8 @@
 //! Per-RPC metrics and the call log: every call through it is counted, timed and logged once, when it ends
 //! however it ends (trailers, error, or the body dropped early: CANCELLED). Metric names: [`crate::metrics`].
 //! The log line (target `keel::calls`, so `log.level` can quiet it: `info,keel::calls=warn`) gives side,
-//! method, peer, duration, deadline and status; failures at WARN, health checks at DEBUG.
+//! method, peer, duration, deadline, status, trace id and the request's `grpc-encoding` when compressed;
+//! failures at WARN, health checks at DEBUG.
 
 use std::{
     collections::HashSet,
@@ -71,6 +72,8 @@ struct CallRecord {
     /// The call's trace id (server side: the request context's; client side: the `x-trace-id` sent), logged
     /// with the line because the line is written when the body ends, after the request's span closed.
     trace_id: Option<String>,
+    /// The request's `grpc-encoding` (`gzip`) when it was compressed.
+    encoding: Option<String>,
     start: Instant,
     code: Option<Code>,
 }
@@ -96,16 +99,17 @@ impl Drop for CallRecord {
         let status = code_name(code);
         let deadline_ms = self.deadline_ms;
         let trace_id = self.trace_id.as_deref();
+        let encoding = self.encoding.as_deref();
         if code == Code::Ok && method.starts_with("/grpc.health.v1.Health/") {
             // Consul's GRPC check calls every few seconds: not worth a line each at INFO.
-            tracing::debug!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, "grpc call");
+            tracing::debug!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, "grpc call");
         } else if matches!(
             code,
             Code::Ok | Code::NotFound | Code::AlreadyExists | Code::InvalidArgument
         ) {
-            tracing::info!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, "grpc call");
+            tracing::info!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, "grpc call");
         } else {
-            tracing::warn!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, "grpc call");
+            tracing::warn!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, "grpc call");
         }
     }
 }
@@ -164,6 +168,11 @@ where
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned)
                 }),
+            encoding: req
+                .headers()
+                .get("grpc-encoding")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
             method,
             start: Instant::now(),
             code: None,

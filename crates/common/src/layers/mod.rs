@@ -8,6 +8,7 @@
 //! | [`ConcurrencyLimitLayer`] | server | at most `grpc.max_concurrent_requests` calls, streams for their whole life; over it RESOURCE_EXHAUSTED before any handler |
 //! | [`ClientContextLayer`] | client | trace id and the remaining deadline out as metadata; local DEADLINE_EXCEEDED |
 //! | [`ErrorToStatusLayer`] | client | transport and balancer errors → UNAVAILABLE |
+//! | [`CompressionLayer`] | client | `grpc-accept-encoding: gzip` on every call, gzip answers decompressed; requests compressed for `client.gzip` targets |
 //! | [`NoEndpointFastFail`] | client | no healthy instance → UNAVAILABLE at once (waits for one with [`WaitForReady`]); waits for discovery's first answer |
 //! | [`Ejecting`] | client, per endpoint | timed ejection after a transport failure, half-open retry |
 //!
@@ -15,6 +16,7 @@
 //! are built in [`crate::error`], the one place where errors become `tonic::Status`.
 
 mod client_context;
+mod compression;
 mod concurrency;
 mod ejection;
 mod error_to_status;
@@ -23,6 +25,7 @@ mod no_endpoint;
 mod server_context;
 
 pub use client_context::{ClientContext, ClientContextLayer};
+pub use compression::{Compression, CompressionLayer, MAX_DECOMPRESSED};
 pub use concurrency::{ConcurrencyLimit, ConcurrencyLimitLayer};
 pub use ejection::Ejecting;
 pub use error_to_status::{ErrorToStatus, ErrorToStatusLayer};

@@ -5,8 +5,10 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod connections;
 mod database;
 mod dead_letters;
+mod interop;
 mod limits;
 mod live;
 mod operator;

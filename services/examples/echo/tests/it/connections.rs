@@ -1,0 +1,107 @@
+//! The client's connections (`client.keepalive_interval`, `client.idle_timeout`), seen from a real echo
+//! process: the server's call log names the peer port of each call, and at debug its HTTP/2 frames.
+
+use std::time::Duration;
+
+use crate::support::*;
+use keel_common::{ClientFactory, Metrics, config::Env};
+use keel_protos::keel::example::v1::{EchoRequest, echo_client::EchoClient};
+
+/// A client of the echo at `addr` with `client.*` settings `env`.
+fn client(addr: std::net::SocketAddr, env: &[(&str, &str)]) -> EchoClient<keel_common::Channel> {
+    let mut e = Env::default().with("KEEL_CLIENT__STATIC_ENDPOINTS", format!("echo={addr}"));
+    for (k, v) in env {
+        e = e.with(*k, *v);
+    }
+    let settings = keel_common::Settings::from_env("conn-test", &e).unwrap();
+    EchoClient::new(
+        ClientFactory::new(&settings, Metrics::disabled())
+            .channel("echo")
+            .unwrap(),
+    )
+}
+
+/// Calls with trace id `trace`; returns the peer (client address) the server logged for it.
+async fn peer_of_call(
+    p: &ServiceProcess,
+    c: &mut EchoClient<keel_common::Channel>,
+    trace: &str,
+) -> String {
+    let mut req = tonic::Request::new(EchoRequest {
+        message: "hi".into(),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("x-trace-id", trace.parse().unwrap());
+    c.echo(req).await.unwrap();
+    eventually("the call log line", Duration::from_secs(5), || async {
+        p.lines().iter().find_map(|l| {
+            (l["message"] == "grpc call"
+                && l["trace_id"] == trace
+                && l["fields"]["side"] == "server")
+                .then(|| l["fields"]["peer"].as_str().unwrap_or_default().to_owned())
+        })
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_and_the_next_call_opens_a_new_one() {
+    let p = echo_process(&[]);
+    let addr = p.addr().await;
+    let mut idle = client(addr, &[("KEEL_CLIENT__IDLE_TIMEOUT", "1s")]);
+    let mut kept = client(addr, &[("KEEL_CLIENT__IDLE_TIMEOUT", "0s")]);
+    let t = unique("idle");
+    let (first, again) = (
+        peer_of_call(&p, &mut idle, &format!("{t}-1")).await,
+        peer_of_call(&p, &mut idle, &format!("{t}-2")).await,
+    );
+    assert_eq!(
+        first, again,
+        "calls in quick succession share the connection"
+    );
+    let before = peer_of_call(&p, &mut kept, &format!("{t}-k1")).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let after_idle = peer_of_call(&p, &mut idle, &format!("{t}-3")).await;
+    assert_ne!(first, after_idle, "idle for over 1 s: a new connection");
+    let kept_after = peer_of_call(&p, &mut kept, &format!("{t}-k2")).await;
+    assert_eq!(
+        before, kept_after,
+        "client.idle_timeout 0s keeps the connection"
+    );
+}
+
+#[tokio::test]
+async fn client_keepalive_pings_an_idle_connection_at_the_configured_interval() {
+    let p = echo_process(&[("RUST_LOG", "info,h2::codec::framed_read=debug".into())]);
+    let addr = p.addr().await;
+    let pings = || {
+        p.lines()
+            .iter()
+            .filter(|l| {
+                l["message"] == "received"
+                    && l["fields"]["frame"]
+                        .as_str()
+                        .is_some_and(|f| f.starts_with("Ping { ack: false"))
+            })
+            .count()
+    };
+    let mut quiet = client(addr, &[]);
+    quiet.echo(EchoRequest::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        pings(),
+        0,
+        "the default interval (30 s) sends none this soon"
+    );
+    drop(quiet);
+
+    let mut pinging = client(addr, &[("KEEL_CLIENT__KEEPALIVE_INTERVAL", "200ms")]);
+    pinging.echo(EchoRequest::default()).await.unwrap();
+    eventually(
+        "PINGs on the idle connection",
+        Duration::from_secs(5),
+        || async { (pings() >= 3).then_some(()) },
+    )
+    .await;
+}
