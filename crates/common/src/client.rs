@@ -24,7 +24,7 @@
 //! Endpoint sets come from [`discovery::watch`]: added instances are inserted, vanished ones removed.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     convert::Infallible,
     net::SocketAddr,
     sync::Arc,
@@ -51,12 +51,31 @@ use crate::{
     discovery::{self, Source, SrvResolver},
     layers::{
         ClientContextLayer, CompressionLayer, Ejecting, ErrorToStatusLayer, GrpcMetricsLayer,
-        NoEndpointFastFail,
+        MethodConfigLayer, NoEndpointFastFail, TransparentRetryLayer,
     },
     live::{LiveCount, LiveDuration, LiveSettings},
     metrics::{Metrics, Side},
     retry::{RetryBudget, RetryPolicy},
+    service_config::ServiceConfigs,
 };
+
+/// Every target's service config JSON with its origin: the caller's `client.service_config`, then what Consul
+/// KV publishes (`keel/<target>/service-config`), which wins.
+fn config_sources(s: &Settings) -> Vec<(&str, &str, String)> {
+    let own = s
+        .client
+        .service_config
+        .iter()
+        .map(|(t, j)| (t.as_str(), j.as_str(), format!("client.service_config.{t}")));
+    let kv = s.kv().service_configs.iter().map(|(t, j)| {
+        (
+            t.as_str(),
+            j.as_str(),
+            crate::config::KvSettings::kv_key(t, "service-config"),
+        )
+    });
+    own.chain(kv).collect()
+}
 
 /// Outgoing calls: deadlines, retries, balancing.
 #[derive(Clone, Debug)]
@@ -75,6 +94,9 @@ pub struct ClientSettings {
     /// UNAVAILABLE when there is none (gRPC's wait-for-ready; `client.wait_for_ready`, comma separated, `*`
     /// for all; default none: fail fast). One call can ask with [`crate::WaitForReady`].
     pub wait_for_ready: Vec<String>,
+    /// Default gRPC service configs by target (`[client.service_config]` in the file, `echo = '{…}'`: A2
+    /// JSON), used when Consul KV publishes none for the target ([`crate::service_config`]).
+    pub service_config: BTreeMap<String, String>,
     /// Services whose requests are sent gzip-compressed (`client.gzip`, comma separated, `*` for all; default
     /// none). Compressed answers are accepted from every service.
     pub gzip: Vec<String>,
@@ -107,6 +129,7 @@ impl ClientSettings {
             static_endpoints,
             wait_for_ready: r.list("client.wait_for_ready"),
             gzip: r.list("client.gzip"),
+            service_config: r.string_map("client.service_config"),
             keepalive_interval: nonzero(r, "client.keepalive_interval", Duration::from_secs(30)),
             keepalive_timeout: nonzero(r, "client.keepalive_timeout", Duration::from_secs(10)),
             idle_timeout: r.duration("client.idle_timeout", Duration::from_secs(300)),
@@ -163,6 +186,8 @@ pub struct ClientFactory {
     default_timeout: LiveDuration,
     /// `client.max_attempts`, changed live by [`Self::follow`].
     max_attempts: LiveCount,
+    /// Every target's service config, replaced by [`Self::follow`].
+    configs: ServiceConfigs,
     metrics: Metrics,
     resolver: Option<SrvResolver>,
     budget: Arc<RetryBudget>,
@@ -181,6 +206,11 @@ impl ClientFactory {
             settings: Arc::new(settings.clone()),
             default_timeout: LiveDuration::new(settings.client.default_timeout),
             max_attempts: LiveCount::new(settings.client.max_attempts),
+            configs: {
+                let c = ServiceConfigs::default();
+                c.update(config_sources(settings));
+                c
+            },
             metrics,
             resolver,
             budget: Arc::new(RetryBudget::default()),
@@ -194,16 +224,21 @@ impl ClientFactory {
         RetryPolicy::live(self.max_attempts.clone(), self.budget.clone())
     }
 
-    /// Keeps `client.default_timeout` and `client.max_attempts` of every channel and policy made by this
-    /// factory, before or after, in step with `live` (Consul KV). Must be called inside a Tokio runtime.
+    /// Keeps `client.default_timeout`, `client.max_attempts` and the targets' service configs of every
+    /// channel and policy made by this factory, before or after, in step with `live` (Consul KV). Must be called inside a Tokio runtime.
     pub fn follow(&self, live: &LiveSettings) {
         let mut changes = live.changes();
-        let (timeout, attempts) = (self.default_timeout.clone(), self.max_attempts.clone());
+        let (timeout, attempts, configs) = (
+            self.default_timeout.clone(),
+            self.max_attempts.clone(),
+            self.configs.clone(),
+        );
         tokio::spawn(async move {
             while changes.changed().await.is_ok() {
                 let s = changes.borrow_and_update().clone();
                 timeout.set(s.client.default_timeout);
                 attempts.set(s.client.max_attempts);
+                configs.update(config_sources(&s));
             }
         });
     }
@@ -244,12 +279,14 @@ impl ClientFactory {
         S::Error: Into<BoxError>,
     {
         let svc = ServiceBuilder::new()
+            .layer(MethodConfigLayer::new(self.configs.clone(), service))
             .layer(ClientContextLayer::live(self.default_timeout.clone()))
             .layer(GrpcMetricsLayer::new(
                 self.metrics.clone(),
                 Side::Client,
                 HashSet::new(),
             ))
+            .layer(TransparentRetryLayer::new(self.budget.clone()))
             .layer(ErrorToStatusLayer)
             .layer(CompressionLayer::new(
                 self.settings

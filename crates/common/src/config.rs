@@ -183,14 +183,16 @@ pub struct Settings {
 
 /// Settings kept in Consul KV, as dotted keys: `keel/_defaults/<section>/<key>` for every service
 /// (`defaults`), `keel/<service>/<section>/<key>` for one (`service`); `keel/echo/log/level` is `log.level`.
-/// Layered between the file and the environment, service over defaults. `keel/<service>/service-config` is
-/// not a setting (it is a client policy) and is left out.
+/// Layered between the file and the environment, service over defaults. `keel/<target>/service-config` is
+/// not a setting but the target's client policy ([`crate::service_config`]), kept apart for every target.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvSettings {
     /// From `keel/_defaults/`.
     pub defaults: BTreeMap<String, String>,
     /// From `keel/<service>/`.
     pub service: BTreeMap<String, String>,
+    /// Every target's published service config (`keel/<target>/service-config`, JSON), by target.
+    pub service_configs: BTreeMap<String, String>,
 }
 
 impl KvSettings {
@@ -209,7 +211,11 @@ impl KvSettings {
             let Some((folder, path)) = rest.split_once('/') else {
                 continue;
             };
-            if path.is_empty() || path.ends_with('/') || path == "service-config" {
+            if path == "service-config" {
+                kv.service_configs.insert(folder.to_owned(), value);
+                continue;
+            }
+            if path.is_empty() || path.ends_with('/') {
                 continue;
             }
             let dotted = path.replace('/', ".").to_ascii_lowercase();
@@ -283,6 +289,7 @@ impl KvSettings {
                 .filter(|(k, _)| keep(k))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            service_configs: self.service_configs.clone(),
         }
     }
 
@@ -461,6 +468,16 @@ impl Reader {
         let v = self.raw(key, default);
         self.report(key, v.to_string());
         v
+    }
+
+    /// A table of strings (`[client.service_config]` in the file: `echo = '{…}'`), each entry reported as
+    /// `key.<name>`; empty when unset.
+    pub fn string_map(&mut self, key: &str) -> BTreeMap<String, String> {
+        let map: BTreeMap<String, String> = self.raw(key, BTreeMap::new());
+        for (name, value) in &map {
+            self.report(&format!("{key}.{name}"), value.clone());
+        }
+        map
     }
 
     /// A string that may be unset (blank counts as unset).

@@ -38,6 +38,7 @@ pub mod retry;
 pub mod routing;
 pub mod server;
 pub mod service;
+pub mod service_config;
 pub mod shutdown;
 #[cfg(feature = "testsuite")]
 pub mod testsuite;

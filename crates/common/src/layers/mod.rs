@@ -6,7 +6,9 @@
 //! | [`ServerContextLayer`] | server | trace id, deadline from `grpc-timeout`, `grpc.request` span, handler and response stream stopped at the deadline |
 //! | [`GrpcMetricsLayer`] | both | StatsD count/latency/status/in-flight per method, and one call-log line per call |
 //! | [`ConcurrencyLimitLayer`] | server | at most `grpc.max_concurrent_requests` calls, streams for their whole life; over it RESOURCE_EXHAUSTED before any handler |
+//! | [`MethodConfigLayer`] | client, outermost | the target's service config: `timeout`, `waitForReady`, `retryPolicy` handed down |
 //! | [`ClientContextLayer`] | client | trace id and the remaining deadline out as metadata; local DEADLINE_EXCEEDED |
+//! | [`TransparentRetryLayer`] | client | A6 retries of trailers-only answers with a retryable status, within the deadline and the budget |
 //! | [`ErrorToStatusLayer`] | client | transport and balancer errors → UNAVAILABLE |
 //! | [`CompressionLayer`] | client | `grpc-accept-encoding: gzip` on every call, gzip answers decompressed; requests compressed for `client.gzip` targets |
 //! | [`NoEndpointFastFail`] | client | no healthy instance → UNAVAILABLE at once (waits for one with [`WaitForReady`]); waits for discovery's first answer |
@@ -21,8 +23,10 @@ mod concurrency;
 mod ejection;
 mod error_to_status;
 mod grpc_metrics;
+mod method_config;
 mod no_endpoint;
 mod server_context;
+mod transparent_retry;
 
 pub use client_context::{ClientContext, ClientContextLayer};
 pub use compression::{Compression, CompressionLayer, MAX_DECOMPRESSED};
@@ -30,5 +34,7 @@ pub use concurrency::{ConcurrencyLimit, ConcurrencyLimitLayer};
 pub use ejection::Ejecting;
 pub use error_to_status::{ErrorToStatus, ErrorToStatusLayer};
 pub use grpc_metrics::{GrpcMetrics, GrpcMetricsLayer};
+pub use method_config::{AttemptPolicy, MethodConfig, MethodConfigLayer};
 pub use no_endpoint::{NoEndpointFastFail, WaitForReady};
 pub use server_context::{ServerContext, ServerContextLayer};
+pub use transparent_retry::{TransparentRetry, TransparentRetryLayer};

@@ -15,4 +15,5 @@ mod operator;
 mod outbox;
 mod platform;
 mod secrets;
+mod service_config;
 mod tls;

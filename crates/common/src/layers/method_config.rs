@@ -1,0 +1,95 @@
+//! Client side, outermost: applies the target's service config ([`crate::service_config`]) to each call before
+//! the deadline is computed: its `timeout` (never lengthening a deadline the call carries: the shorter wins),
+//! its `waitForReady`, and hands its `retryPolicy` to [`TransparentRetryLayer`](super::TransparentRetryLayer)
+//! through the request's extensions.
+
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http::{HeaderValue, Request};
+use tower::{Layer, Service};
+
+use crate::{
+    context::{GRPC_TIMEOUT, format_grpc_timeout, parse_grpc_timeout},
+    layers::WaitForReady,
+    service_config::{RetryPolicy, ServiceConfigs},
+};
+
+/// The retry policy of a call, from its service config.
+#[derive(Clone, Debug)]
+pub struct AttemptPolicy(pub RetryPolicy);
+
+/// Client side: see the module docs.
+#[derive(Clone, Debug)]
+pub struct MethodConfigLayer {
+    configs: ServiceConfigs,
+    target: Arc<str>,
+}
+
+impl MethodConfigLayer {
+    /// Calls to `target` follow its config in `configs` (as it is at each call).
+    pub fn new(configs: ServiceConfigs, target: &str) -> Self {
+        Self {
+            configs,
+            target: Arc::from(target),
+        }
+    }
+}
+
+impl<S> Layer<S> for MethodConfigLayer {
+    type Service = MethodConfig<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        MethodConfig {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// Service made by [`MethodConfigLayer`].
+#[derive(Clone, Debug)]
+pub struct MethodConfig<S> {
+    inner: S,
+    layer: MethodConfigLayer,
+}
+
+impl<S, B> Service<Request<B>> for MethodConfig<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if let Some(config) = self.layer.configs.get(&self.layer.target)
+            && let Some(policy) = config.policy(req.uri().path())
+        {
+            if let Some(limit) = policy.timeout {
+                let own = req
+                    .headers()
+                    .get(GRPC_TIMEOUT)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_grpc_timeout);
+                if own.is_none_or(|own| limit < own)
+                    && let Ok(v) = HeaderValue::from_str(&format_grpc_timeout(limit))
+                {
+                    req.headers_mut().insert(GRPC_TIMEOUT, v);
+                }
+            }
+            if policy.wait_for_ready == Some(true) {
+                req.extensions_mut().insert(WaitForReady);
+            }
+            if let Some(retry) = &policy.retry {
+                req.extensions_mut().insert(AttemptPolicy(retry.clone()));
+            }
+        }
+        self.inner.call(req)
+    }
+}

@@ -1,0 +1,201 @@
+//! Client side, below the metrics: gRPC's transparent retries as proposal A6 defines them
+//! (<https://github.com/grpc/proposal/blob/master/A6-client-retries.md>), for calls whose service config has a
+//! `retryPolicy` ([`AttemptPolicy`](super::AttemptPolicy)). An attempt is retried only when its answer is
+//! trailers-only (the server committed to nothing: the status comes in the headers) with a status of
+//! `retryableStatusCodes`; the wait is random below `min(initialBackoff · multiplier^(n-1), maxBackoff)`, or
+//! exactly the server's `grpc-retry-pushback-ms` (a negative or malformed pushback stops retrying); every retry
+//! draws on the process's retry budget and none starts past the call's deadline, which covers all attempts
+//! (each is sent with what is left of it, and `grpc-previous-rpc-attempts`). Only unary methods of the protos
+//! are retried: their request is one message, buffered to be sent again.
+
+use std::{
+    collections::HashSet,
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, OnceLock},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Full};
+use prost::Message;
+use rand::RngExt;
+use tokio::time::Instant;
+use tonic::{Code, body::Body};
+use tower::{BoxError, Layer, Service, ServiceExt};
+
+use crate::{
+    context::{GRPC_TIMEOUT, format_grpc_timeout, parse_grpc_timeout},
+    error::layer_status,
+    layers::AttemptPolicy,
+    retry::RetryBudget,
+};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// `/package.Service/Method` of every unary method of the protos.
+fn unary_methods() -> &'static HashSet<String> {
+    static METHODS: OnceLock<HashSet<String>> = OnceLock::new();
+    METHODS.get_or_init(|| {
+        let set = prost_types::FileDescriptorSet::decode(keel_protos::FILE_DESCRIPTOR_SET)
+            .expect("the protos' descriptor set");
+        let mut out = HashSet::new();
+        for file in set.file {
+            for svc in &file.service {
+                let full = match file.package() {
+                    "" => svc.name().to_owned(),
+                    p => format!("{p}.{}", svc.name()),
+                };
+                for m in &svc.method {
+                    if !m.client_streaming() && !m.server_streaming() {
+                        out.insert(format!("/{full}/{}", m.name()));
+                    }
+                }
+            }
+        }
+        out
+    })
+}
+
+/// Client side: see the module docs.
+#[derive(Clone, Debug)]
+pub struct TransparentRetryLayer {
+    budget: Arc<RetryBudget>,
+}
+
+impl TransparentRetryLayer {
+    /// Retries draw on `budget` (the process's, shared with the typed call-site retries).
+    pub fn new(budget: Arc<RetryBudget>) -> Self {
+        Self { budget }
+    }
+}
+
+impl<S> Layer<S> for TransparentRetryLayer {
+    type Service = TransparentRetry<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        TransparentRetry {
+            inner,
+            budget: self.budget.clone(),
+        }
+    }
+}
+
+/// Service made by [`TransparentRetryLayer`].
+#[derive(Clone, Debug)]
+pub struct TransparentRetry<S> {
+    inner: S,
+    budget: Arc<RetryBudget>,
+}
+
+/// The status of a trailers-only answer (`grpc-status` among the headers), which commits to nothing.
+fn trailers_only_status(resp: &Response<Body>) -> Option<Code> {
+    resp.headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(Code::from)
+}
+
+/// What the server's `grpc-retry-pushback-ms` says: `None` without one, `Some(None)` for "do not retry".
+fn pushback(resp: &Response<Body>) -> Option<Option<Duration>> {
+    let v = resp.headers().get("grpc-retry-pushback-ms")?;
+    Some(
+        v.to_str()
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+            .filter(|ms| *ms >= 0)
+            .map(|ms| Duration::from_millis(ms as u64)),
+    )
+}
+
+impl<S> Service<Request<Body>> for TransparentRetry<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let policy = match req.extensions().get::<AttemptPolicy>() {
+            Some(AttemptPolicy(p)) if unary_methods().contains(req.uri().path()) => p.clone(),
+            _ => return Box::pin(self.inner.call(req)),
+        };
+        // The readied service takes the first attempt; a clone stays for the next call.
+        let clone = self.inner.clone();
+        let mut svc = std::mem::replace(&mut self.inner, clone);
+        let budget = self.budget.clone();
+        Box::pin(async move {
+            budget.deposit();
+            let (parts, body) = req.into_parts();
+            let deadline = parts
+                .headers
+                .get(GRPC_TIMEOUT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_grpc_timeout)
+                .map(|t| Instant::now() + t);
+            let message: Bytes = match body.collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    let e: BoxError = e.into();
+                    return Ok(layer_status::unavailable(format!("request body: {e}")).into_http());
+                }
+            };
+            let attempt_request = |n: u32| {
+                let mut r = Request::new(Body::new(Full::new(message.clone())));
+                *r.method_mut() = parts.method.clone();
+                *r.uri_mut() = parts.uri.clone();
+                *r.version_mut() = parts.version;
+                *r.headers_mut() = parts.headers.clone();
+                *r.extensions_mut() = parts.extensions.clone();
+                if n > 1 {
+                    let h = r.headers_mut();
+                    h.insert("grpc-previous-rpc-attempts", HeaderValue::from(n - 1));
+                    if let Some(d) = deadline {
+                        let left = d.saturating_duration_since(Instant::now());
+                        if let Ok(v) = HeaderValue::from_str(&format_grpc_timeout(left)) {
+                            h.insert(GRPC_TIMEOUT, v);
+                        }
+                    }
+                }
+                r
+            };
+            let mut n = 1;
+            let mut resp = svc.call(attempt_request(n)).await?;
+            loop {
+                let Some(code) = trailers_only_status(&resp) else {
+                    return Ok(resp);
+                };
+                if n >= policy.max_attempts || !policy.retryable_status_codes.contains(&code) {
+                    return Ok(resp);
+                }
+                let wait = match pushback(&resp) {
+                    Some(None) => return Ok(resp),
+                    Some(Some(w)) => w,
+                    None => {
+                        let bound = policy.backoff_bound(n);
+                        rand::rng().random_range(Duration::ZERO..=bound)
+                    }
+                };
+                if deadline.is_some_and(|d| Instant::now() + wait >= d) || !budget.withdraw() {
+                    return Ok(resp);
+                }
+                tracing::debug!(attempt = n, wait = ?wait, code = ?code, "retrying per the service config");
+                tokio::time::sleep(wait).await;
+                n += 1;
+                resp = svc.ready().await?.call(attempt_request(n)).await?;
+            }
+        })
+    }
+}
