@@ -188,7 +188,7 @@ fn changed(old: &[(String, String)], new: &[(String, String)]) -> Vec<(String, S
     out
 }
 
-/// What [`watch`] does on its own: restart the process when asked to.
+/// What [`watch`] needs: how to rebuild and check the settings, the settings in force, and how to restart.
 pub struct Watch {
     /// The app, to rebuild and check its settings.
     pub app: App,
@@ -227,7 +227,9 @@ pub fn watch(w: Watch) -> LiveSettings {
                         away = false;
                     }
                     backoff = Duration::from_secs(1);
-                    index = if next < index { 0 } else { next };
+                    // Consul's contract: an index that goes backwards starts over from 0; one of 0 is taken as 1,
+                    // so the next query blocks instead of returning at once, again and again.
+                    index = if next < index { 0 } else { next.max(1) };
                     let current = tx.borrow().clone();
                     let kv = KvSettings::from_pairs(&current.service.name, pairs);
                     if kv == *current.kv() {
@@ -254,8 +256,8 @@ pub fn watch(w: Watch) -> LiveSettings {
     LiveSettings(rx)
 }
 
-/// Rebuilds the settings with `kv`; logs refused values, changes, and restart-only changes; `None` when
-/// nothing the process reports changed.
+/// Rebuilds the settings with `kv`; logs refused values, changes, and restart-only changes (restarting when
+/// asked to); `None` when they cannot be rebuilt (the file or the environment is at fault, not KV).
 fn apply(w: &Watch, current: &Settings, kv: KvSettings, service_live: &[&str]) -> Option<Settings> {
     let (next, refused) = match layered(&w.app, &w.env, kv, current.kv()) {
         Ok(r) => r,
