@@ -8,7 +8,7 @@ WITH_INFRA = eval "$$($(INFRA) env)" &&
 TEST_TMP := $(CURDIR)/target/test-tmp
 
 .DEFAULT_GOAL := help
-.PHONY: help build run test test-unit fuzz fuzz-decoders bench dashboards lint fmt infra-install infra-up infra-down infra-status up down status
+.PHONY: deploy-files help build run test test-unit fuzz fuzz-decoders bench dashboards lint fmt infra-install infra-up infra-down infra-status up down status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ infra-status: ## which servers are up, where
 up: infra-install infra-up build ## local cluster: the servers plus every service as its own process, in Consul
 	$(WITH_INFRA) scripts/cluster.sh start
 	$(WITH_INFRA) target/debug/keel dashboards --load "$$KEEL_GRAPHITE_URL"
+
+deploy-files: ## render deploy/fleet.toml into deploy/{systemd,kubernetes,consul,kafka} (a test keeps them equal)
+	cargo run -q -p keel -- deploy --dir deploy
 
 dashboards: infra-install infra-up ## regenerate deploy/dashboards from the protos and load them into graphite-web
 	$(WITH_INFRA) cargo run -q -p keel -- dashboards --out deploy/dashboards --load "$$KEEL_GRAPHITE_URL"

@@ -394,7 +394,7 @@ stop_statsd() { stop_pidfile statsd "$RUN/statsd/statsd.pid"; }
 
 # ---------------------------------------------------------------- tools used by tests
 install_tools() {
-  apt_install dnsutils curl kcat chromium
+  apt_install dnsutils curl kcat chromium systemd
   local bin=$CACHE/bin/grpcurl
   if [[ ! -x $bin ]]; then
     log "building grpcurl $GRPCURL_VERSION (once)"

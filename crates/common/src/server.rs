@@ -42,8 +42,8 @@ use crate::{
 pub struct GrpcSettings {
     /// Address to bind (`grpc.listen_addr`), default `127.0.0.1:0` (any free port).
     pub listen_addr: SocketAddr,
-    /// Address announced to Consul (`grpc.advertise_addr`); default: the bound address, with `127.0.0.1` for an
-    /// unspecified IP.
+    /// Address announced to Consul (`grpc.advertise_addr`); default: the bound address, or bound to `0.0.0.0`,
+    /// the address of the interface that routes to the Consul agent (a container's own address, not loopback).
     pub advertise_addr: Option<String>,
     /// Requests handled at once by this instance (`grpc.max_concurrent_requests`); more are rejected with
     /// RESOURCE_EXHAUSTED before any handler runs.
@@ -246,7 +246,7 @@ impl Server {
                 .grpc
                 .advertise_addr
                 .clone()
-                .unwrap_or_else(|| advertise_ip(local));
+                .unwrap_or_else(|| advertise_ip(local, addr));
             let agent = ConsulAgent::new(addr, settings.consul.token.clone());
             let instance = Instance {
                 name: settings.service.name.clone(),
@@ -313,12 +313,30 @@ fn reflection(names: &[&'static str]) -> tonic_reflection::server::Builder<'stat
     b
 }
 
-fn advertise_ip(local: SocketAddr) -> String {
-    if local.ip().is_unspecified() {
-        "127.0.0.1".to_owned()
-    } else {
-        local.ip().to_string()
+/// The address peers reach this instance at: the bound one, or, bound to every interface (`0.0.0.0`), the
+/// source address of the route to the Consul agent — the interface on the agent's network, which is what a
+/// container or a machine with several interfaces must announce (not loopback). Found with a connected UDP
+/// socket, which sends nothing; `127.0.0.1` when there is no route.
+fn advertise_ip(local: SocketAddr, agent: &str) -> String {
+    use std::net::ToSocketAddrs;
+    if !local.ip().is_unspecified() {
+        return local.ip().to_string();
     }
+    let hostport = agent
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
+    let routed = hostport
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.find(SocketAddr::is_ipv4))
+        .and_then(|target| {
+            let s = std::net::UdpSocket::bind(("0.0.0.0", 0)).ok()?;
+            s.connect(target).ok()?;
+            s.local_addr().ok()
+        })
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified());
+    routed.map_or_else(|| "127.0.0.1".to_owned(), |ip| ip.to_string())
 }
 
 /// The process's health: `grpc.health.v1` for the server (`""`) and each service, and a watch of it for the
@@ -381,5 +399,23 @@ async fn readiness_loop(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_instance_bound_to_every_interface_announces_the_one_that_reaches_its_agent() {
+        let any: SocketAddr = "0.0.0.0:5000".parse().unwrap();
+        assert_eq!(advertise_ip(any, "127.0.0.1:8500"), "127.0.0.1");
+        assert_eq!(advertise_ip(any, "http://localhost:8500"), "127.0.0.1");
+        let bound: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        assert_eq!(
+            advertise_ip(bound, "127.0.0.1:8500"),
+            "10.1.2.3",
+            "a bound address is announced as it is"
+        );
     }
 }

@@ -5,6 +5,7 @@
 mod call;
 mod consul;
 mod dashboards;
+mod deploy;
 mod graphite;
 mod health;
 mod logs;
@@ -38,6 +39,14 @@ enum Cmd {
     /// Every service instance's Consul health, whether Consul, Kafka, PostgreSQL and graphite-web answer,
     /// outbox backlogs and dropped telemetry; exit code 1 when something is critical (for cron).
     Health(health::Args),
+    /// Renders deploy/fleet.toml into the systemd units and environment files, Kubernetes manifests, Consul
+    /// agent configurations and Kafka broker properties beside it.
+    #[command(after_help = "Example: keel deploy --dir deploy")]
+    Deploy {
+        /// The directory holding fleet.toml.
+        #[arg(long, default_value = "deploy")]
+        dir: PathBuf,
+    },
     /// Writes one dashboard per gRPC service (golden signals per RPC), a fleet overview and the platform's
     /// health, as graphite-web and Grafana JSON, and loads them into graphite-web.
     #[command(
@@ -80,6 +89,11 @@ async fn run(cmd: Cmd) -> anyhow::Result<i32> {
         Cmd::Logs(args) => blocking(move || logs::logs(args)).await,
         Cmd::Tap(args) => blocking(move || logs::tap(args)).await,
         Cmd::Health(args) => Ok(if health::run(&args).await? { 0 } else { 1 }),
+        Cmd::Deploy { dir } => {
+            let n = deploy::write(&dir)?;
+            println!("wrote {n} files under {}", dir.display());
+            Ok(0)
+        }
         Cmd::Dashboards {
             prefix,
             out,
