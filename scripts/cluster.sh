@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${KEEL_RUN_DIR:-/var/tmp/keel}/cluster
 INSTANCES=${INSTANCES:-2}
-SERVICES=(echo user-management video-catalog comments ratings statistics search suggested-videos uploads accounts cache geo-search)
+SERVICES=(echo video-lab user-management video-catalog comments ratings statistics search suggested-videos uploads accounts cache geo-search)
 mkdir -p "$RUN"
 
 start() {

@@ -4,6 +4,7 @@
 //!   (`shared/spec/killrvideo-api.md`): same packages, services, rpcs, messages and field numbers.
 //! - [`rpc`]: the cache and accounts services of the "gRPC in production" talk (`shared/seeds/003`).
 //! - [`keel`]: the stack's own example service, used to prove the platform end to end.
+//! - [`video_service`]: the video lab of `shared/seeds/002`, with every kind of streaming call.
 //!
 //! `tonic` and `prost` are re-exported so every crate builds against the one version the code was generated for.
 //! [`FILE_DESCRIPTOR_SET`] is the encoded `google.protobuf.FileDescriptorSet` of all of them (imports included),
@@ -94,6 +95,11 @@ pub mod rpc {
 }
 
 /// The stack's own protos.
+/// `video_service`: the video lab of `shared/seeds/002` (`services/examples/video-lab`), every kind of call.
+pub mod video_service {
+    include!(concat!(env!("OUT_DIR"), "/video_service.rs"));
+}
+
 pub mod keel {
     /// Example services.
     pub mod example {
@@ -141,6 +147,7 @@ use killrvideo::user_management::user_management_service_server::UserManagementS
 use killrvideo::video_catalog::video_catalog_service_server::VideoCatalogServiceServer;
 use rpc::accounts_server::AccountsServer;
 use rpc::cache_server::CacheServer;
+use video_service::video_service_server::VideoServiceServer;
 
 server_codec! {
     EchoServer <- keel::example::v1::echo_server::Echo,
@@ -155,4 +162,5 @@ server_codec! {
     AccountsServer <- rpc::accounts_server::Accounts,
     CacheServer <- rpc::cache_server::Cache,
     GeoSearchServer <- geo::search_server::Search,
+    VideoServiceServer <- video_service::video_service_server::VideoService,
 }
