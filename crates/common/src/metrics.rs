@@ -85,6 +85,9 @@ struct MethodStats {
     requests: AtomicU64,
     /// Calls by gRPC status code (0..=16).
     status: [AtomicU64; 17],
+    /// gRPC messages sent and received by this side's calls.
+    messages_sent: AtomicU64,
+    messages_received: AtomicU64,
 }
 
 impl MethodStats {
@@ -95,6 +98,8 @@ impl MethodStats {
             base,
             requests: AtomicU64::new(0),
             status: Default::default(),
+            messages_sent: AtomicU64::new(0),
+            messages_received: AtomicU64::new(0),
         }
     }
 }
@@ -210,6 +215,15 @@ impl Metrics {
                 if n > 0 {
                     let _ = c.count(&format!("{}.requests", m.base), n);
                 }
+                for (name, counter) in [
+                    ("messages_sent", &m.messages_sent),
+                    ("messages_received", &m.messages_received),
+                ] {
+                    let n = counter.swap(0, Ordering::Relaxed);
+                    if n > 0 {
+                        let _ = c.count(&format!("{}.{name}", m.base), n);
+                    }
+                }
                 for (code, count) in m.status.iter().enumerate() {
                     let n = count.swap(0, Ordering::Relaxed);
                     if n > 0 {
@@ -258,6 +272,20 @@ impl Metrics {
     /// Counts a call starting (`delta` 1) or ending (-1); sent as a gauge at each flush.
     pub(crate) fn inflight(&self, side: Side, delta: i64) {
         self.inner.inflight[side as usize].fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Adds the gRPC messages a finished call of `method` sent and received (counters at the next flush).
+    pub(crate) fn record_messages(&self, side: Side, method: &str, sent: u64, received: u64) {
+        if let Some(stats) = self.inner.methods[side as usize]
+            .read()
+            .expect("metrics")
+            .get(method)
+        {
+            stats.messages_sent.fetch_add(sent, Ordering::Relaxed);
+            stats
+                .messages_received
+                .fetch_add(received, Ordering::Relaxed);
+        }
     }
 
     /// Records a finished call of `method` (`Service.Method`): its latency now, its counters at the next flush.

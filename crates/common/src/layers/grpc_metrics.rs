@@ -1,14 +1,18 @@
 //! Per-RPC metrics and the call log: every call through it is counted, timed and logged once, when it ends
 //! however it ends (trailers, error, or the body dropped early: CANCELLED). Metric names: [`crate::metrics`].
 //! The log line (target `keel::calls`, so `log.level` can quiet it: `info,keel::calls=warn`) gives side,
-//! method, peer, duration, deadline, status, trace id and the request's `grpc-encoding` when compressed;
+//! method, peer, duration, deadline, status, trace id, the gRPC messages sent and received (counted as the
+//! bodies pass, so a stream's are), and the request's `grpc-encoding` when compressed;
 //! failures at WARN, health checks at DEBUG.
 
 use std::{
     collections::HashSet,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Instant,
 };
@@ -74,6 +78,9 @@ struct CallRecord {
     trace_id: Option<String>,
     /// The request's `grpc-encoding` (`gzip`) when it was compressed.
     encoding: Option<String>,
+    /// gRPC messages of the request (counted by its body as it passes) and of the response.
+    request_messages: Arc<AtomicU64>,
+    response_messages: MessageCounter,
     start: Instant,
     code: Option<Code>,
 }
@@ -92,7 +99,18 @@ impl Drop for CallRecord {
     fn drop(&mut self) {
         let code = self.code.unwrap_or(Code::Cancelled);
         let elapsed = self.start.elapsed();
+        let (requests, responses) = (
+            self.request_messages.load(Ordering::Relaxed),
+            self.response_messages.count,
+        );
+        // Sent and received as this side sees them.
+        let (messages_sent, messages_received) = match self.side {
+            Side::Server => (responses, requests),
+            Side::Client => (requests, responses),
+        };
         self.metrics.record(self.side, &self.method, code, elapsed);
+        self.metrics
+            .record_messages(self.side, &self.method, messages_sent, messages_received);
         self.metrics.inflight(self.side, -1);
         let (side, method, peer) = (self.side.as_str(), self.path.as_str(), self.peer.as_str());
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
@@ -102,14 +120,14 @@ impl Drop for CallRecord {
         let encoding = self.encoding.as_deref();
         if code == Code::Ok && method.starts_with("/grpc.health.v1.Health/") {
             // Consul's GRPC check calls every few seconds: not worth a line each at INFO.
-            tracing::debug!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, "grpc call");
+            tracing::debug!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
         } else if matches!(
             code,
             Code::Ok | Code::NotFound | Code::AlreadyExists | Code::InvalidArgument
         ) {
-            tracing::info!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, "grpc call");
+            tracing::info!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
         } else {
-            tracing::warn!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, "grpc call");
+            tracing::warn!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
         }
     }
 }
@@ -124,9 +142,10 @@ fn status_of(headers: &http::HeaderMap) -> Option<Code> {
 
 impl<S, B> Service<Request<B>> for GrpcMetrics<S>
 where
-    S: Service<Request<B>, Response = Response<Body>> + Send + 'static,
+    S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
     S::Future: Send + 'static,
-    B: Send + 'static,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<tower::BoxError>,
 {
     type Response = Response<Body>;
     type Error = S::Error;
@@ -174,9 +193,19 @@ where
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
             method,
+            request_messages: Arc::default(),
+            response_messages: MessageCounter::default(),
             start: Instant::now(),
             code: None,
         };
+        let counted = record.request_messages.clone();
+        let req = req.map(|body| {
+            Body::new(CountedBody {
+                inner: body,
+                counter: MessageCounter::default(),
+                total: counted,
+            })
+        });
         let fut = self.inner.call(req);
         Box::pin(async move {
             match fut.await {
@@ -223,6 +252,9 @@ impl HttpBody for MeteredBody {
         let polled = this.inner.poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.record.response_messages.feed(data);
+                }
                 if let Some(code) = frame.trailers_ref().and_then(status_of) {
                     this.record.finish(code);
                 }
@@ -240,5 +272,109 @@ impl HttpBody for MeteredBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Counts the length-prefixed gRPC messages of a body as its bytes pass, however frames cut them.
+#[derive(Debug, Default)]
+struct MessageCounter {
+    header: [u8; 5],
+    have: usize,
+    remaining: usize,
+    count: u64,
+}
+
+impl MessageCounter {
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(data.len());
+                self.remaining -= n;
+                data = &data[n..];
+            } else {
+                let n = (5 - self.have).min(data.len());
+                self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+                self.have += n;
+                data = &data[n..];
+                if self.have == 5 {
+                    self.count += 1;
+                    self.have = 0;
+                    let len = [
+                        self.header[1],
+                        self.header[2],
+                        self.header[3],
+                        self.header[4],
+                    ];
+                    self.remaining = u32::from_be_bytes(len) as usize;
+                }
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// A request body that counts its gRPC messages into `total` as they pass.
+    struct CountedBody<B> {
+        #[pin]
+        inner: B,
+        counter: MessageCounter,
+        total: Arc<AtomicU64>,
+    }
+}
+
+impl<B> HttpBody for CountedBody<B>
+where
+    B: HttpBody<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            let before = this.counter.count;
+            this.counter.feed(data);
+            this.total
+                .fetch_add(this.counter.count - before, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_counted_however_frames_cut_them() {
+        let message = |len: u32| {
+            let mut m = vec![0u8];
+            m.extend_from_slice(&len.to_be_bytes());
+            m.extend(std::iter::repeat_n(7u8, len as usize));
+            m
+        };
+        let stream: Vec<u8> = [message(10), message(0), message(300), message(1)].concat();
+        for cut in [1, 2, 3, 5, 7, 64, stream.len()] {
+            let mut c = MessageCounter::default();
+            for chunk in stream.chunks(cut) {
+                c.feed(chunk);
+            }
+            assert_eq!(c.count, 4, "cut every {cut} bytes");
+            assert_eq!((c.have, c.remaining), (0, 0), "ends between messages");
+        }
     }
 }

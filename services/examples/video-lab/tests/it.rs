@@ -64,7 +64,7 @@ fn messages(text: &str) -> Vec<serde_json::Value> {
 async fn the_seeds_grpcurl_session_and_every_kind_of_call_through_consul_dns() {
     let name = format!("video-lab-{}", &testsuite::unique("v")[2..10]);
     let db = testsuite::postgres().await;
-    let _p = ServiceProcess::spawn(
+    let p = ServiceProcess::spawn(
         "video-lab",
         &name,
         &[("KEEL_DATABASE__URL", db.url.clone())],
@@ -182,4 +182,48 @@ async fn the_seeds_grpcurl_session_and_every_kind_of_call_through_consul_dns() {
     }
     tx.send(VideoRequest { id: "nope".into() }).await.unwrap();
     assert_eq!(answers.message().await.unwrap_err().code(), Code::NotFound);
+
+    // Each stream's call-log line counts its messages, each way, as the server saw them.
+    let counts = |method: &str| {
+        p.lines()
+            .iter()
+            .filter(|l| {
+                l["message"] == "grpc call"
+                    && l["fields"]["side"] == "server"
+                    && l["fields"]["method"] == format!("/video_service.VideoService/{method}")
+            })
+            .map(|l| {
+                (
+                    l["fields"]["messages_received"].as_u64(),
+                    l["fields"]["messages_sent"].as_u64(),
+                    l["fields"]["status"].as_str().map(str::to_owned),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    testsuite::eventually("the call log", Duration::from_secs(5), || async {
+        (counts("GetVideo").len() == 2).then_some(())
+    })
+    .await;
+    let ok = Some("OK".to_owned());
+    assert!(
+        counts("ListVideos").contains(&(Some(1), Some(2), ok.clone())),
+        "{:?}",
+        counts("ListVideos")
+    );
+    assert!(
+        counts("GetVideos").contains(&(Some(2), Some(1), ok.clone())),
+        "{:?}",
+        counts("GetVideos")
+    );
+    assert!(
+        counts("GetVideo").contains(&(Some(2), Some(2), ok)),
+        "{:?}",
+        counts("GetVideo")
+    );
+    assert!(
+        counts("GetVideo").contains(&(Some(3), Some(2), Some("NOT_FOUND".to_owned()))),
+        "{:?}",
+        counts("GetVideo")
+    );
 }
