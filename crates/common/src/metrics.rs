@@ -274,22 +274,16 @@ impl Metrics {
         self.inner.inflight[side as usize].fetch_add(delta, Ordering::Relaxed);
     }
 
-    /// Adds the gRPC messages a finished call of `method` sent and received (counters at the next flush).
-    pub(crate) fn record_messages(&self, side: Side, method: &str, sent: u64, received: u64) {
-        if let Some(stats) = self.inner.methods[side as usize]
-            .read()
-            .expect("metrics")
-            .get(method)
-        {
-            stats.messages_sent.fetch_add(sent, Ordering::Relaxed);
-            stats
-                .messages_received
-                .fetch_add(received, Ordering::Relaxed);
-        }
-    }
-
-    /// Records a finished call of `method` (`Service.Method`): its latency now, its counters at the next flush.
-    pub(crate) fn record(&self, side: Side, method: &str, code: Code, elapsed: Duration) {
+    /// Records a finished call of `method` (`Service.Method`) that sent and received `messages` (gRPC
+    /// messages, as this side counts them): its latency now, its counters at the next flush.
+    pub(crate) fn record(
+        &self,
+        side: Side,
+        method: &str,
+        code: Code,
+        elapsed: Duration,
+        messages: (u64, u64),
+    ) {
         let table = &self.inner.methods[side as usize];
         let known = table.read().expect("metrics").get(method).cloned();
         let stats = known.unwrap_or_else(|| {
@@ -302,6 +296,10 @@ impl Metrics {
         });
         stats.requests.fetch_add(1, Ordering::Relaxed);
         stats.status[(code as usize).min(16)].fetch_add(1, Ordering::Relaxed);
+        stats.messages_sent.fetch_add(messages.0, Ordering::Relaxed);
+        stats
+            .messages_received
+            .fetch_add(messages.1, Ordering::Relaxed);
         let _ = self.inner.client.time(&stats.latency, elapsed);
     }
 }

@@ -114,29 +114,10 @@ fn duration(field: &str, s: &str) -> Result<Duration, String> {
 
 /// A status code by name (`"UNAVAILABLE"`) or number.
 fn code(v: &serde_json::Value) -> Result<Code, String> {
-    let known: &[(&str, Code)] = &[
-        ("CANCELLED", Code::Cancelled),
-        ("UNKNOWN", Code::Unknown),
-        ("INVALID_ARGUMENT", Code::InvalidArgument),
-        ("DEADLINE_EXCEEDED", Code::DeadlineExceeded),
-        ("NOT_FOUND", Code::NotFound),
-        ("ALREADY_EXISTS", Code::AlreadyExists),
-        ("PERMISSION_DENIED", Code::PermissionDenied),
-        ("RESOURCE_EXHAUSTED", Code::ResourceExhausted),
-        ("FAILED_PRECONDITION", Code::FailedPrecondition),
-        ("ABORTED", Code::Aborted),
-        ("OUT_OF_RANGE", Code::OutOfRange),
-        ("UNIMPLEMENTED", Code::Unimplemented),
-        ("INTERNAL", Code::Internal),
-        ("UNAVAILABLE", Code::Unavailable),
-        ("DATA_LOSS", Code::DataLoss),
-        ("UNAUTHENTICATED", Code::Unauthenticated),
-    ];
     match v {
-        serde_json::Value::String(s) => known
-            .iter()
-            .find(|(n, _)| *n == s.to_ascii_uppercase())
-            .map(|(_, c)| *c),
+        serde_json::Value::String(s) => (1..=16)
+            .map(Code::from)
+            .find(|c| crate::metrics::code_name(*c).eq_ignore_ascii_case(s)),
         serde_json::Value::Number(n) => n
             .as_i64()
             .filter(|n| (1..=16).contains(n))

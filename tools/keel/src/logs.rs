@@ -251,53 +251,55 @@ impl Reader {
         )
     }
 
-    /// `<prefix><service>`, checked to exist; or every topic starting with the prefix.
-    fn topics(&self, service: Option<&str>) -> anyhow::Result<Vec<String>> {
+    /// `<prefix><service>`, checked to exist, or every topic starting with the prefix; each with its
+    /// partitions (one metadata request).
+    fn topics(&self, service: Option<&str>) -> anyhow::Result<Vec<(String, Vec<i32>)>> {
         let meta = self
             .consumer
             .fetch_metadata(None, KAFKA_TIMEOUT)
             .with_context(|| self.unreachable())?;
-        let all: Vec<String> = meta.topics().iter().map(|t| t.name().to_owned()).collect();
+        let wanted = |name: &str| match service {
+            Some(s) => name == format!("{}{s}", self.prefix),
+            None => name.starts_with(&self.prefix),
+        };
+        let topics: Vec<(String, Vec<i32>)> = meta
+            .topics()
+            .iter()
+            .filter(|t| wanted(t.name()))
+            .map(|t| {
+                (
+                    t.name().to_owned(),
+                    t.partitions().iter().map(|p| p.id()).collect(),
+                )
+            })
+            .collect();
         match service {
-            Some(s) => {
-                let topic = format!("{}{s}", self.prefix);
-                anyhow::ensure!(
-                    all.contains(&topic),
-                    "Kafka at {} has no topic {topic}: is {s} running with kafka.brokers set (its log.topic)?",
-                    self.brokers
-                );
-                Ok(vec![topic])
-            }
-            None => {
-                let topics: Vec<String> = all
-                    .into_iter()
-                    .filter(|t| t.starts_with(&self.prefix))
-                    .collect();
-                anyhow::ensure!(
-                    !topics.is_empty(),
-                    "Kafka at {} has no {}* topic",
-                    self.brokers,
-                    self.prefix
-                );
-                Ok(topics)
-            }
+            Some(s) => anyhow::ensure!(
+                !topics.is_empty(),
+                "Kafka at {} has no topic {}{s}: is {s} running with kafka.brokers set (its log.topic)?",
+                self.brokers,
+                self.prefix
+            ),
+            None => anyhow::ensure!(
+                !topics.is_empty(),
+                "Kafka at {} has no {}* topic",
+                self.brokers,
+                self.prefix
+            ),
         }
+        Ok(topics)
     }
 
     /// Reads `topics` from `since` ago (or from their ends), handing each kept line to `each` in time order
     /// until `each` returns false; without `follow`, stops at the ends the topics had when reading began.
     fn read(
         &self,
-        topics: &[String],
+        topics: &[(String, Vec<i32>)],
         since: Option<Duration>,
         follow: bool,
         filter: &Filter,
         each: &mut dyn FnMut(Value) -> bool,
     ) -> anyhow::Result<()> {
-        let meta = self
-            .consumer
-            .fetch_metadata(None, KAFKA_TIMEOUT)
-            .with_context(|| self.unreachable())?;
         let mut start = TopicPartitionList::new();
         // Per (topic, partition): the offset the catch-up read stops at (the end when reading began).
         let mut ends: HashMap<(String, i32), i64> = HashMap::new();
@@ -309,19 +311,15 @@ impl Reader {
                 .unwrap_or_default()
                 .as_millis() as i64
         });
-        for t in meta
-            .topics()
-            .iter()
-            .filter(|t| topics.iter().any(|n| n == t.name()))
-        {
-            for p in t.partitions() {
+        for (topic, partitions) in topics {
+            for &p in partitions {
                 let (_low, high) = self
                     .consumer
-                    .fetch_watermarks(t.name(), p.id(), KAFKA_TIMEOUT)
+                    .fetch_watermarks(topic, p, KAFKA_TIMEOUT)
                     .with_context(|| self.unreachable())?;
                 let offset = from_ms.map_or(Offset::End, Offset::Offset);
-                start.add_partition_offset(t.name(), p.id(), offset)?;
-                ends.insert((t.name().to_owned(), p.id()), high);
+                start.add_partition_offset(topic, p, offset)?;
+                ends.insert((topic.clone(), p), high);
             }
         }
         // Timestamps become the offsets of the first message at or after them (End where there is none).

@@ -108,9 +108,13 @@ impl Drop for CallRecord {
             Side::Server => (responses, requests),
             Side::Client => (requests, responses),
         };
-        self.metrics.record(self.side, &self.method, code, elapsed);
-        self.metrics
-            .record_messages(self.side, &self.method, messages_sent, messages_received);
+        self.metrics.record(
+            self.side,
+            &self.method,
+            code,
+            elapsed,
+            (messages_sent, messages_received),
+        );
         self.metrics.inflight(self.side, -1);
         let (side, method, peer) = (self.side.as_str(), self.path.as_str(), self.peer.as_str());
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
@@ -130,14 +134,6 @@ impl Drop for CallRecord {
             tracing::warn!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
         }
     }
-}
-
-fn status_of(headers: &http::HeaderMap) -> Option<Code> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i32>().ok())
-        .map(Code::from)
 }
 
 impl<S, B> Service<Request<B>> for GrpcMetrics<S>
@@ -210,7 +206,7 @@ where
         Box::pin(async move {
             match fut.await {
                 Ok(resp) => {
-                    if let Some(code) = status_of(resp.headers()) {
+                    if let Some(code) = super::grpc_status(resp.headers()) {
                         record.finish(code); // trailers-only response
                     }
                     let (parts, body) = resp.into_parts();
@@ -255,7 +251,7 @@ impl HttpBody for MeteredBody {
                 if let Some(data) = frame.data_ref() {
                     this.record.response_messages.feed(data);
                 }
-                if let Some(code) = frame.trailers_ref().and_then(status_of) {
+                if let Some(code) = frame.trailers_ref().and_then(super::grpc_status) {
                     this.record.finish(code);
                 }
             }

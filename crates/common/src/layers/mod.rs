@@ -38,3 +38,12 @@ pub use method_config::{AttemptPolicy, MethodConfig, MethodConfigLayer};
 pub use no_endpoint::{NoEndpointFastFail, WaitForReady};
 pub use server_context::{ServerContext, ServerContextLayer};
 pub use transparent_retry::{TransparentRetry, TransparentRetryLayer};
+
+/// The `grpc-status` of a header block: a response's trailers, or its headers when it is trailers-only.
+pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(tonic::Code::from)
+}

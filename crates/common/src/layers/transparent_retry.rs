@@ -24,7 +24,7 @@ use http_body_util::{BodyExt, Full};
 use prost::Message;
 use rand::RngExt;
 use tokio::time::Instant;
-use tonic::{Code, body::Body};
+use tonic::body::Body;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
 use crate::{
@@ -88,15 +88,6 @@ impl<S> Layer<S> for TransparentRetryLayer {
 pub struct TransparentRetry<S> {
     inner: S,
     budget: Arc<RetryBudget>,
-}
-
-/// The status of a trailers-only answer (`grpc-status` among the headers), which commits to nothing.
-fn trailers_only_status(resp: &Response<Body>) -> Option<Code> {
-    resp.headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i32>().ok())
-        .map(Code::from)
 }
 
 /// What the server's `grpc-retry-pushback-ms` says: `None` without one, `Some(None)` for "do not retry".
@@ -174,7 +165,8 @@ where
             let mut n = 1;
             let mut resp = svc.call(attempt_request(n)).await?;
             loop {
-                let Some(code) = trailers_only_status(&resp) else {
+                // Trailers-only (the status among the headers): the server committed to nothing.
+                let Some(code) = super::grpc_status(resp.headers()) else {
                     return Ok(resp);
                 };
                 if n >= policy.max_attempts || !policy.retryable_status_codes.contains(&code) {
