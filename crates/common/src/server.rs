@@ -12,7 +12,7 @@
 //!
 //! Shutdown order (Kratos, Linkerd and go-kit converged on it): health NOT_SERVING → Consul deregister → wait
 //! one discovery interval (clients re-resolve and stop sending) → stop accepting → drain in-flight calls, at
-//! most `grpc.drain_timeout` → flush metrics. Logs are flushed by the caller ([`crate::run`]) last.
+//! most `grpc.drain_timeout`, then end the calls still running with UNAVAILABLE → flush metrics. Logs are flushed by the caller ([`crate::run`]) last.
 
 use std::{
     collections::HashSet, convert::Infallible, future::Future, net::SocketAddr, pin::Pin,
@@ -33,7 +33,7 @@ use crate::{
     Platform,
     config::Reader,
     consul::{ConsulAgent, Instance, Registrar},
-    layers::{ConcurrencyLimitLayer, GrpcMetricsLayer, ServerContextLayer},
+    layers::{ConcurrencyLimitLayer, DeadlineLayer, GrpcMetricsLayer, ServerContextLayer},
     metrics::Side,
 };
 
@@ -190,9 +190,10 @@ impl Server {
         known.insert("grpc.health.v1.Health".into());
         known.insert("grpc.reflection.v1.ServerReflection".into());
         known.insert("grpc.reflection.v1alpha.ServerReflection".into());
-        // Outermost first. Context first, so even shed calls carry a trace id in logs, and the deadline bounds
-        // the whole response stream; metrics before the limit, so shed calls are counted as RESOURCE_EXHAUSTED;
-        // the limit sheds (never queues) and holds a slot until the response's last message.
+        // Outermost first. Context first, so even shed calls carry a trace id in logs; metrics before the
+        // deadline layer, so a call it ends (deadline, drain's end) is recorded with the status the client got,
+        // and before the limit, so shed calls are counted as RESOURCE_EXHAUSTED; the deadline bounds the whole
+        // response stream; the limit sheds (never queues) and holds a slot until the response's last message.
         let limit = ConcurrencyLimitLayer::new(g.max_concurrent_requests, g.request_timeout);
         // `grpc.max_concurrent_requests` follows the live settings (Consul KV).
         let mut changes = platform.live.changes();
@@ -203,6 +204,8 @@ impl Server {
                 follower.set_max(max);
             }
         });
+        // Cancelled when the drain timeout passes: calls still running end with UNAVAILABLE.
+        let closing = CancellationToken::new();
         let stack = ServiceBuilder::new()
             .layer(ServerContextLayer::new(g.request_timeout))
             .layer(GrpcMetricsLayer::new(
@@ -210,6 +213,7 @@ impl Server {
                 Side::Server,
                 known,
             ))
+            .layer(DeadlineLayer::new(g.request_timeout, closing.clone()))
             .layer(limit)
             .into_inner();
 
@@ -288,10 +292,14 @@ impl Server {
         }
         tracing::info!(timeout = ?g.drain_timeout, "shutdown: draining in-flight calls");
         stop_accepting.cancel();
-        match tokio::time::timeout(g.drain_timeout, &mut serving).await {
-            Ok(res) => res??,
-            Err(_) => {
-                tracing::warn!(timeout = ?g.drain_timeout, "shutdown: drain timed out; closing remaining calls");
+        if let Ok(res) = tokio::time::timeout(g.drain_timeout, &mut serving).await {
+            res??;
+        } else {
+            tracing::warn!(timeout = ?g.drain_timeout, "shutdown: drain timed out; ending the remaining calls with UNAVAILABLE");
+            closing.cancel();
+            // Their statuses go out, then the connections close; a peer that does not read them is cut.
+            if tokio::time::timeout(CLOSE_GRACE, &mut serving).await.is_err() {
+                tracing::warn!(grace = ?CLOSE_GRACE, "shutdown: connections still open; closing them");
                 serving.abort();
             }
         }
@@ -300,6 +308,10 @@ impl Server {
         Ok(())
     }
 }
+
+/// How long the statuses of the calls ended at the drain timeout get to reach their peers before the
+/// connections are cut.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Reflection advertising exactly the services served here, plus health (and reflection itself).
 fn reflection(names: &[&'static str]) -> tonic_reflection::server::Builder<'static> {

@@ -3,8 +3,9 @@
 //!
 //! | layer | side | what it does |
 //! |---|---|---|
-//! | [`ServerContextLayer`] | server | trace id, deadline from `grpc-timeout`, `grpc.request` span, handler and response stream stopped at the deadline |
+//! | [`ServerContextLayer`] | server | trace id, deadline from `grpc-timeout`, `grpc.request` span, call already past its deadline refused |
 //! | [`GrpcMetricsLayer`] | both | StatsD count/latency/status/in-flight per method, and one call-log line per call |
+//! | [`DeadlineLayer`] | server | handler and response stream stopped at the deadline (DEADLINE_EXCEEDED) or the end of the shutdown's drain (UNAVAILABLE) |
 //! | [`ConcurrencyLimitLayer`] | server | at most `grpc.max_concurrent_requests` calls, streams for their whole life; over it RESOURCE_EXHAUSTED before any handler |
 //! | [`MethodConfigLayer`] | client, outermost | the target's service config: `timeout`, `waitForReady`, `retryPolicy` handed down |
 //! | [`ClientContextLayer`] | client | trace id and the remaining deadline out as metadata; local DEADLINE_EXCEEDED |
@@ -20,6 +21,7 @@
 mod client_context;
 mod compression;
 mod concurrency;
+mod deadline;
 mod ejection;
 mod error_to_status;
 mod grpc_metrics;
@@ -31,6 +33,7 @@ mod transparent_retry;
 pub use client_context::{ClientContext, ClientContextLayer};
 pub use compression::{Compression, CompressionLayer, MAX_DECOMPRESSED};
 pub use concurrency::{ConcurrencyLimit, ConcurrencyLimitLayer};
+pub use deadline::{Deadline, DeadlineLayer, SHUTTING_DOWN};
 pub use ejection::Ejecting;
 pub use error_to_status::{ErrorToStatus, ErrorToStatusLayer};
 pub use grpc_metrics::{GrpcMetrics, GrpcMetricsLayer};

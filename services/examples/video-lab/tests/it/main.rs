@@ -2,6 +2,8 @@
 //! commands as written (`-proto video_service.proto`, and reflection's `list`) against the instance Consul
 //! reports, and every kind of call through the platform's channel found by Consul DNS.
 
+mod streams;
+
 use std::{io::Write, process::Stdio, time::Duration};
 
 use keel_common::{
@@ -16,6 +18,36 @@ use tonic::Code;
 
 fn proto_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../protos/stack/video_service")
+}
+
+/// A client factory of another process's kind: Consul DNS for discovery, nothing else.
+fn clients() -> ClientFactory {
+    let env = Env::default()
+        .with("CONSUL_HTTP_ADDR", infra_var("CONSUL_HTTP_ADDR"))
+        .with("KEEL_CONSUL__DNS_ADDR", infra_var("KEEL_CONSUL_DNS_ADDR"));
+    ClientFactory::new(
+        &Settings::from_env("lab-client", &env).unwrap(),
+        Metrics::disabled(),
+    )
+}
+
+/// The server-side call-log lines of `method` (`GetVideo`): (messages received, messages sent, status).
+fn served(p: &ServiceProcess, method: &str) -> Vec<(Option<u64>, Option<u64>, Option<String>)> {
+    p.lines()
+        .iter()
+        .filter(|l| {
+            l["message"] == "grpc call"
+                && l["fields"]["side"] == "server"
+                && l["fields"]["method"] == format!("/video_service.VideoService/{method}")
+        })
+        .map(|l| {
+            (
+                l["fields"]["messages_received"].as_u64(),
+                l["fields"]["messages_sent"].as_u64(),
+                l["fields"]["status"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
 }
 
 /// `grpcurl -proto video_service.proto -plaintext [-d DATA] ADDR METHOD`, with `stdin` for `-d @`; stdout.
@@ -128,13 +160,7 @@ async fn the_seeds_grpcurl_session_and_every_kind_of_call_through_consul_dns() {
     );
 
     // Every kind of call through the platform's channel, the service found by Consul DNS.
-    let env = Env::default()
-        .with("CONSUL_HTTP_ADDR", infra_var("CONSUL_HTTP_ADDR"))
-        .with("KEEL_CONSUL__DNS_ADDR", infra_var("KEEL_CONSUL_DNS_ADDR"));
-    let clients = ClientFactory::new(
-        &Settings::from_env("lab-client", &env).unwrap(),
-        Metrics::disabled(),
-    );
+    let clients = clients();
     let mut lab = VideoServiceClient::new(clients.channel(&name).unwrap());
     let taken = lab
         .add_video(Video {
@@ -184,23 +210,7 @@ async fn the_seeds_grpcurl_session_and_every_kind_of_call_through_consul_dns() {
     assert_eq!(answers.message().await.unwrap_err().code(), Code::NotFound);
 
     // Each stream's call-log line counts its messages, each way, as the server saw them.
-    let counts = |method: &str| {
-        p.lines()
-            .iter()
-            .filter(|l| {
-                l["message"] == "grpc call"
-                    && l["fields"]["side"] == "server"
-                    && l["fields"]["method"] == format!("/video_service.VideoService/{method}")
-            })
-            .map(|l| {
-                (
-                    l["fields"]["messages_received"].as_u64(),
-                    l["fields"]["messages_sent"].as_u64(),
-                    l["fields"]["status"].as_str().map(str::to_owned),
-                )
-            })
-            .collect::<Vec<_>>()
-    };
+    let counts = |method: &str| served(&p, method);
     testsuite::eventually("the call log", Duration::from_secs(5), || async {
         (counts("GetVideo").len() == 2).then_some(())
     })
