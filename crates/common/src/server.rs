@@ -6,7 +6,7 @@
 //!
 //! Every service gets: `grpc.health.v1` (NOT_SERVING until the port is bound and every readiness check passes,
 //! re-checked every 5 s), server reflection (v1 and v1alpha, so `grpcurl list/describe` work), gzip requests
-//! (and responses with `grpc.gzip_responses`), message size
+//! (and answers, to callers that compress, or to all with `grpc.gzip_responses`), message size
 //! limits, HTTP/2 keepalive, `max_connection_age`, a global concurrency limit with load shedding, per-RPC
 //! metrics, trace ids and deadlines, and Consul registration when Consul is configured.
 //!
@@ -33,7 +33,7 @@ use crate::{
     Platform,
     config::Reader,
     consul::{ConsulAgent, Instance, Registrar},
-    layers::{ConcurrencyLimitLayer, DeadlineLayer, GrpcMetricsLayer, ServerContextLayer},
+    layers::{AnswerEncodingLayer, ConcurrencyLimitLayer, DeadlineLayer, GrpcMetricsLayer, ServerContextLayer},
     metrics::Side,
 };
 
@@ -65,10 +65,10 @@ pub struct GrpcSettings {
     pub request_timeout: Duration,
     /// Hard limit on draining in-flight calls at shutdown (`grpc.drain_timeout`).
     pub drain_timeout: Duration,
-    /// Whether responses are gzip-compressed for clients that accept it (`grpc.gzip_responses`, default false,
-    /// as grpc-go servers). Off, a call costs no compressor: tonic makes a new gzip encoder (~300 KB of zeroed
-    /// state) for every compressed message, which costs more than small messages gain; turn it on for a service
-    /// whose responses are large and compressible. Compressed requests are always accepted.
+    /// Whether answers are gzip-compressed for every caller that accepts gzip (`grpc.gzip_responses`), not only
+    /// for the callers that compressed their request (default false). Compressing costs more than small
+    /// messages gain (tonic makes a new gzip encoder, ~300 KB of zeroed state, per compressed message); turn
+    /// it on for a service whose responses are large and compressible. Compressed requests are always accepted.
     pub gzip_responses: bool,
 }
 
@@ -123,8 +123,8 @@ impl Server {
         }
     }
 
-    /// Adds a generated tonic server (`FooServer::new(handler)`); gzip (`grpc.gzip_responses`) and the configured
-    /// size limits are applied here.
+    /// Adds a generated tonic server (`FooServer::new(handler)`); gzip (who gets compressed answers:
+    /// [`crate::layers::AnswerEncodingLayer`]) and the configured size limits are applied here.
     pub fn add_service<S>(mut self, svc: S) -> Self
     where
         S: ServerCodec
@@ -138,7 +138,7 @@ impl Server {
     {
         let g = &self.platform.settings.grpc;
         self.routes.add_service(
-            svc.gzip(g.gzip_responses)
+            svc.gzip(true)
                 .limits(g.max_request_bytes, g.max_response_bytes),
         );
         self.names.push(S::NAME);
@@ -193,7 +193,8 @@ impl Server {
         // Outermost first. Context first, so even shed calls carry a trace id in logs; metrics before the
         // deadline layer, so a call it ends (deadline, drain's end) is recorded with the status the client got,
         // and before the limit, so shed calls are counted as RESOURCE_EXHAUSTED; the deadline bounds the whole
-        // response stream; the limit sheds (never queues) and holds a slot until the response's last message.
+        // response stream; the limit sheds (never queues) and holds a slot until the response's last message;
+        // last, the choice of who gets gzip answers, next to the codecs that compress.
         let limit = ConcurrencyLimitLayer::new(g.max_concurrent_requests, g.request_timeout);
         // `grpc.max_concurrent_requests` follows the live settings (Consul KV).
         let mut changes = platform.live.changes();
@@ -215,6 +216,7 @@ impl Server {
             ))
             .layer(DeadlineLayer::new(g.request_timeout, closing.clone()))
             .layer(limit)
+            .layer(AnswerEncodingLayer::new(g.gzip_responses))
             .into_inner();
 
         let mut builder = tonic::transport::Server::builder();

@@ -6,6 +6,7 @@
 //! | [`ServerContextLayer`] | server | trace id, deadline from `grpc-timeout`, `grpc.request` span, call already past its deadline refused |
 //! | [`GrpcMetricsLayer`] | both | StatsD count/latency/status/in-flight per method, and one call-log line per call |
 //! | [`DeadlineLayer`] | server | handler and response stream stopped at the deadline (DEADLINE_EXCEEDED) or the end of the shutdown's drain (UNAVAILABLE) |
+//! | [`AnswerEncodingLayer`] | server | gzip answers only for callers that compressed their request (or every accepting caller with `grpc.gzip_responses`) |
 //! | [`ConcurrencyLimitLayer`] | server | at most `grpc.max_concurrent_requests` calls, streams for their whole life; over it RESOURCE_EXHAUSTED before any handler |
 //! | [`MethodConfigLayer`] | client, outermost | the target's service config: `timeout`, `waitForReady`, `retryPolicy` handed down |
 //! | [`ClientContextLayer`] | client | trace id and the remaining deadline out as metadata; local DEADLINE_EXCEEDED |
@@ -18,6 +19,7 @@
 //! The answers these layers give without a handler (deadline passed, shed, no endpoint, transport failure)
 //! are built in [`crate::error`], the one place where errors become `tonic::Status`.
 
+mod answer_encoding;
 mod client_context;
 mod compression;
 mod concurrency;
@@ -30,6 +32,7 @@ mod no_endpoint;
 mod server_context;
 mod transparent_retry;
 
+pub use answer_encoding::{AnswerEncoding, AnswerEncodingLayer};
 pub use client_context::{ClientContext, ClientContextLayer};
 pub use compression::{Compression, CompressionLayer, MAX_DECOMPRESSED};
 pub use concurrency::{ConcurrencyLimit, ConcurrencyLimitLayer};

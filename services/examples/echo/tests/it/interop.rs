@@ -85,7 +85,7 @@ async fn gzip_answers_of_grpcio_are_read_by_our_client_and_our_gzip_requests_by_
 
     // Our server takes grpcio's gzip request, and our client's when `client.gzip` names it: the call log says
     // each arrived compressed.
-    let p = echo_process(&[("KEEL_GRPC__GZIP_RESPONSES", "true".into())]);
+    let p = echo_process(&[]);
     let ours_addr = p.addr().await;
     let out = run(Command::new(&python)
         .arg(&script)

@@ -83,20 +83,27 @@ async fn over_the_concurrency_limit_calls_are_shed_and_oversized_requests_refuse
     assert!(ok.is_ok(), "{ok:?}");
 }
 
-/// gzip: a compressed request is always accepted; responses are compressed only with `grpc.gzip_responses`
-/// (a new compressor per message is the largest cost of a small call, so it is off by default).
+/// gzip: a compressed request is always accepted and answered compressed; an uncompressed one is answered
+/// compressed only with `grpc.gzip_responses` (a new compressor per message is the largest cost of a small
+/// call, so a client that merely accepts gzip does not get it by default).
 #[tokio::test]
-async fn gzip_requests_are_accepted_and_responses_compressed_only_when_configured() {
+async fn gzip_answers_go_to_callers_that_compress_or_with_gzip_responses_to_all_that_accept() {
     use tonic::codec::CompressionEncoding::Gzip;
-    for (setting, compressed) in [(None, false), (Some("true"), true)] {
+    // (grpc.gzip_responses, the request compressed, the answer compressed); every client accepts gzip.
+    for (setting, request_gzip, answer_gzip) in [
+        (None, true, true),
+        (None, false, false),
+        (Some("true"), false, true),
+    ] {
         let mut env = vec![("KEEL_GRPC__LISTEN_ADDR", "127.0.0.1:0".to_owned())];
         if let Some(v) = setting {
             env.push(("KEEL_GRPC__GZIP_RESPONSES", v.to_owned()));
         }
         let p = echo_process(&env);
-        let mut client = EchoClient::new(direct(p.addr().await))
-            .send_compressed(Gzip)
-            .accept_compressed(Gzip);
+        let mut client = EchoClient::new(direct(p.addr().await)).accept_compressed(Gzip);
+        if request_gzip {
+            client = client.send_compressed(Gzip);
+        }
         let reply = client
             .echo(EchoRequest {
                 message: "squeeze me ".repeat(100),
@@ -110,8 +117,8 @@ async fn gzip_requests_are_accepted_and_responses_compressed_only_when_configure
                 .metadata()
                 .get("grpc-encoding")
                 .is_some_and(|v| v == "gzip"),
-            compressed,
-            "grpc.gzip_responses = {setting:?}: {:?}",
+            answer_gzip,
+            "grpc.gzip_responses = {setting:?}, request gzip {request_gzip}: {:?}",
             reply.metadata()
         );
     }
