@@ -12,14 +12,18 @@
 //!    call as the typed client does.
 //! 4. no-endpoint fast path: when discovery answered and found no healthy instance, fail fast with UNAVAILABLE;
 //!    a call made before the first answer waits for it (within its deadline) and then decides.
-//! 5. `Buffer`: makes the balancer cloneable and shareable between tasks.
-//! 6. `Balance` (power of two choices) over `PeakEwma` load: picks the less loaded of two random endpoints,
-//!    by a peak-sensitive moving average of round-trip time times outstanding requests.
-//! 7. per endpoint, [`Ejecting`](crate::layers::Ejecting): after a transport failure the endpoint reports not-ready for a backoff
-//!    (1 s doubling to 30 s), so the balancer stops picking it; after the backoff one call tries it again
-//!    (half-open), and success brings it back. It never returns an error from `poll_ready`, which would make
-//!    the balancer drop the endpoint for good.
-//! 8. a lazily connecting `tonic` channel per endpoint.
+//! 5. the picker ([`crate::routing`]): each call goes where the load-balancing policy of the target's service
+//!    config says (`loadBalancingConfig`), else the channel's default — p2c for [`ClientFactory::channel`],
+//!    key affinity for [`ClientFactory::keyed_channel`]:
+//!    - p2c: a `Buffer` (makes the balancer cloneable and shareable between tasks) over `Balance` (power of two
+//!      choices) over `PeakEwma` load: the less loaded of two random endpoints, by a peak-sensitive moving
+//!      average of round-trip time times outstanding requests;
+//!    - `round_robin`, `pick_first`, `key_affinity`: picked from the discovered list itself.
+//! 6. per endpoint, [`Ejecting`](crate::layers::Ejecting): after a transport failure the endpoint reports not-ready for a backoff
+//!    (1 s doubling to 30 s), so the balancer (and round robin, pick first) stops picking it; after the
+//!    backoff one call tries it again (half-open), and success brings it back. It never returns an error from
+//!    `poll_ready`, which would make the balancer drop the endpoint for good.
+//! 7. a lazily connecting `tonic` channel per endpoint, shared by every policy (switching opens no connection).
 //!
 //! Endpoint sets come from [`discovery::watch`]: added instances are inserted, vanished ones removed.
 
@@ -47,7 +51,7 @@ use tower::{
 
 use crate::{
     config::{Reader, Settings},
-    connect::{Connector, Dial, connect},
+    connect::{Dial, connect},
     discovery::{self, Source, SrvResolver},
     layers::{
         ClientContextLayer, CompressionLayer, Ejecting, ErrorToStatusLayer, GrpcMetricsLayer,
@@ -56,7 +60,8 @@ use crate::{
     live::{LiveCount, LiveDuration, LiveSettings},
     metrics::{Metrics, Side},
     retry::{RetryBudget, RetryPolicy},
-    service_config::ServiceConfigs,
+    routing::{Conns, Picker, Router},
+    service_config::{LbPolicy, ServiceConfigs},
 };
 
 /// Every target's service config JSON with its origin: the caller's `client.service_config`, then what Consul
@@ -254,21 +259,16 @@ impl ClientFactory {
     }
 
     /// A channel to Consul service `service` that sends each call to the instance owning its routing key
-    /// ([`crate::routing`]: rendezvous hashing over the discovered instances), for sharded services. The same
-    /// context and metrics layers as [`Self::channel`]; no balancing, and a call whose owner is unreachable
-    /// fails UNAVAILABLE (the owner changes once discovery drops it).
+    /// ([`crate::routing`]: rendezvous hashing over the discovered instances), for sharded services: the
+    /// channel of [`Self::channel`] with key affinity as its default load-balancing policy. A call whose
+    /// owner is unreachable fails UNAVAILABLE (the owner changes once discovery drops it).
     ///
     /// # Errors
     /// As [`Self::channel`].
     pub fn keyed_channel(&self, service: &str) -> Result<Channel, ClientError> {
         let endpoints = self.watch(service)?;
-        let router = crate::routing::KeyRouter {
-            service: Arc::from(service),
-            endpoints,
-            channels: Arc::default(),
-            connect: self.connector()?,
-        };
-        Ok(self.outer(service, router))
+        self.tls.as_ref().map_err(|e| ClientError::Tls(e.clone()))?;
+        Ok(self.picked(service, endpoints, LbPolicy::KeyAffinity))
     }
 
     /// The layers every channel shares (1–3 of the module docs) on top of `routing`, what picks the endpoint.
@@ -297,13 +297,6 @@ impl ClientFactory {
             ))
             .service(routing);
         BoxCloneSyncService::new(svc)
-    }
-
-    /// Makes the lazily connecting channel of one endpoint (TLS when configured).
-    fn connector(&self) -> Result<Connector, ClientError> {
-        self.tls.as_ref().map_err(|e| ClientError::Tls(e.clone()))?;
-        let dial = self.dial();
-        Ok(Arc::new(move |addr| connect(addr, &dial)))
     }
 
     /// How this factory dials endpoints (`client.*`, TLS; a TLS configuration that failed to load is reported
@@ -344,7 +337,20 @@ impl ClientFactory {
         service: &str,
         endpoints: watch::Receiver<Option<Vec<SocketAddr>>>,
     ) -> Channel {
+        self.picked(service, endpoints, LbPolicy::P2c)
+    }
+
+    /// The channel over `endpoints` whose calls go where their load-balancing policy says: the target's
+    /// service config's, else `default`.
+    fn picked(
+        &self,
+        service: &str,
+        endpoints: watch::Receiver<Option<Vec<SocketAddr>>>,
+        default: LbPolicy,
+    ) -> Channel {
         let dial = self.dial();
+        let conns = Conns::new(Arc::new(move |addr| connect(addr, &dial)));
+        let shared = conns.clone();
         let changes = WatchStream::new(endpoints.clone())
             .filter_map(|v| async move { v })
             .scan(BTreeSet::<SocketAddr>::new(), move |known, list| {
@@ -355,10 +361,7 @@ impl ClientFactory {
                     changes.push(Change::Remove(*gone));
                 }
                 for new in next.difference(known) {
-                    changes.push(Change::Insert(
-                        *new,
-                        Ejecting::new(*new, connect(*new, &dial)),
-                    ));
+                    changes.push(Change::Insert(*new, Ejecting::new(*new, shared.get(*new))));
                 }
                 *known = next;
                 futures::future::ready(Some(stream::iter(changes)))
@@ -373,12 +376,16 @@ impl ClientFactory {
             CompleteOnResponse::default(),
         );
         let balance = Balance::new(discover);
-        let buffer = Buffer::new(balance, 1024);
+        let picker = Picker {
+            default,
+            p2c: Buffer::new(balance, 1024),
+            router: Router::new(Arc::from(service), endpoints.clone(), conns),
+        };
         let wait = &self.settings.client.wait_for_ready;
         let wait_for_ready = wait.iter().any(|s| s == "*" || s == service);
         self.outer(
             service,
-            NoEndpointFastFail::new(buffer, endpoints, Arc::from(service), wait_for_ready),
+            NoEndpointFastFail::new(picker, endpoints, Arc::from(service), wait_for_ready),
         )
     }
 }

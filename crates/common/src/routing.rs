@@ -1,3 +1,7 @@
+//! Picking the instance of each call ([`Picker`], the innermost service of every channel) by the target's
+//! load-balancing policy ([`LbPolicy`]): p2c through tower's balancer, round robin, pick first and key
+//! affinity here.
+//!
 //! Key-affinity routing: each call goes to the one instance that owns its routing key, by rendezvous
 //! (highest random weight) hashing over the instances discovery currently reports. Adding or removing an
 //! instance moves only the keys it gains or loses; every client computes the same owner from the same
@@ -9,11 +13,13 @@
 
 use std::{
     collections::HashMap,
-    convert::Infallible,
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -21,9 +27,14 @@ use std::{
 use http::{Request, Response};
 use tokio::sync::watch;
 use tonic::body::Body;
-use tower::{Service, ServiceExt};
+use tower::{BoxError, Service, ServiceExt};
 
-use crate::error::layer_status;
+use crate::{
+    connect::{Conn, Connector},
+    error::layer_status,
+    layers::Ejecting,
+    service_config::LbPolicy,
+};
 
 /// Metadata key carrying a call's routing key.
 pub const ROUTING_KEY: &str = "x-routing-key";
@@ -68,90 +79,195 @@ pub fn owner(key: &str, endpoints: &[SocketAddr]) -> Option<SocketAddr> {
     })
 }
 
-/// The innermost service of a keyed channel: picks the owner and calls it over its own connection.
+/// The connections of one target's instances, shared by its picker's policies, so switching policy opens no
+/// new connection.
 #[derive(Clone)]
-pub(crate) struct KeyRouter {
-    pub(crate) service: Arc<str>,
-    pub(crate) endpoints: watch::Receiver<Option<Vec<SocketAddr>>>,
-    pub(crate) channels: Arc<Mutex<HashMap<SocketAddr, crate::connect::Conn>>>,
-    pub(crate) connect: crate::connect::Connector,
+pub(crate) struct Conns {
+    open: Arc<Mutex<HashMap<SocketAddr, Conn>>>,
+    connect: Connector,
 }
 
-impl Service<Request<Body>> for KeyRouter {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+impl Conns {
+    pub(crate) fn new(connect: Connector) -> Self {
+        Self {
+            open: Arc::default(),
+            connect,
+        }
+    }
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
+    /// The channel of the instance at `addr`, made on first use.
+    pub(crate) fn get(&self, addr: SocketAddr) -> Conn {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.entry(addr)
+            .or_insert_with(|| (self.connect)(addr))
+            .clone()
+    }
+
+    /// Forgets the channels of instances not in `list` (their connections close once no policy holds them).
+    fn retain(&self, list: &[SocketAddr]) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.retain(|a, _| list.contains(a));
+    }
+}
+
+/// A call on its way to an instance.
+type Sending = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+
+/// The policies that pick an instance from the list itself (all but p2c, which is tower's balancer).
+#[derive(Clone)]
+pub(crate) struct Router {
+    pub(crate) service: Arc<str>,
+    pub(crate) endpoints: watch::Receiver<Option<Vec<SocketAddr>>>,
+    pub(crate) conns: Conns,
+    /// Each instance with its ejection state (round robin and pick first skip ejected instances).
+    members: Arc<Mutex<HashMap<SocketAddr, Ejecting<Conn>>>>,
+    /// Round robin's turn.
+    turn: Arc<AtomicUsize>,
+    /// Pick first's instance, kept while it is listed and not ejected.
+    first: Arc<Mutex<Option<SocketAddr>>>,
+}
+
+impl Router {
+    pub(crate) fn new(
+        service: Arc<str>,
+        endpoints: watch::Receiver<Option<Vec<SocketAddr>>>,
+        conns: Conns,
+    ) -> Self {
+        Self {
+            service,
+            endpoints,
+            conns,
+            members: Arc::default(),
+            turn: Arc::default(),
+            first: Arc::default(),
+        }
+    }
+
+    /// The call, sent to the instance `policy` picks from `list` (sorted); `None` when the list is empty.
+    fn send(&self, policy: LbPolicy, list: &[SocketAddr], req: Request<Body>) -> Option<Sending> {
+        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        members.retain(|a, _| list.contains(a));
+        for addr in list {
+            members
+                .entry(*addr)
+                .or_insert_with(|| Ejecting::new(*addr, self.conns.get(*addr)));
+        }
+        // Ready unless ejected (an instance's channel is always ready; only the ejection backoff waits).
+        let mut ready = |addr: &SocketAddr| {
+            let member = members.get_mut(addr).expect("listed");
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            member.poll_ready(&mut cx).is_ready()
+        };
+        let pick = match policy {
+            LbPolicy::KeyAffinity | LbPolicy::P2c => {
+                let key = req
+                    .headers()
+                    .get(ROUTING_KEY)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                owner(key, list)
+            }
+            LbPolicy::RoundRobin => {
+                let start = self.turn.fetch_add(1, Ordering::Relaxed);
+                (0..list.len())
+                    .map(|i| list[(start + i) % list.len()])
+                    .find(|a| ready(a))
+            }
+            LbPolicy::PickFirst => {
+                let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+                let kept = first.filter(|a| list.contains(a) && ready(a));
+                let pick = kept.or_else(|| list.iter().copied().find(|a| ready(a)));
+                *first = pick;
+                pick
+            }
+        };
+        // Every instance ejected: try one anyway rather than fail a call no instance was asked about.
+        let addr = pick.or_else(|| list.first().copied())?;
+        let member = members.get_mut(&addr).expect("listed");
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // Readiness is checked (and an ended backoff cleared) before each call, as tower's contract wants.
+        let _ = member.poll_ready(&mut cx);
+        Some(member.call(req))
+    }
+}
+
+/// The innermost service of every channel: sends each call to the instance its load-balancing policy picks —
+/// the call's own (from the target's service config, [`LbPolicy`] in its extensions) or the channel's default.
+/// p2c goes through tower's balancer; the other policies through [`Router`]. Both share the instances'
+/// connections.
+#[derive(Clone)]
+pub(crate) struct Picker<B> {
+    pub(crate) default: LbPolicy,
+    pub(crate) p2c: B,
+    pub(crate) router: Router,
+}
+
+impl<B> Service<Request<Body>> for Picker<B>
+where
+    B: Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Clone + Send + 'static,
+    B::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = Sending;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // The balancer's readiness when it is the default: the common path costs what it did.
+        if self.default == LbPolicy::P2c {
+            self.p2c.poll_ready(cx)
+        } else {
+            Poll::Ready(Ok(()))
+        }
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let key = req
-            .headers()
-            .get(ROUTING_KEY)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
+        let policy = req
+            .extensions()
+            .get::<LbPolicy>()
+            .copied()
+            .unwrap_or(self.default);
+        if policy == LbPolicy::P2c {
+            if self.default == LbPolicy::P2c {
+                return Box::pin(self.p2c.call(req));
+            }
+            return Box::pin(self.p2c.clone().oneshot(req));
+        }
+        let router = self.router.clone();
         let deadline = req
             .headers()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(crate::context::parse_grpc_timeout)
             .map(|t| std::time::Instant::now() + t);
-        let mut endpoints = self.endpoints.clone();
-        let this = self.clone();
         Box::pin(async move {
+            let mut endpoints = router.endpoints.clone();
             // Before discovery's first answer, wait for it (the caller's deadline bounds the call).
-            let list = match endpoints.wait_for(Option::is_some).await {
+            let mut list = match endpoints.wait_for(Option::is_some).await {
                 Ok(v) => v.clone().unwrap_or_default(),
                 Err(_) => Vec::new(),
             };
-            let Some(addr) = owner(&key, &list) else {
+            list.sort_unstable();
+            router.conns.retain(&list);
+            let Some(sent) = router.send(policy, &list, req) else {
                 return Ok(layer_status::unavailable(format!(
                     "no healthy instance of service {:?}",
-                    this.service
+                    router.service
                 ))
                 .into_http());
             };
-            let mut channel = {
-                let mut channels = this.channels.lock().unwrap_or_else(|p| p.into_inner());
-                channels.retain(|a, _| list.contains(a));
-                channels
-                    .entry(addr)
-                    .or_insert_with(|| (this.connect)(addr))
-                    .clone()
-            };
-            // A tonic channel is a buffer: it must be polled ready before each call.
-            let ready = match channel.ready().await {
-                Ok(c) => c,
-                Err(e) => {
-                    return Ok(layer_status::unavailable(format!(
-                        "instance {addr} of {:?} unreachable: {e}",
-                        this.service
-                    ))
-                    .into_http());
+            match sent.await {
+                Ok(resp) => Ok(resp),
+                // A stream cut as the deadline passes surfaces as a transport error: the deadline, not a
+                // broken instance.
+                Err(_)
+                    if deadline.is_some_and(|d| {
+                        std::time::Instant::now() + Duration::from_millis(5) >= d
+                    }) =>
+                {
+                    Ok(layer_status::deadline_exceeded("deadline exceeded").into_http())
                 }
-            };
-            Ok(match ready.call(req).await {
-                Ok(resp) => resp,
-                Err(e) => {
-                    let e: tower::BoxError = e.into();
-                    // tonic enforces the request's grpc-timeout itself, and a stream cut as the deadline passes
-                    // surfaces as a transport error: either is the deadline, not a broken instance.
-                    let at_deadline = deadline
-                        .is_some_and(|d| std::time::Instant::now() + Duration::from_millis(5) >= d);
-                    if crate::connect::is_timeout(&*e) || at_deadline {
-                        layer_status::deadline_exceeded("deadline exceeded").into_http()
-                    } else {
-                        layer_status::unavailable(format!(
-                            "instance {addr} of {:?} unreachable: {e}",
-                            this.service
-                        ))
-                        .into_http()
-                    }
-                }
-            })
+                Err(e) => Err(e),
+            }
         })
     }
 }

@@ -33,7 +33,10 @@ use crate::{
     Platform,
     config::Reader,
     consul::{ConsulAgent, Instance, Registrar},
-    layers::{AnswerEncodingLayer, ConcurrencyLimitLayer, DeadlineLayer, GrpcMetricsLayer, ServerContextLayer},
+    layers::{
+        AnswerEncodingLayer, ConcurrencyLimitLayer, DeadlineLayer, GrpcMetricsLayer,
+        ServerContextLayer,
+    },
     metrics::Side,
 };
 
@@ -300,7 +303,10 @@ impl Server {
             tracing::warn!(timeout = ?g.drain_timeout, "shutdown: drain timed out; ending the remaining calls with UNAVAILABLE");
             closing.cancel();
             // Their statuses go out, then the connections close; a peer that does not read them is cut.
-            if tokio::time::timeout(CLOSE_GRACE, &mut serving).await.is_err() {
+            if tokio::time::timeout(CLOSE_GRACE, &mut serving)
+                .await
+                .is_err()
+            {
                 tracing::warn!(grace = ?CLOSE_GRACE, "shutdown: connections still open; closing them");
                 serving.abort();
             }

@@ -10,9 +10,12 @@
 //! stays.
 //!
 //! Method lookup follows A2: a `name` with `service` and `method` matches that method; with `service` only,
-//! every method of the service; an empty `name` entry (or one with neither), every method. `loadBalancingConfig`
-//! is read and checked (`round_robin`, `pick_first`, and ours: `p2c`, `key_affinity`) but the balancing is the
-//! channel's own (p2c, or key affinity for [`crate::ClientFactory::keyed_channel`]).
+//! every method of the service; an empty `name` entry (or one with neither), every method.
+//!
+//! `loadBalancingConfig` picks how each call's instance is chosen ([`LbPolicy`]; the first policy listed, as
+//! in gRPC): `round_robin`, `pick_first`, and ours, `p2c` and `key_affinity`; without one, a channel keeps its
+//! own (p2c, or key affinity for [`crate::ClientFactory::keyed_channel`]). Switching policy keeps the
+//! connections.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -24,7 +27,35 @@ use tonic::Code;
 pub struct ServiceConfig {
     methods: Vec<(Vec<MethodName>, MethodPolicy)>,
     /// The first load-balancing policy named in `loadBalancingConfig`, if any.
-    pub load_balancing: Option<String>,
+    pub load_balancing: Option<LbPolicy>,
+}
+
+/// How a channel picks the instance of each call (`loadBalancingConfig`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LbPolicy {
+    /// gRPC's `round_robin`: the instances in turn, skipping those ejected after a transport failure.
+    RoundRobin,
+    /// gRPC's `pick_first`: every call to one instance (the first by address) while it is there and not
+    /// ejected; then the next.
+    PickFirst,
+    /// `p2c`: the less loaded of two random instances, by a peak-sensitive moving average of round-trip time
+    /// times outstanding calls (tower's `PeakEwma`; Finagle's and Linkerd's balancer).
+    P2c,
+    /// `key_affinity`: the instance owning the call's routing key ([`crate::routing`]), for sharded state.
+    KeyAffinity,
+}
+
+impl LbPolicy {
+    /// The policy of a `loadBalancingConfig` name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "round_robin" => Some(Self::RoundRobin),
+            "pick_first" => Some(Self::PickFirst),
+            "p2c" => Some(Self::P2c),
+            "key_affinity" => Some(Self::KeyAffinity),
+            _ => None,
+        }
+    }
 }
 
 /// What the config says about one method.
@@ -137,13 +168,13 @@ impl ServiceConfig {
         let mut load_balancing = None;
         for entry in &raw.load_balancing_config {
             for name in entry.keys() {
-                if !POLICIES.contains(&name.as_str()) {
+                let Some(policy) = LbPolicy::from_name(name) else {
                     return Err(format!(
                         "loadBalancingConfig: {name:?} is not one of {}",
                         POLICIES.join(", ")
                     ));
-                }
-                load_balancing.get_or_insert_with(|| name.clone());
+                };
+                load_balancing.get_or_insert(policy);
             }
         }
         let mut methods = Vec::new();
@@ -295,7 +326,7 @@ mod tests {
     #[test]
     fn methods_find_their_own_entry_then_their_service_then_the_default() {
         let c = ServiceConfig::parse(CONFIG).unwrap();
-        assert_eq!(c.load_balancing.as_deref(), Some("round_robin"));
+        assert_eq!(c.load_balancing, Some(LbPolicy::RoundRobin));
         let echo = c.policy("/keel.example.v1.Echo/Echo").unwrap();
         assert_eq!(echo.timeout, Some(Duration::from_millis(250)));
         assert_eq!(echo.wait_for_ready, Some(true));

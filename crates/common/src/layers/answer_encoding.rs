@@ -81,11 +81,10 @@ mod tests {
     use super::*;
 
     fn accepted(every: bool, encoding: Option<&str>) -> bool {
-        let mut svc = AnswerEncodingLayer::new(every).layer(tower::service_fn(
-            |r: Request<()>| async move {
+        let mut svc =
+            AnswerEncodingLayer::new(every).layer(tower::service_fn(|r: Request<()>| async move {
                 Ok::<_, std::convert::Infallible>(r.headers().contains_key(ACCEPT))
-            },
-        ));
+            }));
         let mut req = Request::new(());
         req.headers_mut()
             .insert(ACCEPT, "identity,deflate,gzip".parse().unwrap());

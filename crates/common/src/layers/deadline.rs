@@ -88,7 +88,8 @@ where
             .get::<CallDeadline>()
             .map_or(now + self.default_timeout, |d| d.0);
         // For the message: the time the call had when it arrived, to the millisecond.
-        let limit = Duration::from_millis(deadline.saturating_duration_since(now).as_millis() as u64);
+        let limit =
+            Duration::from_millis(deadline.saturating_duration_since(now).as_millis() as u64);
         let closing = self.closing.clone();
         let fut = self.inner.call(req);
         Box::pin(async move {

@@ -1,7 +1,7 @@
 //! Client side, outermost: applies the target's service config ([`crate::service_config`]) to each call before
 //! the deadline is computed: its `timeout` (never lengthening a deadline the call carries: the shorter wins),
 //! its `waitForReady`, and hands its `retryPolicy` to [`TransparentRetryLayer`](super::TransparentRetryLayer)
-//! through the request's extensions.
+//! and its load-balancing policy ([`LbPolicy`]) to the channel's picker through the request's extensions.
 
 use std::{
     sync::Arc,
@@ -14,7 +14,7 @@ use tower::{Layer, Service};
 use crate::{
     context::{GRPC_TIMEOUT, format_grpc_timeout, parse_grpc_timeout},
     layers::WaitForReady,
-    service_config::{RetryPolicy, ServiceConfigs},
+    service_config::{LbPolicy, RetryPolicy, ServiceConfigs},
 };
 
 /// The retry policy of a call, from its service config.
@@ -68,9 +68,13 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        if let Some(config) = self.layer.configs.get(&self.layer.target)
-            && let Some(policy) = config.policy(req.uri().path())
-        {
+        let Some(config) = self.layer.configs.get(&self.layer.target) else {
+            return self.inner.call(req);
+        };
+        if let Some(lb) = config.load_balancing {
+            req.extensions_mut().insert::<LbPolicy>(lb);
+        }
+        if let Some(policy) = config.policy(req.uri().path()) {
             if let Some(limit) = policy.timeout {
                 let own = req
                     .headers()

@@ -30,15 +30,8 @@ fn traced(req: EchoRequest, trace: &str) -> tonic::Request<EchoRequest> {
     r
 }
 
-#[tokio::test]
-async fn a_service_config_in_consul_kv_sets_timeouts_retries_and_wait_for_ready_live() {
-    let infra = Infra::get();
-    let agent = infra.agent();
-    let (a, b) = (unique("echo-sca"), unique("echo-scb"));
-    let pa = echo_process(&consul_env(&infra, &a));
-    passing_ports(&a, 1, CONSUL_WAIT).await;
-
-    // A client process's factory, following Consul KV as every service's does.
+/// A client process's factory, following Consul KV as every service's does (keep the live settings).
+fn following_factory(infra: &Infra) -> (ClientFactory, live::LiveSettings) {
     let settings = std::sync::Arc::new(infra.client_settings());
     let watched = live::watch(live::Watch {
         app: App::named("test-client"),
@@ -51,6 +44,18 @@ async fn a_service_config_in_consul_kv_sets_timeouts_retries_and_wait_for_ready_
     });
     let factory = ClientFactory::new(&settings, Metrics::disabled());
     factory.follow(&watched);
+    (factory, watched)
+}
+
+#[tokio::test]
+async fn a_service_config_in_consul_kv_sets_timeouts_retries_and_wait_for_ready_live() {
+    let infra = Infra::get();
+    let agent = infra.agent();
+    let (a, b) = (unique("echo-sca"), unique("echo-scb"));
+    let pa = echo_process(&consul_env(&infra, &a));
+    passing_ports(&a, 1, CONSUL_WAIT).await;
+
+    let (factory, _watched) = following_factory(&infra);
     let mut client = EchoClient::new(factory.channel(&a).unwrap());
     let slow = || EchoRequest {
         message: "slow".into(),
@@ -156,4 +161,95 @@ async fn a_service_config_in_consul_kv_sets_timeouts_retries_and_wait_for_ready_
     for t in [&a, &b] {
         agent.kv_delete(&format!("keel/{t}"), true).await.unwrap();
     }
+}
+
+/// How many of `n` calls each instance answered (by instance id), with `key` as the routing key if given.
+async fn spread(
+    client: &mut EchoClient<keel_common::client::Channel>,
+    n: usize,
+    key: Option<&str>,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut by = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let mut req = tonic::Request::new(EchoRequest::default());
+        if let Some(k) = key {
+            keel_common::routing::set_routing_key(&mut req, k);
+        }
+        let id = client.echo(req).await.unwrap().into_inner().instance_id;
+        *by.entry(id).or_insert(0) += 1;
+    }
+    by
+}
+
+#[tokio::test]
+async fn load_balancing_config_in_consul_kv_switches_the_policy_live() {
+    let infra = Infra::get();
+    let agent = infra.agent();
+    let name = unique("echo-lb");
+    let _instances: Vec<ServiceProcess> = (0..3)
+        .map(|_| echo_process(&consul_env(&infra, &name)))
+        .collect();
+    passing_ports(&name, 3, CONSUL_WAIT).await;
+    let (factory, _watched) = following_factory(&infra);
+    let mut client = EchoClient::new(factory.channel(&name).unwrap());
+    let key = format!("keel/{name}/service-config");
+    let policy = |p: &str| format!(r#"{{"loadBalancingConfig": [{{"{p}": {{}}}}]}}"#);
+
+    // round_robin: the three in turn, exactly a third each.
+    agent.kv_put(&key, &policy("round_robin")).await.unwrap();
+    eventually("round robin", Duration::from_secs(10), || {
+        let mut c = client.clone();
+        async move {
+            let by = spread(&mut c, 30, None).await;
+            (by.len() == 3 && by.values().all(|n| *n == 10)).then_some(())
+        }
+    })
+    .await;
+
+    // pick_first: one instance takes every call.
+    agent.kv_put(&key, &policy("pick_first")).await.unwrap();
+    let first = eventually("pick first", Duration::from_secs(10), || {
+        let mut c = client.clone();
+        async move {
+            let by = spread(&mut c, 20, None).await;
+            (by.len() == 1).then(|| by.into_keys().next().unwrap())
+        }
+    })
+    .await;
+    assert_eq!(spread(&mut client, 20, None).await.get(&first), Some(&20));
+
+    // key_affinity: a key always goes to the same instance; many keys reach all three.
+    agent.kv_put(&key, &policy("key_affinity")).await.unwrap();
+    eventually("key affinity", Duration::from_secs(10), || {
+        let mut c = client.clone();
+        async move {
+            let mut owners = std::collections::BTreeSet::new();
+            for k in 0..30 {
+                let by = spread(&mut c, 3, Some(&format!("key-{k}"))).await;
+                if by.len() != 1 {
+                    return None;
+                }
+                owners.extend(by.into_keys());
+            }
+            (owners.len() == 3).then_some(())
+        }
+    })
+    .await;
+
+    // p2c (the channel's default, also when the config names no policy): more than one instance is used.
+    agent.kv_put(&key, &policy("p2c")).await.unwrap();
+    eventually("p2c", Duration::from_secs(10), || {
+        let mut c = client.clone();
+        async move { (spread(&mut c, 60, Some("key-0")).await.len() > 1).then_some(()) }
+    })
+    .await;
+
+    // A policy we do not know is refused; the one in force (p2c) stays.
+    agent.kv_put(&key, &policy("weighted_dice")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(spread(&mut client, 60, Some("key-0")).await.len() > 1);
+    agent
+        .kv_delete(&format!("keel/{name}"), true)
+        .await
+        .unwrap();
 }

@@ -103,10 +103,7 @@ async fn a_deadline_that_expires_mid_stream_ends_each_kind_with_deadline_exceede
 
     // Client streaming: two ids, then the client goes quiet.
     let quiet = tokio_stream::iter([id(1), id(2)]).chain(futures::stream::pending());
-    let status = lab
-        .get_videos(within(quiet, deadline))
-        .await
-        .unwrap_err();
+    let status = lab.get_videos(within(quiet, deadline)).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
 
     // Bidirectional: one exchange, then the client neither sends nor closes.
