@@ -8,7 +8,7 @@ WITH_INFRA = eval "$$($(INFRA) env)" &&
 TEST_TMP := $(CURDIR)/target/test-tmp
 
 .DEFAULT_GOAL := help
-.PHONY: deploy-files help build run test test-unit fuzz fuzz-decoders bench dashboards lint fmt infra-install infra-up infra-down infra-status up down status
+.PHONY: fleet-up fleet-down fleet-status chaos deploy-files help build run test test-unit fuzz fuzz-decoders bench dashboards lint fmt infra-install infra-up infra-down infra-status up down status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -73,6 +73,20 @@ infra-status: ## which servers are up, where
 up: infra-install infra-up build ## local cluster: the servers plus every service as its own process, in Consul
 	$(WITH_INFRA) scripts/cluster.sh start
 	$(WITH_INFRA) target/debug/keel dashboards --load "$$KEEL_GRAPHITE_URL"
+
+fleet-up: infra-install ## a fleet of machines as network namespaces (root): 3 Consul servers, 3 Kafka brokers, PostgreSQL, ops, every service of deploy/fleet.toml spread over 3 app machines
+	cargo build --workspace --bins
+	scripts/fleet.sh up
+
+fleet-down: ## stop the fleet and remove its namespaces, bridge and files
+	scripts/fleet.sh down
+
+fleet-status: ## the fleet's machines and which instance runs where, with its Consul health
+	scripts/fleet.sh status
+
+chaos: ## faults under load on the fleet (make fleet-up first): the table of figures and targets. CHAOS_ARGS="--short kill"
+	cargo build -p keel-chaos
+	target/debug/keel-chaos run $(CHAOS_ARGS)
 
 deploy-files: ## render deploy/fleet.toml into deploy/{systemd,kubernetes,consul,kafka} (a test keeps them equal)
 	cargo run -q -p keel -- deploy --dir deploy

@@ -41,6 +41,8 @@ CONSUL_SERVER_PORT=${KEEL_CONSUL_SERVER_PORT:-18300}
 KAFKA_PORT=${KEEL_KAFKA_PORT:-19092}
 KAFKA_CONTROLLER_PORT=${KEEL_KAFKA_CONTROLLER_PORT:-19093}
 STATSD_PORT=${KEEL_STATSD_PORT:-18125}
+# The address StatsD listens on (the fleet's ops machine listens on its network: scripts/fleet.sh).
+STATSD_ADDRESS=${KEEL_STATSD_ADDRESS:-127.0.0.1}
 STATSD_ADMIN_PORT=${KEEL_STATSD_ADMIN_PORT:-18126}
 CARBON_PORT=${KEEL_CARBON_PORT:-12003}
 CARBON_PICKLE_PORT=${KEEL_CARBON_PICKLE_PORT:-12004}
@@ -370,7 +372,7 @@ start_statsd() {
   if pid_alive "$dir/statsd.pid"; then log "statsd already running"; return; fi
   cat >"$dir/config.js" <<EOF
 {
-  address: "127.0.0.1",
+  address: "$STATSD_ADDRESS",
   port: $STATSD_PORT,
   mgmt_address: "127.0.0.1",
   mgmt_port: $STATSD_ADMIN_PORT,
@@ -387,7 +389,7 @@ EOF
     exec nohup node stats.js "$dir/config.js" >"$dir/statsd.log" 2>&1) &
   echo $! >"$dir/statsd.pid"
   wait_for statsd 30 "$dir/statsd.log" port_open "$STATSD_ADMIN_PORT"
-  log "statsd ready: udp 127.0.0.1:$STATSD_PORT -> carbon 127.0.0.1:$CARBON_PORT"
+  log "statsd ready: udp $STATSD_ADDRESS:$STATSD_PORT -> carbon 127.0.0.1:$CARBON_PORT"
 }
 
 stop_statsd() { stop_pidfile statsd "$RUN/statsd/statsd.pid"; }

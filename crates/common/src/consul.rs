@@ -373,6 +373,31 @@ impl ConsulAgent {
         .map(drop)
     }
 
+    /// The address the agent advertises to its cluster (`Member.Addr` of `GET /v1/agent/self`): the
+    /// machine's address on the cluster's network, which a service bound to every interface of a machine whose
+    /// agent listens on loopback announces.
+    ///
+    /// # Errors
+    /// [`ConsulError`] when the agent is unreachable, refuses, or names no address.
+    pub async fn advertise_address(&self) -> Result<String, ConsulError> {
+        let resp = self
+            .send(
+                "agent self",
+                self.req(reqwest::Method::GET, "/v1/agent/self"),
+            )
+            .await?;
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        body["Member"]["Addr"]
+            .as_str()
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| ConsulError::Refused {
+                what: "agent self".into(),
+                status: 200,
+                body: "no Member.Addr in the answer".into(),
+            })
+    }
+
     /// Whether the local agent knows service instance `id`.
     ///
     /// # Errors

@@ -250,13 +250,18 @@ impl Server {
         let background = CancellationToken::new();
         tokio::spawn(readiness_loop(health.clone(), checks, background.clone()));
 
-        let registrar = settings.consul.http_addr.as_ref().map(|addr| {
-            let advertise = settings
-                .grpc
-                .advertise_addr
-                .clone()
-                .unwrap_or_else(|| advertise_ip(local, addr));
-            let agent = ConsulAgent::new(addr, settings.consul.token.clone());
+        let registrar = match settings.consul.http_addr.as_ref() {
+            None => None,
+            Some(addr) => {
+                let agent = ConsulAgent::new(addr, settings.consul.token.clone());
+                let advertise = match &settings.grpc.advertise_addr {
+                    Some(a) => a.clone(),
+                    None => advertise_ip(local, addr, &agent).await,
+                };
+                Some((agent, advertise))
+            }
+        };
+        let registrar = registrar.map(|(agent, advertise)| {
             let instance = Instance {
                 name: settings.service.name.clone(),
                 id: platform.instance_id.clone(),
@@ -335,17 +340,36 @@ fn reflection(names: &[&'static str]) -> tonic_reflection::server::Builder<'stat
 
 /// The address peers reach this instance at: the bound one, or, bound to every interface (`0.0.0.0`), the
 /// source address of the route to the Consul agent — the interface on the agent's network, which is what a
-/// container or a machine with several interfaces must announce (not loopback). Found with a connected UDP
-/// socket, which sends nothing; `127.0.0.1` when there is no route.
-fn advertise_ip(local: SocketAddr, agent: &str) -> String {
+/// container or a machine with several interfaces must announce (not loopback); when that agent is on this
+/// machine's loopback (every machine runs one), the address the agent advertises to its cluster. Found with a
+/// connected UDP socket, which sends nothing; `127.0.0.1` when there is no route (a single-machine setup).
+async fn advertise_ip(local: SocketAddr, agent_addr: &str, agent: &ConsulAgent) -> String {
+    let routed = routed_ip(local, agent_addr);
+    if routed.is_some_and(|ip| ip.is_loopback()) && local.ip().is_unspecified() {
+        // The agent may be starting with this machine: ask for a while before settling for loopback.
+        for _ in 0..20 {
+            match agent.advertise_address().await {
+                Ok(a) => return a,
+                Err(e) => tracing::debug!(error = %e, "asking the consul agent for its address"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        tracing::warn!("the consul agent did not say its address; advertising loopback");
+    }
+    routed.map_or_else(|| "127.0.0.1".to_owned(), |ip| ip.to_string())
+}
+
+/// The bound address, or, bound to every interface, the source address of the route to the agent at
+/// `agent_addr` (`None` when there is no route).
+fn routed_ip(local: SocketAddr, agent_addr: &str) -> Option<std::net::IpAddr> {
     use std::net::ToSocketAddrs;
     if !local.ip().is_unspecified() {
-        return local.ip().to_string();
+        return Some(local.ip());
     }
-    let hostport = agent
+    let hostport = agent_addr
         .trim_start_matches("http://")
         .trim_start_matches("https://");
-    let routed = hostport
+    hostport
         .to_socket_addrs()
         .ok()
         .and_then(|mut a| a.find(SocketAddr::is_ipv4))
@@ -355,8 +379,7 @@ fn advertise_ip(local: SocketAddr, agent: &str) -> String {
             s.local_addr().ok()
         })
         .map(|a| a.ip())
-        .filter(|ip| !ip.is_unspecified());
-    routed.map_or_else(|| "127.0.0.1".to_owned(), |ip| ip.to_string())
+        .filter(|ip| !ip.is_unspecified())
 }
 
 /// The process's health: `grpc.health.v1` for the server (`""`) and each service, and a watch of it for the
@@ -429,12 +452,14 @@ mod tests {
     #[test]
     fn an_instance_bound_to_every_interface_announces_the_one_that_reaches_its_agent() {
         let any: SocketAddr = "0.0.0.0:5000".parse().unwrap();
-        assert_eq!(advertise_ip(any, "127.0.0.1:8500"), "127.0.0.1");
-        assert_eq!(advertise_ip(any, "http://localhost:8500"), "127.0.0.1");
+        let loopback = Some(std::net::IpAddr::from([127, 0, 0, 1]));
+        // An agent on loopback: the route says loopback, so the agent is asked (see `advertise_ip`).
+        assert_eq!(routed_ip(any, "127.0.0.1:8500"), loopback);
+        assert_eq!(routed_ip(any, "http://localhost:8500"), loopback);
         let bound: SocketAddr = "10.1.2.3:5000".parse().unwrap();
         assert_eq!(
-            advertise_ip(bound, "127.0.0.1:8500"),
-            "10.1.2.3",
+            routed_ip(bound, "127.0.0.1:8500"),
+            Some(bound.ip()),
             "a bound address is announced as it is"
         );
     }

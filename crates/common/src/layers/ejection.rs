@@ -1,7 +1,9 @@
 //! Per-endpoint ejection: after a transport failure the endpoint reports not-ready for a backoff (1 s doubling
-//! to 30 s), so the balancer stops picking it; after the backoff one call tries it again (half-open), and
-//! success brings it back. It never returns an error from `poll_ready`, which would make the balancer drop the
-//! endpoint for good (an endpoint leaves only when discovery says so).
+//! to 30 s), so the balancer stops picking it. When the backoff ends, a TCP connect probes the address first
+//! (at most [`PROBE_TIMEOUT`]): refused, the endpoint stays out for the next backoff without a call spent on
+//! it (an instance that crashed stays in DNS until its health check turns critical, several seconds); accepted,
+//! calls go to it again (half-open) and success brings it back. It never returns an error from `poll_ready`,
+//! which would make the balancer drop the endpoint for good (an endpoint leaves only when discovery says so).
 
 use std::{
     future::Future,
@@ -30,7 +32,12 @@ pub struct Ejecting<S> {
     addr: SocketAddr,
     state: Arc<Mutex<EjectState>>,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The connect probe running once a backoff ended: whether the address accepted.
+    probe: Option<Pin<Box<dyn Future<Output = bool> + Send>>>,
 }
+
+/// The longest a probe's TCP connect may take.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl<S> Ejecting<S> {
     /// `inner`, the channel of the endpoint at `addr`.
@@ -40,6 +47,7 @@ impl<S> Ejecting<S> {
             addr,
             state: Arc::default(),
             sleep: None,
+            probe: None,
         }
     }
 }
@@ -77,9 +85,33 @@ where
                 if sleep.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
-                // Backoff over: half-open, let calls through until one fails again.
-                self.state.lock().expect("eject state").until = None;
+                // Backoff over: does the address accept connections at all?
+                let addr = self.addr;
+                let probe = self.probe.get_or_insert_with(|| {
+                    Box::pin(async move {
+                        let connect = tokio::net::TcpStream::connect(addr);
+                        matches!(
+                            tokio::time::timeout(PROBE_TIMEOUT, connect).await,
+                            Ok(Ok(_))
+                        )
+                    })
+                });
+                let Poll::Ready(accepted) = probe.as_mut().poll(cx) else {
+                    return Poll::Pending;
+                };
+                self.probe = None;
                 self.sleep = None;
+                if accepted {
+                    // Half-open: let calls through until one fails again.
+                    self.state.lock().expect("eject state").until = None;
+                } else {
+                    eject(
+                        &self.state,
+                        self.addr,
+                        &"probe: the address does not accept connections",
+                    );
+                    continue;
+                }
             }
             match self.inner.poll_ready(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -140,5 +172,34 @@ mod tests {
             seconds.push(d.as_secs_f64().round() as u64);
         }
         assert_eq!(seconds, [1, 2, 4, 8, 16, 30, 30, 30]);
+    }
+
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn after_a_backoff_a_refused_probe_keeps_the_endpoint_out_and_an_accepted_one_lets_calls_in()
+     {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = free.local_addr().unwrap();
+        drop(free);
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let mut e = Ejecting::new(
+            addr,
+            tower::service_fn(move |_: Request<Body>| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                async { Ok::<_, std::convert::Infallible>(Response::new(Body::empty())) }
+            }),
+        );
+        eject(&e.state, addr, &"refused");
+        // The backoff (1 s) ends, nothing listens: out again, for 2 s, and no call was let through.
+        let still_out = tokio::time::timeout(Duration::from_millis(1500), e.ready()).await;
+        assert!(still_out.is_err());
+        assert_eq!(e.state.lock().unwrap().failures, 2);
+        // Something listens now: after the next backoff, calls go to it.
+        let _listening = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(5), e.ready()).await;
+        assert!(back.is_ok_and(|r| r.is_ok()));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 }
