@@ -24,7 +24,7 @@
 #   scripts/fleet.sh start-agent HOST (re)starts the Consul agent of HOST
 #   scripts/fleet.sh link HOST up|down  connects or cuts machine HOST's network link
 #   scripts/fleet.sh list | passing   the services of fleet.toml; how many instances pass in Consul
-#   scripts/fleet.sh pg-stop | pg-start | kafka-start N | secret NAME
+#   scripts/fleet.sh pg-stop | pg-start | kafka-start N… | secret NAME
 #
 # Local-fleet differences from production, each for a reason: services also log to a file (to read them here),
 # the database password and the accounts operator token are made up at `up` into $FLEET/secrets.env.
@@ -403,6 +403,7 @@ case ${1:-status} in
   secret) secret "$2" ;;
   pg-stop) pg_down ;;
   pg-start) pg_up ;;
-  kafka-start) start_broker "$2"; wait_broker "$2" ;;
+  # Brokers are started together: one alone cannot reach a controller quorum and exits.
+  kafka-start) shift; for i in "$@"; do start_broker "$i"; done; for i in "$@"; do wait_broker "$i"; done ;;
   *) die "usage: $0 up|down|status|exec HOST CMD…|pid HOST NAME" ;;
 esac

@@ -6,7 +6,7 @@
 //! `INSERT … ON CONFLICT`. Each service embeds its migrations with `sqlx::migrate!` and [`connect`] applies
 //! them at start. A service never reads another service's tables: each has its own database (or file).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use sqlx::{AnyPool, any::AnyPoolOptions, migrate::Migrator};
 
@@ -272,19 +272,33 @@ async fn create_outbox_table(conn: &mut sqlx::AnyConnection) -> sqlx::Result<()>
     .map(drop)
 }
 
-/// A readiness check for [`crate::Server::readiness`]: `SELECT 1`.
+/// A readiness check for [`crate::Server::readiness`]: `SELECT 1` on a connection of its own to `url` (made
+/// again after an error), not one of the pool's: a database that went away is seen at once (a refused
+/// connect fails in microseconds), where the pool would keep retrying its connects until its
+/// `acquire_timeout`.
 pub fn ping(
-    pool: &AnyPool,
+    url: &str,
 ) -> impl Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + use<> {
-    let pool = pool.clone();
+    use sqlx::Connection;
+    let url: Arc<str> = Arc::from(url);
+    let conn: Arc<tokio::sync::Mutex<Option<sqlx::AnyConnection>>> = Arc::default();
     move || {
-        let pool = pool.clone();
+        let (url, conn) = (url.clone(), conn.clone());
         Box::pin(async move {
-            sqlx::query("SELECT 1")
-                .execute(&pool)
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string())
+            let mut held = conn.lock().await;
+            if held.is_none() {
+                *held = Some(
+                    sqlx::AnyConnection::connect(&url)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            let c = held.as_mut().expect("connected above");
+            let answer = sqlx::query("SELECT 1").execute(&mut *c).await;
+            if answer.is_err() {
+                *held = None;
+            }
+            answer.map(drop).map_err(|e| e.to_string())
         })
     }
 }

@@ -34,8 +34,8 @@ use crate::{
     config::Reader,
     consul::{ConsulAgent, Instance, Registrar},
     layers::{
-        AnswerEncodingLayer, ConcurrencyLimitLayer, DeadlineLayer, GrpcMetricsLayer,
-        ServerContextLayer,
+        AnswerEncodingLayer, ConcurrencyLimitLayer, DeadlineLayer, GrpcMetricsLayer, Readiness,
+        ReadinessGateLayer, ServerContextLayer,
     },
     metrics::Side,
 };
@@ -196,7 +196,8 @@ impl Server {
         // Outermost first. Context first, so even shed calls carry a trace id in logs; metrics before the
         // deadline layer, so a call it ends (deadline, drain's end) is recorded with the status the client got,
         // and before the limit, so shed calls are counted as RESOURCE_EXHAUSTED; the deadline bounds the whole
-        // response stream; the limit sheds (never queues) and holds a slot until the response's last message;
+        // response stream; the readiness gate before it, so a call refused for a dependency that is down is
+        // counted and never waits; the limit sheds (never queues) and holds a slot until the response's last message;
         // last, the choice of who gets gzip answers, next to the codecs that compress.
         let limit = ConcurrencyLimitLayer::new(g.max_concurrent_requests, g.request_timeout);
         // `grpc.max_concurrent_requests` follows the live settings (Consul KV).
@@ -210,6 +211,9 @@ impl Server {
         });
         // Cancelled when the drain timeout passes: calls still running end with UNAVAILABLE.
         let closing = CancellationToken::new();
+        // What the readiness checks last found; calls are refused while one fails (from the first round, run as
+        // the server starts: a call before it is served, as health still says NOT_SERVING to Consul).
+        let readiness = Readiness::default();
         let stack = ServiceBuilder::new()
             .layer(ServerContextLayer::new(g.request_timeout))
             .layer(GrpcMetricsLayer::new(
@@ -217,6 +221,7 @@ impl Server {
                 Side::Server,
                 known,
             ))
+            .layer(ReadinessGateLayer::new(readiness.clone()))
             .layer(DeadlineLayer::new(g.request_timeout, closing.clone()))
             .layer(limit)
             .layer(AnswerEncodingLayer::new(g.gzip_responses))
@@ -248,7 +253,12 @@ impl Server {
         tracing::info!(addr = %local, services = ?names, "grpc server listening");
 
         let background = CancellationToken::new();
-        tokio::spawn(readiness_loop(health.clone(), checks, background.clone()));
+        tokio::spawn(readiness_loop(
+            health.clone(),
+            checks,
+            readiness,
+            background.clone(),
+        ));
 
         let registrar = match settings.consul.http_addr.as_ref() {
             None => None,
@@ -406,24 +416,35 @@ impl Health {
     }
 }
 
-/// SERVING once every check passes; re-checked every 5 s (every 500 ms until first ready).
+/// How long one readiness check may take before it counts as failed (a database that does not answer is as
+/// down as one that refuses).
+const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// SERVING once every check passes; re-checked every 500 ms, each check at most [`CHECK_TIMEOUT`], so a
+/// dependency that goes away is seen within about half a second when it refuses (a database that stopped),
+/// a second and a half when it stops answering: calls are then refused at once ([`ReadinessGateLayer`]) and
+/// Consul's check turns the instance critical.
 async fn readiness_loop(
     health: Health,
     checks: Vec<(String, ReadinessCheck)>,
+    readiness: Readiness,
     cancel: CancellationToken,
 ) {
     let mut ready = false;
     loop {
         let mut failed = Vec::new();
         for (name, check) in &checks {
-            if let Err(why) = check().await {
-                failed.push(format!("{name}: {why}"));
+            match tokio::time::timeout(CHECK_TIMEOUT, check()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => failed.push(format!("{name}: {why}")),
+                Err(_) => failed.push(format!("{name}: no answer within {CHECK_TIMEOUT:?}")),
             }
         }
         let now_ready = failed.is_empty();
         if cancel.is_cancelled() {
             return;
         }
+        readiness.set((!now_ready).then(|| failed.join("; ")));
         if now_ready != ready {
             if now_ready {
                 tracing::info!("health SERVING");
@@ -433,14 +454,9 @@ async fn readiness_loop(
             health.set(now_ready).await;
             ready = now_ready;
         }
-        let wait = if ready {
-            Duration::from_secs(5)
-        } else {
-            Duration::from_millis(500)
-        };
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
 }

@@ -219,7 +219,8 @@ fn open<S: Service>(platform: Platform, mut server: Server) -> Opening {
             Storage::None => (None, None),
             Storage::Database { migrations, outbox } => {
                 let pool = db::connect(&platform.settings, S::NAME, migrations).await?;
-                server = server.readiness(&format!("{} database", S::NAME), db::ping(&pool));
+                let url = platform.settings.database_url_of(S::NAME);
+                server = server.readiness(&format!("{} database", S::NAME), db::ping(&url));
                 let database = Database {
                     outbox: Outbox::new(pool.clone(), platform.events.clone()),
                     pool,

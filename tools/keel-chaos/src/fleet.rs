@@ -100,13 +100,17 @@ impl Fleet {
             .map(drop)
     }
 
-    /// Stops (`false`, SIGKILL: a crash) or starts Kafka broker `n`.
-    pub fn broker(&self, n: usize, up: bool) -> anyhow::Result<()> {
-        if up {
-            self.script(&["kafka-start", &n.to_string()]).map(drop)
-        } else {
-            signal(self.pid(&format!("server-{n}"), "kafka")?, "KILL")
-        }
+    /// SIGKILLs Kafka broker `n` (a crash).
+    pub fn kill_broker(&self, n: usize) -> anyhow::Result<()> {
+        signal(self.pid(&format!("server-{n}"), "kafka")?, "KILL")
+    }
+
+    /// Starts Kafka brokers `brokers` together (one alone cannot reach a controller quorum) and waits for them.
+    pub fn start_brokers(&self, brokers: &[usize]) -> anyhow::Result<()> {
+        let mut args = vec!["kafka-start".to_owned()];
+        args.extend(brokers.iter().map(usize::to_string));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.script(&args).map(drop)
     }
 
     /// GET `path` of the Consul HTTP API, asked of the ops machine's agent.
@@ -141,9 +145,35 @@ impl Fleet {
             .collect())
     }
 
-    /// Passing instances of every service, in all.
+    /// Passing instances of the fleet's services, in all: those whose every check passes, their machine's
+    /// included (one question to Consul: `/v1/health/state/any`).
     pub fn passing(&self) -> anyhow::Result<usize> {
-        Ok(self.script(&["passing"])?.parse()?)
+        let names: Vec<String> = self.services()?.into_iter().map(|s| s.name).collect();
+        let checks = self.consul("/v1/health/state/any")?;
+        let checks = checks.as_array().context("checks")?;
+        let node_ok = |node: &str| {
+            checks.iter().all(|c| {
+                c["Node"] != node
+                    || !c["ServiceID"].as_str().is_some_and(str::is_empty)
+                    || c["Status"] == "passing"
+            })
+        };
+        let mut instances: std::collections::HashMap<&str, bool> = Default::default();
+        for c in checks {
+            let (Some(svc), Some(id), Some(node)) = (
+                c["ServiceName"].as_str(),
+                c["ServiceID"].as_str(),
+                c["Node"].as_str(),
+            ) else {
+                continue;
+            };
+            if !names.iter().any(|n| n == svc) {
+                continue;
+            }
+            let ok = c["Status"] == "passing" && node_ok(node);
+            *instances.entry(id).or_insert(true) &= ok;
+        }
+        Ok(instances.values().filter(|ok| **ok).count())
     }
 
     /// Waits until `count` instances pass (at most `limit`); the time it took.
@@ -229,7 +259,17 @@ impl Load {
             std::thread::sleep(Duration::from_millis(100));
         }
         std::thread::sleep(Duration::from_millis(200));
-        Ok(self.lines.lock().expect("lines").clone())
+        let lines = self.lines.lock().expect("lines").clone();
+        // Every outcome, kept for a closer look when asked (`KEEL_CHAOS_OUTCOMES=<file>`, appended).
+        if let Some(path) = std::env::var_os("KEEL_CHAOS_OUTCOMES") {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            f.write_all(lines.as_bytes())?;
+        }
+        Ok(lines)
     }
 }
 

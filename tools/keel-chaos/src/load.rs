@@ -14,8 +14,9 @@
 //! so a fault's effect can be read second by second. First comes `{"ready": true}` once the load's account,
 //! user and first video exist; on SIGINT/SIGTERM the load stops starting calls, lets those in flight end, and
 //! prints `{"end": true, …}` with
-//! - `keys_stored`, `used_cache_keys`: the keys stored and what the accounts service counts for the account,
-//!   which a quota that stayed exact keeps equal;
+//! - `keys_stored`, `keys_held`, `used_cache_keys`: the keys whose Store was acknowledged, the keys the cache
+//!   instances hold (each asked for its `Dump`) and what the accounts service counts for the account, which a
+//!   quota that stayed exact keeps equal to what is held;
 //! - `videos_submitted`, `videos_indexed`, `videos_duplicated`: the videos whose submission was acknowledged,
 //!   how many of them the search read model (fed by their `YouTubeVideoAdded` events through Kafka) finds by
 //!   the load's own tag, and how many it lists more than once — waiting up to a minute for the events to
@@ -47,8 +48,8 @@ use keel_protos::{
         },
     },
     rpc::{
-        CreateAccountReq, GetByTokenReq, GetReq, StoreReq, accounts_client::AccountsClient,
-        cache_client::CacheClient,
+        CreateAccountReq, DumpReq, GetByTokenReq, GetReq, StoreReq,
+        accounts_client::AccountsClient, cache_client::CacheClient,
     },
 };
 use tonic::{Code, Request, Status};
@@ -175,6 +176,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .and_then(|r| r.into_inner().account)
         .map(|a| a.used_cache_keys);
     let stored = state.stored.lock().expect("stored").len();
+    let held = held(&clients, &settings, &state.token).await;
     let submitted: Vec<String> = state
         .submitted
         .lock()
@@ -185,11 +187,34 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let search = SearchServiceClient::new(clients.channel("search")?);
     let (indexed, duplicated) = indexed(search, &state.tag, &submitted).await;
     emit(&serde_json::json!({
-        "end": true, "keys_stored": stored, "used_cache_keys": used,
+        "end": true, "keys_stored": stored, "keys_held": held, "used_cache_keys": used,
         "videos_submitted": submitted.len(), "videos_indexed": indexed,
         "videos_duplicated": duplicated,
     }));
     Ok(())
+}
+
+/// The keys of the load's account that the cache instances hold, in all: each instance found through Consul
+/// DNS asked for its `Dump` (`None` when one cannot be).
+async fn held(clients: &ClientFactory, settings: &Settings, token: &str) -> Option<u64> {
+    use futures::StreamExt;
+    let resolver = keel_common::discovery::SrvResolver::new(settings.consul.dns_addr);
+    let mut total = 0;
+    for addr in resolver.resolve("cache").await.ok()? {
+        let (_tx, one) = tokio::sync::watch::channel(Some(vec![addr]));
+        let mut items = CacheClient::new(clients.balanced("cache", one))
+            .dump(DumpReq {
+                account_token: token.to_owned(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        while let Some(item) = items.next().await {
+            item.ok()?;
+            total += 1;
+        }
+    }
+    Some(total)
 }
 
 /// How many of `submitted` the search service lists for `tag`, and how many of those more than once, once
@@ -421,6 +446,8 @@ impl Outcome {
 pub struct End {
     /// Cache keys whose Store was acknowledged.
     pub keys_stored: u64,
+    /// Keys of the load's account the cache instances hold (`None`: one could not be asked).
+    pub keys_held: Option<u64>,
     /// What accounts counts for the load's account (`None`: it did not answer).
     pub used_cache_keys: Option<u64>,
     /// Videos whose submission was acknowledged.

@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | [`ServerContextLayer`] | server | trace id, deadline from `grpc-timeout`, `grpc.request` span, call already past its deadline refused |
 //! | [`GrpcMetricsLayer`] | both | StatsD count/latency/status/in-flight per method, and one call-log line per call |
+//! | [`ReadinessGateLayer`] | server | while a readiness check fails (database down), calls answered UNAVAILABLE at once, naming it |
 //! | [`DeadlineLayer`] | server | handler and response stream stopped at the deadline (DEADLINE_EXCEEDED) or the end of the shutdown's drain (UNAVAILABLE) |
 //! | [`AnswerEncodingLayer`] | server | gzip answers only for callers that compressed their request (or every accepting caller with `grpc.gzip_responses`) |
 //! | [`ConcurrencyLimitLayer`] | server | at most `grpc.max_concurrent_requests` calls, streams for their whole life; over it RESOURCE_EXHAUSTED before any handler |
@@ -29,6 +30,7 @@ mod error_to_status;
 mod grpc_metrics;
 mod method_config;
 mod no_endpoint;
+mod readiness_gate;
 mod server_context;
 mod transparent_retry;
 
@@ -42,6 +44,7 @@ pub use error_to_status::{ErrorToStatus, ErrorToStatusLayer};
 pub use grpc_metrics::{GrpcMetrics, GrpcMetricsLayer};
 pub use method_config::{AttemptPolicy, MethodConfig, MethodConfigLayer};
 pub use no_endpoint::{NoEndpointFastFail, WaitForReady};
+pub use readiness_gate::{Readiness, ReadinessGate, ReadinessGateLayer};
 pub use server_context::{ServerContext, ServerContextLayer};
 pub use transparent_retry::{TransparentRetry, TransparentRetryLayer};
 
