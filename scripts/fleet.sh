@@ -309,28 +309,36 @@ up() {
 }
 
 down() {
-  # Services first (their shutdown deregisters them), then what they use.
-  for f in "$FLEET"/app-*/*.pid; do stop_pid "$f" 30; done
-  for f in "$FLEET"/server-*/kafka.pid; do stop_pid "$f" 60; done
+  # Services first (their shutdown deregisters them), then what they use; each group signalled at once.
+  stop_all 30 "$FLEET"/app-*/*.pid
+  stop_all 30 "$FLEET"/server-*/kafka.pid
   ops_down
   pg_down
-  for f in "$FLEET"/*/consul.pid; do stop_pid "$f" 20; done
+  stop_all 20 "$FLEET"/*/consul.pid
   net_down
   rm -rf "$FLEET"
   log "down"
 }
 
-# SIGTERM the process of PID file $1, SIGKILL after $2 seconds.
-stop_pid() {
-  local f=$1 secs=$2
-  [[ -f $f ]] || return 0
-  local pid; pid=$(cat "$f")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 $((secs * 4))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$f"
+# SIGTERM the processes of PID files $2…, then SIGKILL those still running after $1 seconds.
+stop_all() {
+  local secs=$1; shift
+  local pids=() f
+  for f in "$@"; do
+    [[ -f $f ]] || continue
+    pids+=("$(cat "$f")")
+    rm -f "$f"
+  done
+  ((${#pids[@]})) || return 0
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  local end=$((SECONDS + secs))
+  while ((SECONDS < end)); do
+    local alive=0 p
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    ((alive)) || return 0
+    sleep 0.25
+  done
+  kill -KILL "${pids[@]}" 2>/dev/null || true
 }
 
 status() {

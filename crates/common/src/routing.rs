@@ -159,7 +159,7 @@ impl Router {
             member.poll_ready(&mut cx).is_ready()
         };
         let pick = match policy {
-            LbPolicy::KeyAffinity | LbPolicy::P2c => {
+            LbPolicy::KeyAffinity => {
                 let key = req
                     .headers()
                     .get(ROUTING_KEY)
@@ -167,7 +167,8 @@ impl Router {
                     .unwrap_or_default();
                 owner(key, list)
             }
-            LbPolicy::RoundRobin => {
+            // p2c is tower's balancer's (the picker never hands it here).
+            LbPolicy::RoundRobin | LbPolicy::P2c => {
                 let start = self.turn.fetch_add(1, Ordering::Relaxed);
                 (0..list.len())
                     .map(|i| list[(start + i) % list.len()])

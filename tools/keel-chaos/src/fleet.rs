@@ -135,6 +135,32 @@ impl Fleet {
             .reduce(f64::max)
     }
 
+    /// The record timestamps (unix ms) of topic `topic` from `from_ms` on, read with kcat on the ops machine.
+    ///
+    /// # Errors
+    /// kcat fails.
+    pub fn topic_timestamps(&self, topic: &str, from_ms: u64) -> anyhow::Result<Vec<u64>> {
+        let brokers =
+            "kafka-1.keel.internal:9092,kafka-2.keel.internal:9092,kafka-3.keel.internal:9092";
+        let out = self.script(&[
+            "exec",
+            "ops",
+            "kcat",
+            "-b",
+            brokers,
+            "-C",
+            "-t",
+            topic,
+            "-o",
+            &format!("s@{from_ms}"),
+            "-e",
+            "-q",
+            "-f",
+            "%T\\n",
+        ])?;
+        Ok(out.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    }
+
     /// Passing instances of `service` by machine (Consul's health, as DNS answers it).
     pub fn passing_on(&self, service: &str) -> anyhow::Result<Vec<String>> {
         let v = self.consul(&format!("/v1/health/service/{service}?passing"))?;

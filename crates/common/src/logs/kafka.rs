@@ -109,7 +109,12 @@ impl Shipper {
                 "message.timeout.ms",
                 settings.delivery_timeout.as_millis().max(1).to_string(),
             )
-            .set("queue.buffering.max.messages", "100000")
+            // Lines waiting for Kafka (during an outage, up to `log.delivery_timeout`) are bounded like the
+            // queue in front of it: past `log.buffer_lines`, new ones are dropped and counted.
+            .set(
+                "queue.buffering.max.messages",
+                settings.buffer_lines.to_string(),
+            )
             .set("socket.timeout.ms", "3000")
             .set("reconnect.backoff.max.ms", "1000")
             .set("log_level", "0")

@@ -44,7 +44,8 @@ pub struct LogSettings {
     pub kafka_brokers: Option<String>,
     /// Log topic (`log.topic`), default `logs.<service>`.
     pub topic: Option<String>,
-    /// Lines buffered for the Kafka shipper before new ones are dropped (`log.buffer_lines`).
+    /// Lines buffered for the Kafka shipper before new ones are dropped (`log.buffer_lines`); also the bound of
+    /// the lines the Kafka producer holds unacknowledged.
     pub buffer_lines: usize,
     /// A line Kafka has not acknowledged within this time is dropped and counted (`log.delivery_timeout`).
     pub delivery_timeout: Duration,
