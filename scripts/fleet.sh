@@ -30,6 +30,9 @@
 # the database password and the accounts operator token are made up at `up` into $FLEET/secrets.env.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Every machine's agent is on its own loopback (127.0.0.1:8500): an address of the single-machine servers
+# (`scripts/infra.sh env`, as `make test` exports it) must not leak into the machines' commands.
+unset CONSUL_HTTP_ADDR CONSUL_HTTP_TOKEN CONSUL_GRPC_ADDR
 ROOT=$PWD
 FLEET=${KEEL_FLEET_DIR:-/var/tmp/keel-fleet}
 BIN=${KEEL_FLEET_BIN:-$ROOT/target/debug}

@@ -28,6 +28,13 @@ struct Up(bool);
 
 impl Drop for Up {
     fn drop(&mut self) {
+        // A failure's evidence: every machine's process logs, kept beside the other tests' before the fleet goes.
+        if std::thread::panicking() {
+            let dir =
+                std::env::var("KEEL_FLEET_DIR").unwrap_or_else(|_| "/var/tmp/keel-fleet".into());
+            let keep = std::env::temp_dir().join("keel-fleet-logs");
+            let _ = Command::new("cp").args(["-r", &dir]).arg(&keep).status();
+        }
         if self.0 {
             fleet(&["down"]);
         }
