@@ -8,7 +8,7 @@ WITH_INFRA = eval "$$($(INFRA) env)" &&
 TEST_TMP := $(CURDIR)/target/test-tmp
 
 .DEFAULT_GOAL := help
-.PHONY: fleet-up fleet-down fleet-status chaos deploy-files help build run test test-unit fuzz fuzz-decoders bench dashboards lint fmt infra-install infra-up infra-down infra-status up down status
+.PHONY: fleet-up fleet-down fleet-status chaos chaos-test deploy-files help build run test test-unit fuzz fuzz-decoders bench dashboards lint fmt infra-install infra-up infra-down infra-status up down status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -87,6 +87,10 @@ fleet-status: ## the fleet's machines and which instance runs where, with its Co
 chaos: ## faults under load on the fleet (make fleet-up first): the table of figures and targets. CHAOS_ARGS="--short kill"
 	cargo build -p keel-chaos
 	target/debug/keel-chaos run $(CHAOS_ARGS)
+
+chaos-test: infra-install ## the chaos scenarios, shortened, as a test: brings a fleet up (root) and down, fails on a missed target
+	cargo build --workspace --bins
+	cargo test -p keel-chaos --test chaos -- --ignored --nocapture
 
 deploy-files: ## render deploy/fleet.toml into deploy/{systemd,kubernetes,consul,kafka} (a test keeps them equal)
 	cargo run -q -p keel -- deploy --dir deploy
