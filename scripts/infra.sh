@@ -27,6 +27,7 @@ KAFKA_LIBS_REV=2
 STATSD_VERSION=0.9.0
 GRPCURL_VERSION=v1.9.3
 GHZ_VERSION=v0.120.0
+WORLD_ATLAS_VERSION=2.0.2
 GRPCIO_VERSION=1.85.3
 GRPCIO_TOOLS_VERSION=1.85.1
 
@@ -414,6 +415,14 @@ install_tools() {
     log "building ghz $GHZ_VERSION (once)"
     GOBIN=$CACHE/bin CGO_ENABLED=0 go install "github.com/bojand/ghz/cmd/ghz@$GHZ_VERSION"
   fi
+  # Natural Earth's country polygons (public domain data; the npm package world-atlas, ISC): geo-search's data
+  # set for tools/geo-loader and make bench.
+  if [[ ! -f $CACHE/world-atlas/package/countries-110m.json ]]; then
+    log "fetching world-atlas $WORLD_ATLAS_VERSION (once)"
+    rm -rf "$CACHE/world-atlas" && mkdir -p "$CACHE/world-atlas"
+    (cd "$CACHE/world-atlas" && npm pack --silent "world-atlas@$WORLD_ATLAS_VERSION" >/dev/null &&
+      tar xzf "world-atlas-$WORLD_ATLAS_VERSION.tgz")
+  fi
 }
 
 # Drops the databases the test suite creates (keel_common::testsuite::postgres names them keeltest_*): each run
@@ -442,6 +451,7 @@ export KEEL_WHISPER_DIR=$RUN/graphite/storage/whisper
 export KEEL_GRAPHITE_URL=http://127.0.0.1:$GRAPHITE_WEB_PORT
 export KEEL_GRPCURL=$CACHE/bin/grpcurl
 export KEEL_GHZ=$CACHE/bin/ghz
+export KEEL_WORLD_ATLAS=$CACHE/world-atlas/package
 export KEEL_PYTHON=$CACHE/py/bin/python
 EOF
 }

@@ -36,6 +36,10 @@ pub enum ServiceError {
     /// FAILED_PRECONDITION.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// ABORTED: the operation lost to a concurrent one (a reservation cancelled before it arrived, say); the
+    /// caller decides whether to start over.
+    #[error("{0}")]
+    Aborted(String),
     /// A quota would be exceeded: FAILED_PRECONDITION with a `QuotaFailure` violation (retrying the same call
     /// cannot help until something is released).
     #[error("{description}")]
@@ -91,6 +95,7 @@ impl ServiceError {
             Self::NotFound(_) => "NOT_FOUND",
             Self::AlreadyExists(_) => "ALREADY_EXISTS",
             Self::FailedPrecondition(_) => "FAILED_PRECONDITION",
+            Self::Aborted(_) => "ABORTED",
             Self::QuotaExceeded { .. } => "QUOTA_EXCEEDED",
             Self::Unauthenticated(_) => "UNAUTHENTICATED",
             Self::PermissionDenied(_) => "PERMISSION_DENIED",
@@ -132,6 +137,7 @@ fn status_parts(err: &ServiceError) -> (Code, String, ErrorDetails) {
         ServiceError::NotFound(m) => (Code::NotFound, m.clone()),
         ServiceError::AlreadyExists(m) => (Code::AlreadyExists, m.clone()),
         ServiceError::FailedPrecondition(m) => (Code::FailedPrecondition, m.clone()),
+        ServiceError::Aborted(m) => (Code::Aborted, m.clone()),
         ServiceError::QuotaExceeded {
             subject,
             description,

@@ -119,12 +119,43 @@ pub(crate) struct Router {
     pub(crate) service: Arc<str>,
     pub(crate) endpoints: watch::Receiver<Option<Vec<SocketAddr>>>,
     pub(crate) conns: Conns,
-    /// Each instance with its ejection state (round robin and pick first skip ejected instances).
-    members: Arc<Mutex<HashMap<SocketAddr, Ejecting<Conn>>>>,
+    /// The instances as discovery last listed them, rebuilt only when it answers anew.
+    membership: Arc<Mutex<Membership>>,
     /// Round robin's turn.
     turn: Arc<AtomicUsize>,
     /// Pick first's instance, kept while it is listed and not ejected.
     first: Arc<Mutex<Option<SocketAddr>>>,
+}
+
+/// What a [`Router`] picks from: discovery's latest list, sorted, and each instance with its ejection state
+/// (round robin and pick first skip ejected instances). A call locks it once and allocates nothing unless
+/// discovery changed the list since the last call.
+struct Membership {
+    /// Discovery's answers (`has_changed` says when to rebuild).
+    endpoints: watch::Receiver<Option<Vec<SocketAddr>>>,
+    /// The latest answer, sorted; `None` before the first.
+    list: Option<Vec<SocketAddr>>,
+    members: HashMap<SocketAddr, Ejecting<Conn>>,
+}
+
+impl Membership {
+    /// Takes discovery's latest answer if it changed; whether there is a list.
+    fn refresh(&mut self, conns: &Conns) -> bool {
+        if (self.endpoints.has_changed().unwrap_or(false) || self.list.is_none())
+            && let Some(mut list) = self.endpoints.borrow_and_update().clone()
+        {
+            list.sort_unstable();
+            conns.retain(&list);
+            self.members.retain(|a, _| list.contains(a));
+            for addr in &list {
+                self.members
+                    .entry(*addr)
+                    .or_insert_with(|| Ejecting::new(*addr, conns.get(*addr)));
+            }
+            self.list = Some(list);
+        }
+        self.list.is_some()
+    }
 }
 
 impl Router {
@@ -134,24 +165,31 @@ impl Router {
         conns: Conns,
     ) -> Self {
         Self {
+            membership: Arc::new(Mutex::new(Membership {
+                endpoints: endpoints.clone(),
+                list: None,
+                members: HashMap::new(),
+            })),
             service,
             endpoints,
             conns,
-            members: Arc::default(),
             turn: Arc::default(),
             first: Arc::default(),
         }
     }
 
-    /// The call, sent to the instance `policy` picks from `list` (sorted); `None` when the list is empty.
-    fn send(&self, policy: LbPolicy, list: &[SocketAddr], req: Request<Body>) -> Option<Sending> {
-        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
-        members.retain(|a, _| list.contains(a));
-        for addr in list {
-            members
-                .entry(*addr)
-                .or_insert_with(|| Ejecting::new(*addr, self.conns.get(*addr)));
-        }
+    /// Whether discovery has answered at least once (calls before that wait for it).
+    fn listed(&self) -> bool {
+        let mut m = self.membership.lock().unwrap_or_else(|p| p.into_inner());
+        m.refresh(&self.conns)
+    }
+
+    /// The call, sent to the instance `policy` picks from discovery's latest list; `None` when it is empty.
+    fn send(&self, policy: LbPolicy, req: Request<Body>) -> Option<Sending> {
+        let mut guard = self.membership.lock().unwrap_or_else(|p| p.into_inner());
+        guard.refresh(&self.conns);
+        let Membership { list, members, .. } = &mut *guard;
+        let list = list.as_deref().unwrap_or_default();
         // Ready unless ejected (an instance's channel is always ready; only the ejection backoff waits).
         let mut ready = |addr: &SocketAddr| {
             let member = members.get_mut(addr).expect("listed");
@@ -241,15 +279,11 @@ where
             .and_then(crate::context::parse_grpc_timeout)
             .map(|t| std::time::Instant::now() + t);
         Box::pin(async move {
-            let mut endpoints = router.endpoints.clone();
-            // Before discovery's first answer, wait for it (the caller's deadline bounds the call).
-            let mut list = match endpoints.wait_for(Option::is_some).await {
-                Ok(v) => v.clone().unwrap_or_default(),
-                Err(_) => Vec::new(),
-            };
-            list.sort_unstable();
-            router.conns.retain(&list);
-            let Some(sent) = router.send(policy, &list, req) else {
+            if !router.listed() {
+                // Before discovery's first answer, wait for it (the caller's deadline bounds the call).
+                let _ = router.endpoints.clone().wait_for(Option::is_some).await;
+            }
+            let Some(sent) = router.send(policy, req) else {
                 return Ok(layer_status::unavailable(format!(
                     "no healthy instance of service {:?}",
                     router.service

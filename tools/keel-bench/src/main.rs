@@ -253,27 +253,54 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         &dir,
         "geo-search",
     )?;
-    add_grid(geo.addr, 40).await?;
+    load_countries(geo.addr)?;
+    let idle = geo.rss_mib().0;
+    // A point in Paris: France (a multipolygon of ~300 vertices at 110m) holds it.
     let base = baseline(
         "pgbench: point search's query (baseline)",
         load::pgbench(
             &geo_db,
-            "SELECT id, name FROM things WHERE (false OR ST_Contains(geom, ST_SetSRID(ST_MakePoint(10.5, 20.5), 4326))) \
-             AND (true OR name ILIKE '') ORDER BY name, id LIMIT 11 OFFSET 0;\n",
+            "\\set lng 2.3522\n\\set lat 48.8566\n\
+             SELECT id, name FROM things WHERE ST_Contains(geom, ST_SetSRID(ST_MakePoint(:lng, :lat), 4326)) \
+             ORDER BY name, id LIMIT 11 OFFSET 0;\n",
             &dir,
             &shape,
         )?,
     );
-    let idle = geo.rss_mib().0;
     let ours = row(
-        "geo-search search, a point (1,600 areas)",
+        "geo-search search, a point (177 countries)",
         &geo,
         idle,
         || {
             call(
                 geo.addr,
                 "Search/search",
-                r#"{"lat":20.5,"lng":10.5,"result_per_page":10}"#,
+                r#"{"lat":48.8566,"lng":2.3522,"result_per_page":10}"#,
+                None,
+            )
+        },
+    )?;
+    push_pair(&mut rows, base, ours, 0.5);
+    // "land": Finland, Iceland, Poland, Thailand… 11 of the 177, one page of 10 and has_more.
+    let base = baseline(
+        "pgbench: name search's query (baseline)",
+        load::pgbench(
+            &geo_db,
+            "\\set page 11\n\
+             SELECT id, name FROM things WHERE name ILIKE '%land%' ORDER BY name, id LIMIT :page OFFSET 0;\n",
+            &dir,
+            &shape,
+        )?,
+    );
+    let ours = row(
+        "geo-search search, a name (177 countries)",
+        &geo,
+        idle,
+        || {
+            call(
+                geo.addr,
+                "Search/search",
+                r#"{"query":"land","any_location":true,"result_per_page":10}"#,
                 None,
             )
         },
@@ -348,23 +375,16 @@ async fn create_account(accounts: SocketAddr) -> anyhow::Result<String> {
         .token)
 }
 
-/// `n`×`n` one-degree squares from (0, 0) as geo-search areas.
-async fn add_grid(geo: SocketAddr, n: i32) -> anyhow::Result<()> {
-    use keel_protos::geo::{AddThingRequest, search_client::SearchClient};
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{geo}"))?
-        .connect()
-        .await?;
-    let mut client = SearchClient::new(channel);
-    for x in 0..n {
-        for y in 0..n {
-            let (x1, y1) = (x + 1, y + 1);
-            client
-                .add_thing(AddThingRequest {
-                    name: format!("square {x},{y}"),
-                    wkt: format!("POLYGON(({x} {y},{x1} {y},{x1} {y1},{x} {y1},{x} {y}))"),
-                })
-                .await?;
-        }
+/// Natural Earth's countries (world-atlas, 110m) into the geo-search at `geo`, by the project's loader.
+fn load_countries(geo: SocketAddr) -> anyhow::Result<()> {
+    let out = Command::new(sibling("geo-loader")?)
+        .args(["--addr", &geo.to_string()])
+        .env_remove("CONSUL_HTTP_ADDR")
+        .output()
+        .context("run geo-loader")?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || !said.contains("177 created") {
+        bail!("geo-loader did not load the 177 countries:\n{said}");
     }
     Ok(())
 }

@@ -33,7 +33,7 @@ use sqlx::AnyPool;
 use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 
-pub use storage::{Reservation, Store};
+pub use storage::{Reservation, Reserved, Store};
 
 /// Consul service name and database name.
 pub const SERVICE: &str = "accounts";
@@ -48,10 +48,7 @@ pub const MAX_PAGE: usize = 1000;
 
 /// SHA-256 hex digest of a token.
 pub fn token_digest(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(token.as_bytes()))
 }
 
 fn new_token() -> String {
@@ -131,6 +128,17 @@ impl Service for Accounts {
     async fn open(r: Resources<AccountsSettings>) -> anyhow::Result<Self> {
         let mut accounts = Self::new(r.database()?.pool, r.settings.admin_token);
         accounts.trust_client_certs = r.platform.settings.tls.require_client_cert;
+        let store = accounts.store.clone();
+        // Idempotency keys older than storage::RETENTION go, once a minute (every instance: deletes are idempotent).
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                if let Err(e) = store.purge_operations().await {
+                    tracing::warn!(error = %e, "purging quota idempotency keys failed");
+                }
+            }
+        });
         Ok(accounts)
     }
 
@@ -155,6 +163,23 @@ fn positive_count(count: i64) -> Result<i64, ServiceError> {
     } else {
         Ok(count)
     }
+}
+
+/// Longest idempotency key accepted (a UUID is 36 characters).
+pub const MAX_IDEMPOTENCY_KEY: usize = 64;
+
+/// An idempotency key field: `None` when empty; INVALID_ARGUMENT when longer than [`MAX_IDEMPOTENCY_KEY`].
+fn idempotency_key<'a>(field: &str, key: &'a str) -> Result<Option<&'a str>, ServiceError> {
+    if key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(ServiceError::invalid(
+            field,
+            format!(
+                "{} characters: at most {MAX_IDEMPOTENCY_KEY}",
+                key.chars().count()
+            ),
+        ));
+    }
+    Ok((!key.is_empty()).then_some(key))
 }
 
 #[tonic::async_trait]
@@ -309,18 +334,29 @@ impl AccountsRpc for Accounts {
                 granted,
             }));
         }
+        let reservation_id = idempotency_key("reservation_id", &r.reservation_id)?;
         match self
             .store
-            .reserve(&r.account_id, count, r.up_to)
+            .reserve(&r.account_id, count, r.up_to, reservation_id)
             .await
             .map_err(ServiceError::from)?
         {
-            Some(t) => Ok(Response::new(ReserveKeysResp {
+            Reserved::Taken(t) => Ok(Response::new(ReserveKeysResp {
                 used_cache_keys: t.used_cache_keys,
                 max_cache_keys: t.max_cache_keys,
                 granted: t.granted,
             })),
-            None => Err(over(&self.by_id(&r.account_id).await?).into()),
+            Reserved::Refused => Err(over(&self.by_id(&r.account_id).await?).into()),
+            Reserved::Cancelled => Err(ServiceError::Aborted(format!(
+                "reservation {:?} was cancelled before it arrived",
+                r.reservation_id
+            ))
+            .into()),
+            Reserved::IdInUse => Err(ServiceError::invalid(
+                "reservation_id",
+                format!("{:?} is another account's", r.reservation_id),
+            )
+            .into()),
         }
     }
 
@@ -332,16 +368,28 @@ impl AccountsRpc for Accounts {
         let caller = self.caller(&request).await?;
         let r = request.into_inner();
         caller.operator_or_owner(&r.account_id, "ReleaseKeys")?;
-        let count = positive_count(r.count)?;
+        let reservation_id = idempotency_key("reservation_id", &r.reservation_id)?;
+        let release_id = idempotency_key("release_id", &r.release_id)?;
+        let count = match reservation_id {
+            Some(_) => 0,
+            None => positive_count(r.count)?,
+        };
         if dry_run {
             self.by_id(&r.account_id).await?;
             return Ok(Response::new(ReleaseKeysResp {}));
         }
-        let found = self
-            .store
-            .release(&r.account_id, count)
-            .await
-            .map_err(ServiceError::from)?;
+        let found = match reservation_id {
+            Some(reservation) => self
+                .store
+                .cancel_reservation(&r.account_id, reservation)
+                .await
+                .map_err(ServiceError::from)?,
+            None => self
+                .store
+                .release(&r.account_id, count, release_id)
+                .await
+                .map_err(ServiceError::from)?,
+        };
         if !found {
             return Err(ServiceError::NotFound(format!(
                 "account {:?} does not exist",

@@ -4,7 +4,13 @@
 use keel_common::db;
 use sqlx::{AnyPool, Row, any::AnyRow};
 
-const COLUMNS: &str = "id, name, max_cache_keys, used_cache_keys, token_hash";
+/// The columns [`account`] reads, then the token digest: a macro, so each statement is one `&'static str`
+/// (no SQL text made per call).
+macro_rules! columns {
+    () => {
+        "id, name, max_cache_keys, used_cache_keys, token_hash"
+    };
+}
 
 /// One account as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,6 +45,23 @@ fn account(r: &AnyRow) -> Result<Account, sqlx::Error> {
     })
 }
 
+/// How long a reservation's or a release's idempotency key is remembered: far beyond any call's deadline and
+/// a caller's retries (the cache retries a release for at most [`RETENTION`] / 2).
+pub const RETENTION: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// What a reservation did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reserved {
+    /// Keys taken (or, for an id sent before, what the first call took).
+    Taken(Reservation),
+    /// Over the limit, or no such account.
+    Refused,
+    /// Its id was cancelled before it arrived: nothing taken.
+    Cancelled,
+    /// Its id belongs to another account's operation.
+    IdInUse,
+}
+
 /// The accounts table.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -60,9 +83,11 @@ impl Store {
         &self,
         digest: &str,
     ) -> Result<Option<(Account, String)>, sqlx::Error> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM accounts WHERE token_hash = $1"
-        )))
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM accounts WHERE token_hash = $1"
+        ))
         .bind(digest)
         .fetch_optional(&self.pool)
         .await?;
@@ -74,9 +99,11 @@ impl Store {
     /// # Errors
     /// Database failures.
     pub async fn by_id(&self, id: &str) -> Result<Option<Account>, sqlx::Error> {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM accounts WHERE id = $1"
-        )))
+        sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM accounts WHERE id = $1"
+        ))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?
@@ -122,9 +149,11 @@ impl Store {
     /// # Errors
     /// Database failures.
     pub async fn list(&self, after: &str, limit: usize) -> Result<Vec<Account>, sqlx::Error> {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM accounts WHERE id > $1 ORDER BY id LIMIT $2"
-        )))
+        sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM accounts WHERE id > $1 ORDER BY id LIMIT $2"
+        ))
         .bind(after)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
@@ -135,13 +164,69 @@ impl Store {
     }
 
     /// Reserves `count` keys of account `id` in one conditional UPDATE (concurrent reservations from every
-    /// cache instance serialise on the row); with `up_to`, takes what is left when fewer remain. `None`:
-    /// refused (over the limit, or no such account).
+    /// cache instance serialise on the row); with `up_to`, takes what is left when fewer remain.
+    ///
+    /// With a `reservation_id` (an idempotency key) the UPDATE runs in one transaction with a row of
+    /// `quota_operations`: the same id sent again takes nothing more and answers what the first took, and an id
+    /// cancelled first ([`Store::cancel_reservation`]) takes nothing.
     ///
     /// # Errors
     /// Database failures.
     pub async fn reserve(
         &self,
+        id: &str,
+        count: i64,
+        up_to: bool,
+        reservation_id: Option<&str>,
+    ) -> Result<Reserved, sqlx::Error> {
+        let Some(reservation_id) = reservation_id else {
+            let mut conn = self.pool.acquire().await?;
+            return Ok(Self::take(&mut conn, id, count, up_to)
+                .await?
+                .map_or(Reserved::Refused, Reserved::Taken));
+        };
+        let mut tx = self.pool.begin().await?;
+        if !Self::record(&mut tx, reservation_id, id, 0).await? {
+            // Sent before: answer what it did (the transaction only read).
+            let row = sqlx::query(
+                "SELECT o.key_count, o.cancelled, a.used_cache_keys, a.max_cache_keys \
+                 FROM quota_operations o JOIN accounts a ON a.id = o.account_id \
+                 WHERE o.id = $1 AND o.account_id = $2",
+            )
+            .bind(reservation_id)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(row) = row else {
+                return Ok(Reserved::IdInUse);
+            };
+            let (granted, cancelled): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+            return Ok(match (cancelled, granted) {
+                (1, _) => Reserved::Cancelled,
+                (_, 0) => Reserved::Refused,
+                _ => Reserved::Taken(Reservation {
+                    used_cache_keys: row.try_get(2)?,
+                    max_cache_keys: row.try_get(3)?,
+                    granted,
+                }),
+            });
+        }
+        let taken = Self::take(&mut tx, id, count, up_to).await?;
+        if let Some(t) = taken {
+            sqlx::query("UPDATE quota_operations SET key_count = $1 WHERE id = $2")
+                .bind(t.granted)
+                .bind(reservation_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(taken.map_or(Reserved::Refused, Reserved::Taken))
+    }
+
+    /// The conditional UPDATE of [`Store::reserve`] on `conn`. `None`: refused (over the limit, or no such
+    /// account).
+    async fn take(
+        conn: &mut sqlx::AnyConnection,
         id: &str,
         count: i64,
         up_to: bool,
@@ -174,7 +259,7 @@ impl Store {
             .bind(count)
         };
         query
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *conn)
             .await?
             .map(|row| {
                 Ok(Reservation {
@@ -186,11 +271,101 @@ impl Store {
             .transpose()
     }
 
-    /// Gives `count` keys of account `id` back (never below zero); false when there is no such account.
+    /// Gives `count` keys of account `id` back (never below zero); false when there is no such account. With a
+    /// `release_id` (an idempotency key), the same id sent again gives nothing more back.
     ///
     /// # Errors
     /// Database failures.
-    pub async fn release(&self, id: &str, count: i64) -> Result<bool, sqlx::Error> {
+    pub async fn release(
+        &self,
+        id: &str,
+        count: i64,
+        release_id: Option<&str>,
+    ) -> Result<bool, sqlx::Error> {
+        let Some(release_id) = release_id else {
+            let mut conn = self.pool.acquire().await?;
+            return Self::give_back(&mut conn, id, count).await;
+        };
+        let mut tx = self.pool.begin().await?;
+        if !Self::record(&mut tx, release_id, id, count).await? {
+            return Ok(true);
+        }
+        if !Self::give_back(&mut tx, id, count).await? {
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Undoes reservation `reservation_id` of account `id`: gives back the keys it took, or, when it has not
+    /// arrived, records it as cancelled so it takes none ([`Reserved::Cancelled`]). Idempotent. False when
+    /// there is no such account.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn cancel_reservation(
+        &self,
+        id: &str,
+        reservation_id: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        // A reservation in flight holds its row until it commits: the upsert waits for it, then sees what it took.
+        let taken: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO quota_operations (id, account_id, key_count, cancelled, created_ms) \
+             VALUES ($1, $2, 0, 1, $3) \
+             ON CONFLICT (id) DO UPDATE SET cancelled = 1 \
+             WHERE quota_operations.cancelled = 0 AND quota_operations.account_id = $4 \
+             RETURNING key_count",
+        )
+        .bind(reservation_id)
+        .bind(id)
+        .bind(db::now_ms())
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let found = match taken {
+            Some(n) if n > 0 => Self::give_back(&mut tx, id, n).await?,
+            _ => sqlx::query("SELECT 1 FROM accounts WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some(),
+        };
+        if found {
+            tx.commit().await?;
+        }
+        Ok(found)
+    }
+
+    /// Records operation `operation_id` of account `id` moving `key_count` keys, on `conn` (in the transaction
+    /// that applies it); false when that id was recorded before (then nothing is to be applied again). Two
+    /// transactions recording one id serialise on its primary key: the second waits for the first's outcome.
+    async fn record(
+        conn: &mut sqlx::AnyConnection,
+        operation_id: &str,
+        id: &str,
+        key_count: i64,
+    ) -> Result<bool, sqlx::Error> {
+        Ok(sqlx::query(
+            "INSERT INTO quota_operations (id, account_id, key_count, cancelled, created_ms) \
+             VALUES ($1, $2, $3, 0, $4) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(operation_id)
+        .bind(id)
+        .bind(key_count)
+        .bind(db::now_ms())
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+
+    /// The UPDATE giving `count` keys of `id` back, on `conn`; false when there is no such account.
+    async fn give_back(
+        conn: &mut sqlx::AnyConnection,
+        id: &str,
+        count: i64,
+    ) -> Result<bool, sqlx::Error> {
         let done = sqlx::query(
             "UPDATE accounts SET used_cache_keys = CASE WHEN used_cache_keys >= $1 \
              THEN used_cache_keys - $2 ELSE 0 END WHERE id = $3",
@@ -198,8 +373,23 @@ impl Store {
         .bind(count)
         .bind(count)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await?;
         Ok(done.rows_affected() > 0)
+    }
+
+    /// Deletes the idempotency records older than [`RETENTION`]; how many went.
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn purge_operations(&self) -> Result<u64, sqlx::Error> {
+        let before = db::now_ms() - RETENTION.as_millis() as i64;
+        Ok(
+            sqlx::query("DELETE FROM quota_operations WHERE created_ms < $1")
+                .bind(before)
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
     }
 }

@@ -41,7 +41,42 @@ fn keys(account_id: &str, count: i64, up_to: bool) -> ReserveKeysReq {
         account_id: account_id.to_owned(),
         count,
         up_to,
+        ..Default::default()
     }
+}
+
+/// [`keys`] with the idempotency key `id`.
+fn keys_once(account_id: &str, count: i64, id: &str) -> ReserveKeysReq {
+    ReserveKeysReq {
+        reservation_id: id.to_owned(),
+        ..keys(account_id, count, true)
+    }
+}
+
+/// The ReleaseKeys undoing reservation `id`.
+fn undo(account_id: &str, id: &str) -> ReleaseKeysReq {
+    ReleaseKeysReq {
+        account_id: account_id.to_owned(),
+        reservation_id: id.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// Keys account `id` has in use.
+async fn used(svc: &Accounts, id: &str) -> i64 {
+    let page = svc
+        .list_accounts(admin(ListAccountsReq {
+            page_size: 1000,
+            page_token: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    page.accounts
+        .into_iter()
+        .find(|a| a.id == id)
+        .expect("listed")
+        .used_cache_keys
 }
 
 /// A new account allowed `max` keys.
@@ -209,6 +244,7 @@ async fn the_key_quota_holds_exactly_under_concurrent_reservations() {
         svc.release_keys(admin(ReleaseKeysReq {
             account_id: acct.id.clone(),
             count: 2,
+            ..Default::default()
         }))
         .await
         .unwrap();
@@ -272,6 +308,109 @@ async fn up_to_reservations_take_what_is_left() {
             .await
             .unwrap_err();
         assert_eq!(all_or_nothing.code(), Code::FailedPrecondition, "{b}");
+    }
+}
+
+/// A reservation or release sent again with its idempotency key changes the count once; a reservation whose
+/// answer was lost is undone by its id, whether it was applied or has not arrived yet; racing the two leaves
+/// the count exact.
+#[tokio::test]
+async fn reservations_and_releases_with_an_idempotency_key_count_once() {
+    for db in testsuite::databases().await {
+        let (svc, _) = service(&db).await;
+        let b = db.backend;
+        let acct = create(&svc, "once", 100).await;
+        let other = create(&svc, "other", 100).await;
+        let id = &acct.id;
+
+        // Sent twice: taken once, the same answer.
+        let first = svc
+            .reserve_keys(admin(keys_once(id, 5, "r-1")))
+            .await
+            .unwrap();
+        let again = svc
+            .reserve_keys(admin(keys_once(id, 5, "r-1")))
+            .await
+            .unwrap();
+        assert_eq!(first.get_ref().granted, 5, "{b}");
+        assert_eq!(again.get_ref().granted, 5, "{b}: what the first took");
+        assert_eq!(used(&svc, id).await, 5, "{b}: taken once");
+
+        // Undone (its answer lost): the keys come back, once however often it is undone.
+        for _ in 0..2 {
+            svc.release_keys(admin(undo(id, "r-1"))).await.unwrap();
+            assert_eq!(used(&svc, id).await, 0, "{b}: given back once");
+        }
+        let late = svc
+            .reserve_keys(admin(keys_once(id, 5, "r-1")))
+            .await
+            .unwrap_err();
+        assert_eq!(late.code(), Code::Aborted, "{b}: {late:?}");
+
+        // Undone before it arrives: it takes nothing when it does.
+        svc.release_keys(admin(undo(id, "r-2"))).await.unwrap();
+        let late = svc
+            .reserve_keys(admin(keys_once(id, 3, "r-2")))
+            .await
+            .unwrap_err();
+        assert_eq!(late.code(), Code::Aborted, "{b}");
+        assert_eq!(used(&svc, id).await, 0, "{b}: nothing taken");
+
+        // A release retried with its id gives back once.
+        svc.reserve_keys(admin(keys(id, 10, false))).await.unwrap();
+        let release = ReleaseKeysReq {
+            account_id: id.clone(),
+            count: 4,
+            release_id: "g-1".into(),
+            ..Default::default()
+        };
+        for _ in 0..3 {
+            svc.release_keys(admin(release.clone())).await.unwrap();
+        }
+        assert_eq!(used(&svc, id).await, 6, "{b}: 10 taken, 4 given back once");
+
+        // Another account's id, and an id too long: INVALID_ARGUMENT, nothing changed.
+        let foreign = svc
+            .reserve_keys(admin(keys_once(&other.id, 1, "r-1")))
+            .await
+            .unwrap_err();
+        assert_eq!(foreign.code(), Code::InvalidArgument, "{b}");
+        svc.release_keys(admin(undo(&other.id, "g-1")))
+            .await
+            .unwrap();
+        assert_eq!(
+            used(&svc, id).await,
+            6,
+            "{b}: another account cannot undo it"
+        );
+        let long = svc
+            .reserve_keys(admin(keys_once(id, 1, &"x".repeat(65))))
+            .await
+            .unwrap_err();
+        assert_eq!(long.code(), Code::InvalidArgument, "{b}");
+        assert_eq!(used(&svc, &other.id).await, 0, "{b}");
+
+        // Each reservation raced by its undoing: whichever comes first, nothing stays taken.
+        let races = (0..40).map(|i| {
+            let svc = svc.clone();
+            let id = id.clone();
+            let rid = format!("race-{i}");
+            async move {
+                let reserve = svc.reserve_keys(admin(keys_once(&id, 1, &rid)));
+                let cancel = svc.release_keys(admin(undo(&id, &rid)));
+                let (r, c) = tokio::join!(reserve, cancel);
+                c.unwrap();
+                if let Err(e) = r {
+                    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+                }
+            }
+        });
+        futures::future::join_all(races).await;
+        assert_eq!(
+            used(&svc, id).await,
+            6,
+            "{b}: every raced reservation undone"
+        );
     }
 }
 
@@ -425,6 +564,7 @@ async fn administration_is_the_operators_and_tenants_act_only_on_their_own_accou
             ReleaseKeysReq {
                 account_id: bob.id.clone(),
                 count: 1,
+                ..Default::default()
             },
             &alice_token,
         ))

@@ -10,19 +10,38 @@
 //! Each batch is sent from a task of its own, in the request context of the member with the latest deadline
 //! (trace id and deadline propagate as for any call), so a caller that goes away (cancelled, deadline
 //! passed) never strands the others; a key reserved for a caller that is gone is released again.
+//!
+//! The count stays exact when an answer is lost (an accounts instance cut off after it applied a reservation,
+//! a deadline passing in flight): every reservation carries an idempotency key (`reservation_id`, a UUID), and
+//! when its outcome is unknown (any failure other than a definite refusal) it is undone by a `ReleaseKeys` with
+//! that id, which gives back what it took or, if it has not arrived yet, makes it take nothing. Releases carry
+//! their own `release_id` and, like the undoings, are retried off the request path with jittered backoff
+//! (100 ms doubling to 5 s, for up to [`RELEASE_PATIENCE`]) until accounts answers; at most
+//! [`MAX_PENDING_RELEASES`] wait at once (beyond that a release is logged and dropped: the count then stays too
+//! high, never too low).
 
 use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
+    time::Duration,
 };
+
+use backon::{ExponentialBuilder, Retryable};
 
 use keel_common::{Channel, ServiceError, config::Secret, context};
 use keel_protos::rpc::{ReleaseKeysReq, ReserveKeysReq, accounts_client::AccountsClient};
 use tokio::sync::oneshot;
-use tonic::{Request, Status};
+use tonic::{Code, Request, Status};
+
+/// How long a release (or the undoing of a reservation) is retried: half the time accounts remembers its
+/// idempotency key (`accounts::storage::RETENTION`, 10 minutes), so a late retry is still recognised.
+pub const RELEASE_PATIENCE: Duration = Duration::from_secs(300);
+
+/// Releases waiting to be retried at once, at most.
+pub const MAX_PENDING_RELEASES: usize = 100_000;
 
 type Waiter = (
     oneshot::Sender<Result<(), Status>>,
@@ -39,6 +58,8 @@ pub struct Quota {
     queues: Arc<Mutex<HashMap<String, Vec<Waiter>>>>,
     /// ReserveKeys calls made.
     calls: Arc<AtomicU64>,
+    /// Releases sent or being retried now.
+    pending: Arc<AtomicUsize>,
 }
 
 impl Quota {
@@ -49,6 +70,7 @@ impl Quota {
             credential,
             queues: Arc::default(),
             calls: Arc::default(),
+            pending: Arc::default(),
         }
     }
 
@@ -102,27 +124,79 @@ impl Quota {
             account_id: account_id.to_owned(),
             count: 1,
             up_to: false,
+            reservation_id: String::new(),
         });
         req.metadata_mut()
             .insert(context::DRY_RUN, "true".parse().expect("ascii"));
         self.accounts.clone().reserve_keys(req).await.map(drop)
     }
 
-    /// Gives `count` keys of `account_id` back, off the request path (a failure is logged: the account's
-    /// count then stays too high, never too low).
+    /// Releases sent or being retried now (a long accounts outage shows here).
+    pub fn pending_releases(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Gives `count` keys of `account_id` back, off the request path (see the module docs for the retries).
     pub fn release(&self, account_id: String, count: i64) {
-        if count <= 0 {
+        if count > 0 {
+            self.settle(ReleaseKeysReq {
+                account_id,
+                count,
+                release_id: uuid::Uuid::now_v7().to_string(),
+                reservation_id: String::new(),
+            });
+        }
+    }
+
+    /// Undoes reservation `reservation_id` of `account_id`, whose answer never came, off the request path.
+    fn undo(&self, account_id: String, reservation_id: String) {
+        self.settle(ReleaseKeysReq {
+            account_id,
+            count: 0,
+            release_id: String::new(),
+            reservation_id,
+        });
+    }
+
+    /// Sends `release` until accounts answers it (it is idempotent), for up to [`RELEASE_PATIENCE`].
+    fn settle(&self, release: ReleaseKeysReq) {
+        if self.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_RELEASES {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(
+                account_id = release.account_id,
+                count = release.count,
+                reservation_id = release.reservation_id,
+                "quota release dropped: {MAX_PENDING_RELEASES} already waiting"
+            );
             return;
         }
-        let mut client = self.accounts.clone();
-        let req = self.credentialed(ReleaseKeysReq {
-            account_id: account_id.clone(),
-            count,
-        });
+        let this = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = client.release_keys(req).await {
-                tracing::warn!(account_id, count, error = %e, "quota release failed");
+            let send = || {
+                let mut client = this.accounts.clone();
+                let req = this.credentialed(release.clone());
+                async move { client.release_keys(req).await }
+            };
+            let backoff = ExponentialBuilder::new()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(5))
+                .with_jitter()
+                .without_max_times()
+                .with_total_delay(Some(RELEASE_PATIENCE));
+            let outcome = send
+                .retry(backoff)
+                .when(|status: &Status| !answered(status.code()))
+                .await;
+            if let Err(e) = outcome {
+                tracing::warn!(
+                    account_id = release.account_id,
+                    count = release.count,
+                    reservation_id = release.reservation_id,
+                    error = %e,
+                    "quota release failed"
+                );
             }
+            this.pending.fetch_sub(1, Ordering::Relaxed);
         });
     }
 
@@ -156,6 +230,7 @@ impl Quota {
     /// One `up_to` reservation for the whole batch; the keys granted go to its first members.
     async fn serve(&self, account_id: &str, batch: Vec<Waiter>) {
         self.calls.fetch_add(1, Ordering::Relaxed);
+        let reservation_id = uuid::Uuid::now_v7().to_string();
         let reply = self
             .accounts
             .clone()
@@ -163,9 +238,16 @@ impl Quota {
                 account_id: account_id.to_owned(),
                 count: batch.len() as i64,
                 up_to: true,
+                reservation_id: reservation_id.clone(),
             }))
             .await
             .map(tonic::Response::into_inner);
+        if let Err(status) = &reply
+            && !answered(status.code())
+        {
+            // It may have been applied with its answer lost: undo it, whatever happened.
+            self.undo(account_id.to_owned(), reservation_id);
+        }
         let (granted, refusal) = match reply {
             Ok(r) => {
                 let refusal = Status::from(ServiceError::QuotaExceeded {
@@ -193,4 +275,19 @@ impl Quota {
         }
         self.release(account_id.to_owned(), unused);
     }
+}
+
+/// Whether a call that failed with `code` was answered by the accounts service itself, so that it certainly
+/// did nothing (a refusal); any other failure (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, INTERNAL…) may come
+/// after it was applied.
+fn answered(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::Aborted
+    )
 }

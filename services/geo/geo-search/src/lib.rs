@@ -129,14 +129,14 @@ impl GeoSearch {
         }
     }
 
-    /// Checks `wkt` as a polygon in range.
-    async fn validate(&self, wkt: &str) -> Result<(), ServiceError> {
+    /// Checks `wkt` as a polygon in range (with `make_valid`: as PostGIS repairs it).
+    async fn validate(&self, wkt: &str, make_valid: bool) -> Result<(), ServiceError> {
         let bad = |why: String| ServiceError::invalid("wkt", why);
         if wkt.trim().is_empty() {
             return Err(bad("a WKT POLYGON or MULTIPOLYGON is required".into()));
         }
         keel_common::limits::bytes("wkt", wkt, MAX_WKT_BYTES)?;
-        let shape = match self.store.inspect(wkt).await? {
+        let shape = match self.store.inspect(wkt, make_valid).await? {
             Ok(shape) => shape,
             Err(why) => return Err(bad(format!("not WKT: {why}"))),
         };
@@ -151,6 +151,9 @@ impl GeoSearch {
                 "{} vertices: at most {MAX_VERTICES}",
                 shape.points
             )));
+        }
+        if shape.points == 0 {
+            return Err(bad("no area left once made valid".into()));
         }
         if shape.validity != "Valid Geometry" {
             return Err(bad(format!("invalid polygon: {}", shape.validity)));
@@ -234,13 +237,13 @@ impl Search for GeoSearch {
             return Err(ServiceError::invalid("name", "name should be provided").into());
         }
         keel_common::limits::chars("name", name, MAX_NAME_CHARS)?;
-        self.validate(&r.wkt).await?;
+        self.validate(&r.wkt, r.make_valid).await?;
         if dry_run {
             return Ok(Response::new(AddThingResponse { id: 0 }));
         }
         let id = self
             .store
-            .add(name, &r.wkt)
+            .add(name, &r.wkt, r.make_valid)
             .await
             .map_err(ServiceError::from)?;
         Ok(Response::new(AddThingResponse { id }))

@@ -71,16 +71,25 @@ impl Store {
             .try_get(0)
     }
 
-    /// Parses `wkt` with PostGIS: `Ok(Err(why))` when it is not WKT PostGIS can read.
+    /// Parses `wkt` with PostGIS, repaired as [`Store::add`] would store it with `make_valid`: `Ok(Err(why))`
+    /// when it is not WKT PostGIS can read.
     ///
     /// # Errors
     /// Database failures other than the text's.
-    pub async fn inspect(&self, wkt: &str) -> Result<Result<Shape, String>, sqlx::Error> {
+    pub async fn inspect(
+        &self,
+        wkt: &str,
+        make_valid: bool,
+    ) -> Result<Result<Shape, String>, sqlx::Error> {
         let row = sqlx::query(
-            "SELECT GeometryType(g), ST_IsValidReason(g), ST_XMin(g), ST_XMax(g), ST_YMin(g), ST_YMax(g), \
-             ST_NPoints(g)::BIGINT FROM (SELECT ST_GeomFromText($1, 4326) AS g) AS t",
+            "SELECT GeometryType(g), ST_IsValidReason(g), \
+             COALESCE(ST_XMin(g), 0), COALESCE(ST_XMax(g), 0), COALESCE(ST_YMin(g), 0), COALESCE(ST_YMax(g), 0), \
+             ST_NPoints(g)::BIGINT FROM (SELECT CASE WHEN $2 AND NOT ST_IsValid(p) \
+               THEN ST_CollectionExtract(ST_MakeValid(p), 3) ELSE p END AS g \
+             FROM (SELECT ST_GeomFromText($1, 4326) AS p) AS parsed) AS t",
         )
         .bind(wkt)
+        .bind(make_valid)
         .fetch_one(&self.pool)
         .await;
         let row = match row {
@@ -105,25 +114,46 @@ impl Store {
     /// One page of the things matching `q`, by name then id; `has_more` from one extra row, not a second
     /// query.
     ///
+    /// Each shape of search (a point, a name, both, neither) is a statement of its own, so that the prepared
+    /// statement's generic plan uses the GiST or the trigram index (one statement with `($1 OR ST_Contains(…))`
+    /// cannot: PostgreSQL planned it anew on every call).
+    ///
     /// # Errors
     /// Database failures.
     pub async fn search(&self, q: &Query) -> Result<Page, sqlx::Error> {
-        let (lng, lat) = q.point.unwrap_or_default();
-        let rows = sqlx::query(
-            "SELECT id, name FROM things \
-             WHERE ($1 OR ST_Contains(geom, ST_SetSRID(ST_MakePoint($2, $3), 4326))) \
-               AND ($4 OR name ILIKE $5) \
-             ORDER BY name, id LIMIT $6 OFFSET $7",
-        )
-        .bind(q.point.is_none())
-        .bind(lng)
-        .bind(lat)
-        .bind(q.name_pattern.is_none())
-        .bind(q.name_pattern.clone().unwrap_or_default())
-        .bind(q.limit + 1)
-        .bind(q.offset)
-        .fetch_all(&self.pool)
-        .await?;
+        let query = match (&q.point, &q.name_pattern) {
+            (Some((lng, lat)), None) => sqlx::query(
+                "SELECT id, name FROM things \
+                 WHERE ST_Contains(geom, ST_SetSRID(ST_MakePoint($3, $4), 4326)) \
+                 ORDER BY name, id LIMIT $1 OFFSET $2",
+            )
+            .bind(q.limit + 1)
+            .bind(q.offset)
+            .bind(*lng)
+            .bind(*lat),
+            (None, Some(name)) => sqlx::query(
+                "SELECT id, name FROM things WHERE name ILIKE $3 ORDER BY name, id LIMIT $1 OFFSET $2",
+            )
+            .bind(q.limit + 1)
+            .bind(q.offset)
+            .bind(name.clone()),
+            (Some((lng, lat)), Some(name)) => sqlx::query(
+                "SELECT id, name FROM things \
+                 WHERE ST_Contains(geom, ST_SetSRID(ST_MakePoint($3, $4), 4326)) AND name ILIKE $5 \
+                 ORDER BY name, id LIMIT $1 OFFSET $2",
+            )
+            .bind(q.limit + 1)
+            .bind(q.offset)
+            .bind(*lng)
+            .bind(*lat)
+            .bind(name.clone()),
+            (None, None) => {
+                sqlx::query("SELECT id, name FROM things ORDER BY name, id LIMIT $1 OFFSET $2")
+                    .bind(q.limit + 1)
+                    .bind(q.offset)
+            }
+        };
+        let rows = query.fetch_all(&self.pool).await?;
         let mut things = rows
             .iter()
             .map(|r| {
@@ -138,17 +168,22 @@ impl Store {
         Ok(Page { things, has_more })
     }
 
-    /// Stores a thing named `name` covering `wkt` (already inspected); returns its id.
+    /// Stores a thing named `name` covering `wkt` (already inspected), with `make_valid` as ST_MakeValid's
+    /// polygons when it is invalid; returns its id.
     ///
     /// # Errors
     /// Database failures.
-    pub async fn add(&self, name: &str, wkt: &str) -> Result<i64, sqlx::Error> {
+    pub async fn add(&self, name: &str, wkt: &str, make_valid: bool) -> Result<i64, sqlx::Error> {
         sqlx::query(
-            "INSERT INTO things (name, geom, created_ms) VALUES ($1, ST_GeomFromText($2, 4326), $3) \
+            "INSERT INTO things (name, geom, created_ms) \
+             SELECT $1, CASE WHEN $3 AND NOT ST_IsValid(p) \
+               THEN ST_CollectionExtract(ST_MakeValid(p), 3) ELSE p END, $4 \
+             FROM (SELECT ST_GeomFromText($2, 4326) AS p) AS parsed \
              RETURNING id",
         )
         .bind(name)
         .bind(wkt)
+        .bind(make_valid)
         .bind(db::now_ms())
         .fetch_one(&self.pool)
         .await?

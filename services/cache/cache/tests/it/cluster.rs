@@ -6,14 +6,21 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use keel_common::{
     ClientFactory, Metrics,
-    config::{Env, Settings},
+    config::{Env, Secret, Settings},
+    consul::{ConsulAgent, Registration},
     routing::{owner, set_routing_key},
-    testsuite::{ServiceProcess, infra_var, passing_ports},
+    testsuite::{self, ServiceProcess, infra_var, passing_ports},
 };
 use keel_protos::rpc::{
     CreateAccountReq, DumpReq, GetByTokenReq, GetReq, StoreReq, accounts_client::AccountsClient,
@@ -29,6 +36,19 @@ fn keyed<T>(msg: T, key: &str) -> Request<T> {
     set_routing_key(&mut r, key);
     r.set_timeout(Duration::from_secs(5));
     r
+}
+
+/// A Store of one byte under `key`, routed to its owner, with `timeout`.
+fn one_byte(token: &str, key: &str, timeout: Duration) -> Request<StoreReq> {
+    let req = StoreReq {
+        key: key.into(),
+        val: vec![1],
+        account_token: token.into(),
+        ttl_ms: 0,
+    };
+    let mut req = keyed(req, key);
+    req.set_timeout(timeout);
+    req
 }
 
 /// Waits until a Store of `key` goes through: the instance owning it has found accounts through Consul DNS.
@@ -248,16 +268,7 @@ async fn a_client_deadline_propagates_from_cache_to_accounts() {
         .await
         .unwrap();
 
-    let mut req = keyed(
-        StoreReq {
-            key: "slow".into(),
-            val: vec![1],
-            account_token: created.token.clone(),
-            ttl_ms: 0,
-        },
-        "slow",
-    );
-    req.set_timeout(Duration::from_millis(50));
+    let req = one_byte(&created.token, "slow", Duration::from_millis(50));
     let started = Instant::now();
     let err = cache.store(req).await.unwrap_err();
     let took = started.elapsed();
@@ -451,4 +462,170 @@ async fn max_bytes_changes_live_from_consul_kv_and_evicted_keys_give_their_quota
         .kv_delete(&format!("keel/{}", d.cache_name), true)
         .await
         .unwrap();
+}
+
+/// Calls of `method` (`/rpc.Accounts/ReserveKeys`) that `accounts` logged as answered OK.
+fn answered(accounts: &ServiceProcess, method: &str) -> usize {
+    accounts
+        .lines()
+        .iter()
+        .filter(|l| {
+            let f = &l["fields"];
+            l["message"] == "grpc call"
+                && f["side"] == "server"
+                && f["method"] == method
+                && f["status"] == "OK"
+        })
+        .count()
+}
+
+/// A reservation applied at accounts whose answer never reached the cache (the link between them loses what
+/// accounts sends, as a machine cut off mid-call does) is undone by its idempotency key once the link is back,
+/// so the account's count stays the keys the caches hold. Without the undoing it stays one too high for good.
+#[tokio::test]
+async fn a_reservation_whose_answer_is_lost_is_undone() {
+    let d = Deployment::start().await;
+    let link = LossyLink::start(d.accounts_port).await;
+    // The cache finds accounts through Consul under a name whose only instance is the link.
+    let link_name = format!("{}-link", d.accounts_name);
+    let agent = ConsulAgent::new(&infra_var("CONSUL_HTTP_ADDR"), Secret::default());
+    agent
+        .register(&Registration {
+            id: link_name.clone(),
+            name: link_name.clone(),
+            tags: vec![],
+            address: "127.0.0.1".into(),
+            port: link.port,
+            meta: HashMap::new(),
+            checks: vec![],
+        })
+        .await
+        .unwrap();
+    let _cache = d.cache(&[("KEEL_CACHE__ACCOUNTS_SERVICE", link_name.clone())]);
+    passing_ports(&d.cache_name, 1, Duration::from_secs(60)).await;
+    let env = Env::default()
+        .with("CONSUL_HTTP_ADDR", infra_var("CONSUL_HTTP_ADDR"))
+        .with("KEEL_CONSUL__DNS_ADDR", infra_var("KEEL_CONSUL_DNS_ADDR"));
+    let clients = ClientFactory::new(
+        &Settings::from_env("cache-test-client", &env).unwrap(),
+        Metrics::disabled(),
+    );
+    let accounts = AccountsClient::new(clients.channel(&d.accounts_name).unwrap());
+    let created = accounts
+        .clone()
+        .create_account(as_operator(CreateAccountReq {
+            name: "lost".into(),
+            max_cache_keys: 10,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let cache = CacheClient::new(clients.keyed_channel(&d.cache_name).unwrap());
+    warm_up(&cache, &created.token, "held").await;
+    let reserved = answered(&d.accounts, "/rpc.Accounts/ReserveKeys");
+
+    // The token is in the cache's token cache: the Store's one accounts call is its reservation.
+    link.cut();
+    let req = one_byte(&created.token, "lost", Duration::from_secs(1));
+    let err = cache.clone().store(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    let used = || {
+        let mut accounts = accounts.clone();
+        let token = created.token.clone();
+        async move {
+            accounts
+                .get_by_token(as_operator(GetByTokenReq { token }))
+                .await
+                .unwrap()
+                .into_inner()
+                .account
+                .unwrap()
+                .used_cache_keys
+        }
+    };
+    testsuite::eventually(
+        "accounts applied the reservation and answered into the cut",
+        Duration::from_secs(10),
+        || async { (answered(&d.accounts, "/rpc.Accounts/ReserveKeys") > reserved).then_some(()) },
+    )
+    .await;
+    // (The undoing may already have reached accounts too: requests cross the cut, answers do not.)
+
+    link.heal();
+    testsuite::eventually(
+        "the lost reservation undone",
+        Duration::from_secs(30),
+        || async { (used().await == 1).then_some(()) },
+    )
+    .await;
+    let port = passing_ports(&d.cache_name, 1, Duration::from_secs(30)).await[0];
+    assert_eq!(
+        dump(port, &created.token).await,
+        BTreeSet::from(["held".to_owned()]),
+        "the one key counted is the one held"
+    );
+    agent.deregister(&link_name).await.unwrap();
+}
+
+/// A TCP relay to 127.0.0.1:`target` that can lose what the server sends: while cut, requests still arrive but
+/// no answer gets back; healing closes every connection made so far (they died with the link) and lets new
+/// ones through. A stand-in for the network, not for any server.
+struct LossyLink {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl LossyLink {
+    async fn start(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let (lossy, gen_tx) = (cut.clone(), generation.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                let (mut closed, lossy) = (gen_tx.subscribe(), lossy.clone());
+                tokio::spawn(async move {
+                    let (mut client_rx, mut client_tx) = client.into_split();
+                    let (mut server_rx, mut server_tx) = server.into_split();
+                    let requests = tokio::io::copy(&mut client_rx, &mut server_tx);
+                    let answers = async {
+                        let mut buf = vec![0u8; 16 << 10];
+                        loop {
+                            let n = server_rx.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            if !lossy.load(Ordering::SeqCst) {
+                                client_tx.write_all(&buf[..n]).await?;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = requests => {}
+                        _ = answers => {}
+                        _ = closed.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            cut,
+            generation,
+        }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+    }
+
+    fn heal(&self) {
+        self.generation.send_modify(|g| *g += 1);
+        self.cut.store(false, Ordering::SeqCst);
+    }
 }

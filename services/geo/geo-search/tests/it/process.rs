@@ -59,20 +59,22 @@ fn grpcurl(port: u16, dir: &std::path::Path, method: &str, data: &str) -> serde_
     serde_json::from_slice(&out.stdout).expect("grpcurl prints JSON")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_posts_client_finds_the_service_in_consul_and_searches() {
-    let name = format!(
-        "geo-search-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
+/// A geo-search process on a fresh PostgreSQL database, registered under a name of its own: (name, database,
+/// process, port), once it passes in Consul.
+async fn started() -> (String, testsuite::TestDatabase, ServiceProcess, u16) {
+    let name = testsuite::unique("geo-search");
     let db = testsuite::postgres().await;
-    let _p = ServiceProcess::spawn(
+    let p = ServiceProcess::spawn(
         "geo-search",
         &name,
         &[("KEEL_DATABASE__URL", db.url.clone())],
     );
     let port = passing_ports(&name, 1, Duration::from_secs(60)).await[0];
+    (name, db, p, port)
+}
 
+/// A client of the geo-search registered as `name`, found through Consul DNS.
+fn searcher(name: &str) -> SearchClient<keel_common::Channel> {
     let env = Env::default()
         .with("CONSUL_HTTP_ADDR", infra_var("CONSUL_HTTP_ADDR"))
         .with("KEEL_CONSUL__DNS_ADDR", infra_var("KEEL_CONSUL_DNS_ADDR"));
@@ -80,12 +82,19 @@ async fn the_posts_client_finds_the_service_in_consul_and_searches() {
         &Settings::from_env("geo-client", &env).unwrap(),
         Metrics::disabled(),
     );
-    let mut client = SearchClient::new(clients.channel(&name).unwrap());
+    SearchClient::new(clients.channel(name).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_posts_client_finds_the_service_in_consul_and_searches() {
+    let (name, _db, _p, port) = started().await;
+    let mut client = searcher(&name);
     client
         .add_thing(AddThingRequest {
             name: "Central Park".into(),
             wkt: "POLYGON((-73.981 40.768, -73.958 40.800, -73.949 40.797, -73.973 40.764, -73.981 40.768))"
                 .into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -132,5 +141,81 @@ async fn without_postgresql_the_service_refuses_to_start_and_says_why() {
         p.output().contains("needs PostgreSQL with PostGIS"),
         "{}",
         p.output()
+    );
+}
+
+/// Natural Earth's countries (world-atlas, fetched by `make infra-install`) loaded by `geo-loader` through the
+/// API of a geo-search found in Consul: every one of the 177 accepted, found by a point inside it and by name,
+/// and a second run creates nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn natural_earths_countries_load_through_the_api() {
+    let (name, _db, _p, _) = started().await;
+    let load = || {
+        let out = std::process::Command::new(testsuite::binary("geo-loader"))
+            .args([
+                "--service",
+                &name,
+                "--atlas",
+                &infra_var("KEEL_WORLD_ATLAS"),
+            ])
+            .env("CONSUL_HTTP_ADDR", infra_var("CONSUL_HTTP_ADDR"))
+            .env("KEEL_CONSUL__DNS_ADDR", infra_var("KEEL_CONSUL_DNS_ADDR"))
+            .output()
+            .expect("run geo-loader");
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "geo-loader:\n{said}");
+        said
+    };
+    let first = load();
+    assert!(
+        first.contains("177 created, 0 already there, 0 refused, 0 failed"),
+        "{first}"
+    );
+
+    let search = searcher(&name);
+    let at = |lat: f32, lng: f32, query: &str, any_location: bool| {
+        let mut search = search.clone();
+        let req = SearchRequest {
+            lat,
+            lng,
+            query: query.into(),
+            any_location,
+            result_per_page: 100,
+            ..Default::default()
+        };
+        async move {
+            let found = search.search(req).await.unwrap().into_inner();
+            found
+                .responses
+                .into_iter()
+                .map(|r| r.response)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(at(48.8566, 2.3522, "", false).await, ["France"], "Paris");
+    assert_eq!(
+        at(-34.60, -58.38, "", false).await,
+        ["Argentina"],
+        "Buenos Aires"
+    );
+    assert_eq!(at(35.68, 139.69, "", false).await, ["Japan"], "Tokyo");
+    assert!(
+        at(0.0, 0.0, "", false).await.is_empty(),
+        "the Gulf of Guinea"
+    );
+    assert_eq!(
+        at(0.0, 0.0, "zealand", true).await,
+        ["New Zealand"],
+        "by name, any case"
+    );
+    let lands = at(0.0, 0.0, "land", true).await;
+    assert!(
+        lands.contains(&"Finland".to_owned()) && lands.contains(&"Thailand".to_owned()),
+        "{lands:?}"
+    );
+    let again = load();
+    assert!(
+        again.contains("0 created, 177 already there, 0 refused, 0 failed"),
+        "{again}"
     );
 }

@@ -23,6 +23,7 @@ async fn add(svc: &GeoSearch, name: &str, wkt: &str) -> i64 {
     svc.add_thing(Request::new(AddThingRequest {
         name: name.into(),
         wkt: wkt.into(),
+        ..Default::default()
     }))
     .await
     .unwrap_or_else(|e| panic!("{name}: {e:?}"))
@@ -187,6 +188,7 @@ async fn bad_polygons_and_bad_points_are_invalid_arguments_naming_the_field() {
             .add_thing(Request::new(AddThingRequest {
                 name: "x".into(),
                 wkt: wkt.to_owned(),
+                ..Default::default()
             }))
             .await
             .unwrap_err();
@@ -198,6 +200,7 @@ async fn bad_polygons_and_bad_points_are_invalid_arguments_naming_the_field() {
         .add_thing(Request::new(AddThingRequest {
             name: " ".into(),
             wkt: square(0.0, 0.0, 1.0),
+            ..Default::default()
         }))
         .await
         .unwrap_err();
@@ -207,6 +210,55 @@ async fn bad_polygons_and_bad_points_are_invalid_arguments_naming_the_field() {
     assert_eq!(count(&svc).await, 0, "nothing stored");
 }
 
+/// `make_valid` stores what PostGIS repairs of an invalid polygon (a bow tie: its two triangles), checked like
+/// any other shape: one with no area left is still refused.
+#[tokio::test]
+async fn invalid_polygons_are_stored_repaired_when_asked() {
+    let svc = service().await;
+    let bow_tie = "POLYGON((0 0, 2 2, 2 0, 0 2, 0 0))";
+    let made_valid = |name: &str, wkt: &str| {
+        Request::new(AddThingRequest {
+            name: name.into(),
+            wkt: wkt.into(),
+            make_valid: true,
+        })
+    };
+    let refused = svc
+        .add_thing(Request::new(AddThingRequest {
+            name: "bow tie".into(),
+            wkt: bow_tie.into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    svc.add_thing(made_valid("bow tie", bow_tie)).await.unwrap();
+    let names = |r: tonic::Response<keel_protos::geo::SearchResponses>| {
+        r.into_inner()
+            .responses
+            .into_iter()
+            .map(|t| t.response)
+            .collect::<Vec<_>>()
+    };
+    // Inside the west and the east triangles; not in the notch above the crossing.
+    assert_eq!(
+        names(svc.search(Request::new(at(1.0, 0.5))).await.unwrap()),
+        ["bow tie"]
+    );
+    assert_eq!(
+        names(svc.search(Request::new(at(1.0, 1.5))).await.unwrap()),
+        ["bow tie"]
+    );
+    assert!(names(svc.search(Request::new(at(0.5, 1.0))).await.unwrap()).is_empty());
+    let flat = svc
+        .add_thing(made_valid("flat", "POLYGON((0 0, 1 1, 2 2, 0 0))"))
+        .await
+        .unwrap_err();
+    assert_eq!(flat.code(), Code::InvalidArgument, "{flat:?}");
+    assert!(flat.message().contains("no area left"), "{flat:?}");
+    assert_eq!(count(&svc).await, 1);
+}
+
 #[tokio::test]
 async fn things_are_deleted_and_dry_runs_change_nothing() {
     let svc = service().await;
@@ -214,6 +266,7 @@ async fn things_are_deleted_and_dry_runs_change_nothing() {
         .add_thing(dry(AddThingRequest {
             name: "maybe".into(),
             wkt: square(0.0, 0.0, 1.0),
+            ..Default::default()
         }))
         .await
         .unwrap()
@@ -224,6 +277,7 @@ async fn things_are_deleted_and_dry_runs_change_nothing() {
         .add_thing(dry(AddThingRequest {
             name: "maybe".into(),
             wkt: "POINT(0 0)".into(),
+            ..Default::default()
         }))
         .await
         .unwrap_err();
@@ -275,7 +329,11 @@ async fn oversized_things_are_refused() {
     ];
     for (field, name, wkt) in cases {
         let err = svc
-            .add_thing(Request::new(AddThingRequest { name, wkt }))
+            .add_thing(Request::new(AddThingRequest {
+                name,
+                wkt,
+                ..Default::default()
+            }))
             .await
             .unwrap_err();
         assert_eq!(
