@@ -47,6 +47,8 @@ PG_BIN=/usr/lib/postgresql/15/bin
 
 log() { printf '[fleet] %s\n' "$*" >&2; }
 die() { printf '[fleet] error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=lib/kafka.sh
+source "$ROOT/scripts/lib/kafka.sh"
 ns() { echo "keel-$1"; }
 addr() { echo "$SUBNET.${OCTET[$1]}"; }
 on() { local h=$1; shift; ip netns exec "$(ns "$h")" "$@"; }
@@ -167,24 +169,9 @@ start_broker() {
   local dir=$FLEET/server-$i/kafka
   mkdir -p "$dir/data"
   sed -e "s|^log.dirs=.*|log.dirs=$dir/data|" "$ROOT/deploy/kafka/broker-$i.properties" >"$dir/server.properties"
-  cat >"$dir/log4j2.properties" <<EOF
-rootLogger.level=INFO
-rootLogger.appenderRef.file.ref=FILE
-appender.file.type=File
-appender.file.name=FILE
-appender.file.fileName=$dir/server.log
-appender.file.layout.type=PatternLayout
-appender.file.layout.pattern=[%d] %p %m (%c)%n
-EOF
-  if [[ ! -f $dir/data/meta.properties ]]; then
-    local id; id=$(cat "$FLEET/kafka-cluster-id")
-    # The class moved between Kafka releases; the broker properties name the three voters, so no --standalone.
-    java -cp "$cp" -Dlog4j2.configurationFile="$dir/log4j2.properties" org.apache.kafka.tools.StorageTool format \
-      -t "$id" -c "$dir/server.properties" >"$dir/format.log" 2>&1 ||
-      java -cp "$cp" -Dlog4j2.configurationFile="$dir/log4j2.properties" kafka.tools.StorageTool format \
-        -t "$id" -c "$dir/server.properties" >"$dir/format.log" 2>&1 ||
-      { tail "$dir/format.log" >&2; die "kafka format"; }
-  fi
+  kafka_log4j "$dir"
+  # The broker properties name the three voters, so no --standalone.
+  [[ -f $dir/data/meta.properties ]] || kafka_format "$cp" "$dir" "$(cat "$FLEET/kafka-cluster-id")"
   spawn "server-$i" kafka java -Xmx384m -Xms128m -XX:+UseSerialGC -cp "$cp" \
     -Dlog4j2.configurationFile="$dir/log4j2.properties" kafka.Kafka "$dir/server.properties"
 }

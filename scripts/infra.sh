@@ -54,6 +54,8 @@ ALL=(postgres consul kafka graphite statsd)
 
 log() { printf '[infra] %s\n' "$*" >&2; }
 die() { printf '[infra] error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=lib/kafka.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/kafka.sh"
 
 # Wait until "$2..." succeeds, at most $1 seconds; on timeout show the component's log tail.
 wait_for() {
@@ -207,24 +209,12 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 EOF
-  cat >"$dir/log4j2.properties" <<EOF
-rootLogger.level=INFO
-rootLogger.appenderRef.file.ref=FILE
-appender.file.type=File
-appender.file.name=FILE
-appender.file.fileName=$dir/server.log
-appender.file.layout.type=PatternLayout
-appender.file.layout.pattern=[%d] %p %m (%c)%n
-EOF
+  kafka_log4j "$dir"
   local cp; cp="$(kafka_libs)/*"
   if [[ ! -f $dir/data/meta.properties ]]; then
     local id; id=$(java -cp "$cp" org.apache.kafka.tools.StorageTool random-uuid 2>/dev/null \
       || java -cp "$cp" kafka.tools.StorageTool random-uuid)
-    java -cp "$cp" -Dlog4j2.configurationFile="$dir/log4j2.properties" org.apache.kafka.tools.StorageTool format \
-      -t "$id" -c "$dir/server.properties" --standalone >"$dir/format.log" 2>&1 \
-      || java -cp "$cp" -Dlog4j2.configurationFile="$dir/log4j2.properties" kafka.tools.StorageTool format \
-      -t "$id" -c "$dir/server.properties" >"$dir/format.log" 2>&1 \
-      || { tail "$dir/format.log" >&2; die "kafka storage format failed"; }
+    kafka_format "$cp" "$dir" "$id" --standalone
   fi
   nohup java -Xmx512m -Xms256m -XX:+UseSerialGC -cp "$cp" -Dlog4j2.configurationFile="$dir/log4j2.properties" \
     kafka.Kafka "$dir/server.properties" >"$dir/stdout.log" 2>&1 &

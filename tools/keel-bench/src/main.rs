@@ -14,6 +14,7 @@
 
 mod bare;
 mod client_stack;
+mod db_path;
 mod load;
 mod procs;
 
@@ -57,6 +58,8 @@ enum Cmd {
     },
     /// The platform's client stack, measured in process.
     ClientStack(client_stack::Args),
+    /// What each piece of the platform's database path costs per query, in process on PostgreSQL.
+    DbPath(db_path::Args),
 }
 
 /// One row of the table.
@@ -77,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Cmd::Bare { proto, addr }) => bare::serve(proto, addr).await,
         Some(Cmd::ClientStack(args)) => client_stack::run(args).await,
+        Some(Cmd::DbPath(args)) => db_path::run(args).await,
         None => run(&cli).await,
     }
 }
@@ -132,13 +136,36 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         || call(bare.addr, "keel.example.v1.Echo/Echo", echo, None),
     )?;
     drop(bare);
-    let svc = Proc::start(&sibling("echo")?, &[], &[], &dir, "echo")?;
-    let idle = svc.rss_mib().0;
-    let ours = row("echo Echo", &svc, idle, || {
-        call(svc.addr, "keel.example.v1.Echo/Echo", echo, None)
-    })?;
-    drop(svc);
-    push_pair(&mut rows, base, ours, 0.9);
+    // The platform as the bench runs it (stdout logs, StatsD counted but not sent), then as deployed (StatsD
+    // and the Kafka log shipper of infra.sh), then without the call log line: each layer's share.
+    let deployed = [
+        (
+            "KEEL_STATSD__ADDR",
+            std::env::var("KEEL_STATSD_ADDR").unwrap_or_default(),
+        ),
+        (
+            "KEEL_KAFKA__BROKERS",
+            std::env::var("KEEL_KAFKA_BROKERS").unwrap_or_default(),
+        ),
+    ];
+    let quiet = [("KEEL_LOG__LEVEL", "info,keel::calls=warn".to_owned())];
+    let variants: [(&str, &[(&str, String)]); 3] = [
+        ("echo Echo", &[]),
+        ("echo Echo, StatsD and Kafka logs on", &deployed),
+        ("echo Echo, no call log line", &quiet),
+    ];
+    let base_rate = base.measured.rate;
+    rows.push(base);
+    for (name, env) in variants {
+        let svc = Proc::start(&sibling("echo")?, &[], env, &dir, "echo")?;
+        let idle = svc.rss_mib().0;
+        let mut ours = row(name, &svc, idle, || {
+            call(svc.addr, "keel.example.v1.Echo/Echo", echo, None)
+        })?;
+        drop(svc);
+        ours.against = Some((base_rate, 0.9));
+        rows.push(ours);
+    }
 
     eprintln!("cache");
     let value = "YmVuY2ggdmFsdWUgYmVuY2ggdmFsdWUgYmVuY2ggdmFsdWU=";

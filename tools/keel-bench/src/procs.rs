@@ -76,18 +76,7 @@ impl Proc {
 
     /// CPU seconds (user + system) it used so far.
     pub fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        (ticks(11) + ticks(12)) / clock_ticks()
+        cpu_seconds_of(self.child.id())
     }
 
     /// Resident memory now (`VmRSS`) and at its peak (`VmHWM`), in MiB.
@@ -126,6 +115,21 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
     (v["message"] == "grpc server listening")
         .then(|| v["fields"]["addr"].as_str()?.parse().ok())
         .flatten()
+}
+
+/// CPU seconds (user + system) process `pid` used so far (`/proc/<pid>/stat`).
+pub fn cpu_seconds_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / clock_ticks()
 }
 
 /// The kernel's clock ticks per second (`getconf CLK_TCK`, 100 when it cannot be asked).

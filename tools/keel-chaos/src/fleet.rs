@@ -15,6 +15,8 @@ use anyhow::{Context, bail};
 #[derive(Clone, Debug)]
 pub struct Fleet {
     root: PathBuf,
+    /// `deploy/fleet.toml`'s services, read once (the scenarios poll [`Fleet::passing`] every 250 ms).
+    services: std::sync::Arc<std::sync::OnceLock<Vec<FleetService>>>,
 }
 
 /// One service of `deploy/fleet.toml`.
@@ -31,7 +33,10 @@ pub struct FleetService {
 impl Fleet {
     /// The fleet of the repository at `root`.
     pub fn new(root: PathBuf) -> Self {
-        Self { root }
+        Self {
+            root,
+            services: Default::default(),
+        }
     }
 
     /// Runs `scripts/fleet.sh args…`; its stdout.
@@ -53,9 +58,13 @@ impl Fleet {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
-    /// The services of `deploy/fleet.toml`.
+    /// The services of `deploy/fleet.toml` (read on first use).
     pub fn services(&self) -> anyhow::Result<Vec<FleetService>> {
-        self.script(&["list"])?
+        if let Some(known) = self.services.get() {
+            return Ok(known.clone());
+        }
+        let read = self
+            .script(&["list"])?
             .lines()
             .map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
@@ -65,7 +74,8 @@ impl Fleet {
                     database: f.get(3) == Some(&"yes"),
                 })
             })
-            .collect()
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(self.services.get_or_init(|| read).clone())
     }
 
     /// The machine running instance `n` (1-based) of `service`.

@@ -1,0 +1,212 @@
+//! `keel-bench db-path`: what each piece of the platform's database path costs per query, in process on the
+//! real PostgreSQL (`KEEL_DATABASE_URL`): accounts' `GetByToken` statement on a table of 10,000 accounts, from
+//! `--concurrency` tasks sharing one pool of `--connections`, each row beside the first (sqlx's typed
+//! PostgreSQL pool with no hooks):
+//! - `sqlx PgPool`: the floor sqlx gives;
+//! - `sqlx AnyPool`: the `Any` driver every service uses (both backends behind one pool type);
+//! - `keel pool, outside a call`: `db::connect`'s pool, as every service opens it (statement_timeout set when a connection is
+//!   taken, liveness from that statement instead of a ping);
+//! - `keel pool, in a call with a deadline`: the same inside a request context, so the timeout set is what is
+//!   left of the call's deadline.
+//!
+//! Columns: queries/s, the ratio to the first row, CPU µs of this process per query (`/proc/self/stat`).
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use keel_common::{context, db};
+use sqlx::{Executor, Row};
+
+/// Options of `keel-bench db-path`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// How long each row runs (after a 1 s warm-up).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Queries in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Connections of each pool.
+    #[arg(long, default_value_t = 8)]
+    connections: u32,
+}
+
+const QUERY: &str = "SELECT id, name, max_cache_keys, used_cache_keys, token_hash FROM bench_accounts \
+                     WHERE token_hash = $1";
+const ACCOUNTS: u64 = 10_000;
+
+fn token(i: u64) -> String {
+    format!("{:064x}", i % ACCOUNTS)
+}
+
+/// Runs `query` from `concurrency` tasks for 1 s, then `duration`: (queries/s, CPU µs per query).
+async fn measure<F, Fut>(args: &Args, query: F) -> anyhow::Result<(f64, f64)>
+where
+    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    let seq = Arc::new(AtomicU64::new(0));
+    let mut result = (0.0, 0.0);
+    for length in [Duration::from_secs(1), args.duration] {
+        let (started, cpu) = (
+            Instant::now(),
+            crate::procs::cpu_seconds_of(std::process::id()),
+        );
+        let until = started + length;
+        let tasks: Vec<_> = (0..args.concurrency)
+            .map(|_| {
+                let (query, seq) = (query.clone(), seq.clone());
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while Instant::now() < until {
+                        query(seq.fetch_add(1, Ordering::Relaxed)).await?;
+                        n += 1;
+                    }
+                    anyhow::Ok(n)
+                })
+            })
+            .collect();
+        let mut n = 0;
+        for t in tasks {
+            n += t.await??;
+        }
+        let cpu = crate::procs::cpu_seconds_of(std::process::id()) - cpu;
+        result = (
+            n as f64 / started.elapsed().as_secs_f64(),
+            cpu * 1e6 / n.max(1) as f64,
+        );
+    }
+    Ok(result)
+}
+
+/// Runs the rows and prints the table.
+///
+/// # Errors
+/// No PostgreSQL at `KEEL_DATABASE_URL`, or a query fails.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let admin = std::env::var("KEEL_DATABASE_URL").map_err(|_| {
+        anyhow::anyhow!("KEEL_DATABASE_URL: eval \"$(scripts/infra.sh env)\" first")
+    })?;
+    let name = format!(
+        "keelbench_db_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut admin_conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await?;
+    admin_conn
+        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await?;
+    let url = format!(
+        "{}/{name}",
+        admin
+            .rsplit_once('/')
+            .map_or(admin.as_str(), |(base, _)| base)
+    );
+    let outcome = rows(&args, &url).await;
+    admin_conn
+        .execute(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE {name} WITH (FORCE)"
+        )))
+        .await?;
+    outcome
+}
+
+async fn rows(args: &Args, url: &str) -> anyhow::Result<()> {
+    let typed = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(args.connections)
+        .connect(url)
+        .await?;
+    typed
+        .execute(
+            "CREATE TABLE bench_accounts (id TEXT PRIMARY KEY, name TEXT NOT NULL, \
+             token_hash TEXT NOT NULL UNIQUE, max_cache_keys BIGINT NOT NULL, used_cache_keys BIGINT NOT NULL)",
+        )
+        .await?;
+    typed
+        .execute(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO bench_accounts SELECT i::text, 'account ' || i, lpad(to_hex(i), 64, '0'), 100, 0 \
+             FROM generate_series(0, {}) AS i",
+            ACCOUNTS - 1
+        )))
+        .await?;
+    let mut table = Vec::new();
+
+    let pool = typed.clone();
+    table.push((
+        "sqlx PgPool (typed), no hooks",
+        measure(args, move |i| {
+            let pool = pool.clone();
+            async move {
+                let row = sqlx::query(QUERY).bind(token(i)).fetch_one(&pool).await?;
+                let _: String = row.try_get(1)?;
+                Ok(())
+            }
+        })
+        .await?,
+    ));
+
+    sqlx::any::install_default_drivers();
+    let any = sqlx::any::AnyPoolOptions::new()
+        .max_connections(args.connections)
+        .connect(url)
+        .await?;
+    let any_query = |pool: sqlx::AnyPool| {
+        move |i| {
+            let pool = pool.clone();
+            async move {
+                let row = sqlx::query(QUERY).bind(token(i)).fetch_one(&pool).await?;
+                let _: String = row.try_get(1)?;
+                anyhow::Ok(())
+            }
+        }
+    };
+    table.push((
+        "sqlx AnyPool, no hooks",
+        measure(args, any_query(any.clone())).await?,
+    ));
+    any.close().await;
+
+    let settings = keel_common::Settings::from_env(
+        "bench",
+        &keel_common::config::Env::default()
+            .with("KEEL_DATABASE__URL", url)
+            .with(
+                "KEEL_DATABASE__MAX_CONNECTIONS",
+                args.connections.to_string(),
+            ),
+    )?;
+    let keel = db::connect(&settings, "bench", &sqlx::migrate::Migrator::DEFAULT).await?;
+    table.push((
+        "keel pool (db::connect), outside a call",
+        measure(args, any_query(keel.clone())).await?,
+    ));
+    let in_call = any_query(keel.clone());
+    table.push((
+        "keel pool, in a call with a 2 s deadline",
+        measure(args, move |i| {
+            let ctx = context::RequestContext {
+                trace_id: String::new(),
+                deadline: Some(Instant::now() + Duration::from_secs(2)),
+            };
+            context::scope(ctx, in_call(i))
+        })
+        .await?,
+    ));
+    keel.close().await;
+    typed.close().await;
+
+    println!(
+        "\n{} tasks, {} connections, {:?} per row; accounts' GetByToken statement, 10,000 rows\n",
+        args.concurrency, args.connections, args.duration
+    );
+    println!("| pool | queries/s | × first | CPU µs / query |\n|---|---:|---:|---:|");
+    let first = table[0].1.0;
+    for (name, (rate, cpu)) in table {
+        println!("| {name} | {rate:.0} | {:.2}× | {cpu:.1} |", rate / first);
+    }
+    Ok(())
+}
