@@ -1,9 +1,12 @@
 //! The `tracing` layer that renders each event as one JSON line (see [`super`] for the shape) and hands it to
 //! stdout and to the Kafka shipper; the shipper never sees rdkafka's lines or the log pipeline's own.
+//!
+//! A line is written once, straight into its bytes: each field as it is visited, a span's fields rendered
+//! once when the span opens (the server's `grpc.request` span: once per call, not once per line), strings
+//! escaped by `serde_json`. No map of values is built per line.
 
-use std::{collections::BTreeMap, fmt, io::Write};
+use std::{fmt, io::Write};
 
-use serde_json::{Map, Value};
 use tracing::{Event, Subscriber, field::Field, span};
 use tracing_subscriber::{Layer, layer::Context, registry::LookupSpan};
 
@@ -11,39 +14,128 @@ use super::{SELF_TARGET, kafka::Shipper};
 
 /// The `tracing` layer that renders JSON lines and hands them to stdout and the shipper.
 pub(super) struct JsonLayer {
-    pub(super) service: String,
-    pub(super) instance: String,
+    /// `"service":"…","instance":"…"`, rendered once.
+    identity: Vec<u8>,
     /// The stdout writer thread's handle, when `log.stdout` is on.
-    pub(super) stdout: Option<tracing_appender::non_blocking::NonBlocking>,
-    pub(super) shipper: Option<Shipper>,
+    stdout: Option<tracing_appender::non_blocking::NonBlocking>,
+    shipper: Option<Shipper>,
 }
 
-/// Fields recorded on a span, kept in its extensions.
+impl JsonLayer {
+    pub(super) fn new(
+        service: &str,
+        instance: &str,
+        stdout: Option<tracing_appender::non_blocking::NonBlocking>,
+        shipper: Option<Shipper>,
+    ) -> Self {
+        let mut identity = Vec::new();
+        member(&mut identity, "service", |b| string(b, service));
+        identity.push(b',');
+        member(&mut identity, "instance", |b| string(b, instance));
+        Self {
+            identity,
+            stdout,
+            shipper,
+        }
+    }
+}
+
+/// Writes `s` as a JSON string.
+fn string(buf: &mut Vec<u8>, s: &str) {
+    let _ = serde_json::to_writer(&mut *buf, s);
+}
+
+/// Writes `"name":` then the value `value` writes.
+fn member(buf: &mut Vec<u8>, name: &str, value: impl FnOnce(&mut Vec<u8>)) {
+    string(buf, name);
+    buf.push(b':');
+    value(buf);
+}
+
+/// Fields rendered as JSON members (`"k":v`), with their names, so a name is written once per line.
 #[derive(Default)]
-struct SpanFields(Map<String, Value>);
+struct Rendered {
+    /// Each field's name and where its member starts and ends in `json`.
+    members: Vec<(&'static str, std::ops::Range<usize>)>,
+    json: Vec<u8>,
+}
 
-struct Visitor<'a>(&'a mut Map<String, Value>);
+impl Rendered {
+    fn push(&mut self, name: &'static str, value: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.json.len();
+        member(&mut self.json, name, value);
+        self.members.push((name, start..self.json.len()));
+    }
 
-impl tracing::field::Visit for Visitor<'_> {
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        self.members
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, r)| &self.json[r.clone()])
+    }
+}
+
+/// A span's fields, rendered when it opens (kept in its extensions).
+struct SpanFields(Rendered);
+
+/// What a visit collects: the event's message and the bridged `log` record's target apart, the rest rendered.
+#[derive(Default)]
+struct Visitor {
+    message: String,
+    log_target: Option<String>,
+    fields: Rendered,
+}
+
+impl Visitor {
+    /// Whether `field` is the message or `log` crate bookkeeping, handled here rather than rendered.
+    fn special(&mut self, field: &Field, value: impl FnOnce() -> String) -> bool {
+        match field.name() {
+            "message" => self.message = value(),
+            "log.target" => self.log_target = Some(value()),
+            "log.file" | "log.line" | "log.module_path" => {}
+            _ => return false,
+        }
+        true
+    }
+}
+
+impl tracing::field::Visit for Visitor {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0
-            .insert(field.name().to_owned(), Value::String(format!("{value:?}")));
+        if !self.special(field, || format!("{value:?}")) {
+            let text = format!("{value:?}");
+            self.fields.push(field.name(), |b| string(b, &text));
+        }
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0
-            .insert(field.name().to_owned(), Value::String(value.to_owned()));
+        if !self.special(field, || value.to_owned()) {
+            self.fields.push(field.name(), |b| string(b, value));
+        }
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().to_owned(), value.into());
+        if !self.special(field, || value.to_string()) {
+            self.fields
+                .push(field.name(), |b| drop(write!(b, "{value}")));
+        }
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().to_owned(), value.into());
+        if !self.special(field, || value.to_string()) {
+            self.fields
+                .push(field.name(), |b| drop(write!(b, "{value}")));
+        }
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().to_owned(), value.into());
+        if !self.special(field, || value.to_string()) {
+            self.fields
+                .push(field.name(), |b| drop(write!(b, "{value}")));
+        }
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().to_owned(), value.into());
+        if !self.special(field, || value.to_string()) {
+            // serde_json writes a non-finite number as null.
+            self.fields.push(field.name(), |b| {
+                drop(serde_json::to_writer(&mut *b, &value))
+            });
+        }
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         let mut chain = value.to_string();
@@ -53,7 +145,9 @@ impl tracing::field::Visit for Visitor<'_> {
             chain.push_str(&s.to_string());
             src = s.source();
         }
-        self.0.insert(field.name().to_owned(), Value::String(chain));
+        if !self.special(field, || chain.clone()) {
+            self.fields.push(field.name(), |b| string(b, &chain));
+        }
     }
 }
 
@@ -62,10 +156,10 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
-        let mut fields = SpanFields::default();
-        attrs.record(&mut Visitor(&mut fields.0));
+        let mut visit = Visitor::default();
+        attrs.record(&mut visit);
         if let Some(span) = ctx.span(id) {
-            span.extensions_mut().insert(fields);
+            span.extensions_mut().insert(SpanFields(visit.fields));
         }
     }
 
@@ -73,91 +167,204 @@ where
         if let Some(span) = ctx.span(id)
             && let Some(fields) = span.extensions_mut().get_mut::<SpanFields>()
         {
-            values.record(&mut Visitor(&mut fields.0));
+            let mut visit = Visitor {
+                fields: std::mem::take(&mut fields.0),
+                ..Visitor::default()
+            };
+            values.record(&mut visit);
+            fields.0 = visit.fields;
         }
     }
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         let meta = event.metadata();
-        let mut fields = Map::new();
-        event.record(&mut Visitor(&mut fields));
-        let message = fields
-            .remove("message")
-            .unwrap_or(Value::String(String::new()));
+        let mut visit = Visitor::default();
+        event.record(&mut visit);
         // Records of the `log` crate (librdkafka's, through rdkafka) arrive with target `log` and their own
-        // target in `log.target`: that one is the line's target, and the bridge's bookkeeping is dropped.
-        let target = if meta.target() == "log" {
-            for k in ["log.file", "log.line", "log.module_path"] {
-                fields.remove(k);
-            }
-            match fields.remove("log.target") {
-                Some(Value::String(t)) => t,
-                _ => "log".to_owned(),
-            }
-        } else {
-            meta.target().to_owned()
+        // target in `log.target`: that one is the line's target.
+        let target = match (&visit.log_target, meta.target()) {
+            (Some(t), "log") => t.as_str(),
+            (_, t) => t,
         };
-        let mut line = BTreeMap::new();
-        // A trace id the event names itself (the call log, logged after its request's span closed) is the
-        // line's; otherwise the nearest span's, below.
-        if let Some(id) = fields.remove("trace_id") {
-            line.insert("trace_id", id);
-        }
-        line.insert(
-            "timestamp",
-            Value::String(
-                humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-            ),
-        );
-        line.insert("level", Value::String(meta.level().to_string()));
-        line.insert("service", Value::String(self.service.clone()));
-        line.insert("instance", Value::String(self.instance.clone()));
         let foreign = target.starts_with("rdkafka") || target.starts_with("librdkafka");
-        line.insert("target", Value::String(target));
-        line.insert("message", message);
-        if let Some(scope) = ctx.event_scope(event) {
-            let mut first = true;
-            for span in scope {
-                if first {
-                    line.insert("span", Value::String(span.name().to_owned()));
-                    first = false;
+        let scope: Vec<_> = ctx.event_scope(event).into_iter().flatten().collect();
+        let spans: Vec<_> = scope.iter().map(|s| s.extensions()).collect();
+        let span_fields = || spans.iter().filter_map(|e| e.get::<SpanFields>());
+
+        let mut line = Vec::with_capacity(256 + visit.fields.json.len());
+        line.push(b'{');
+        // A trace id the event names itself (the call log, logged after its request's span closed) is the
+        // line's; otherwise the nearest span's.
+        let trace_id = visit
+            .fields
+            .get("trace_id")
+            .or_else(|| span_fields().find_map(|f| f.0.get("trace_id")));
+        if let Some(member) = trace_id {
+            line.extend_from_slice(member);
+            line.push(b',');
+        }
+        member(&mut line, "timestamp", |b| {
+            string(
+                b,
+                &humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            );
+        });
+        line.push(b',');
+        member(&mut line, "level", |b| string(b, meta.level().as_str()));
+        line.push(b',');
+        line.extend_from_slice(&self.identity);
+        line.push(b',');
+        member(&mut line, "target", |b| string(b, target));
+        line.push(b',');
+        member(&mut line, "message", |b| string(b, &visit.message));
+        if let Some(first) = scope.first() {
+            line.push(b',');
+            member(&mut line, "span", |b| string(b, first.name()));
+        }
+        // The event's fields, then those of its spans, innermost first, each name once; trace_id is above.
+        let mut written: Vec<&str> = vec!["trace_id"];
+        let mut open = false;
+        let sources = std::iter::once(&visit.fields).chain(span_fields().map(|f| &f.0));
+        for rendered in sources {
+            for (name, range) in &rendered.members {
+                if written.contains(name) {
+                    continue;
                 }
-                if let Some(f) = span.extensions().get::<SpanFields>() {
-                    for (k, v) in &f.0 {
-                        if k == "trace_id" {
-                            line.entry("trace_id").or_insert_with(|| v.clone());
-                        } else {
-                            fields.entry(k.clone()).or_insert_with(|| v.clone());
-                        }
-                    }
-                }
+                written.push(name);
+                line.extend_from_slice(if open { b"," } else { b",\"fields\":{" });
+                open = true;
+                line.extend_from_slice(&rendered.json[range.clone()]);
             }
         }
-        if !fields.is_empty() {
-            line.insert("fields", Value::Object(fields));
+        if open {
+            line.push(b'}');
         }
-        let Ok(mut bytes) = serde_json::to_vec(&line) else {
-            return;
-        };
+        line.push(b'}');
+        drop(spans);
+
         if let Some(stdout) = &self.stdout {
             // One write per line: the writer thread takes each write as one message.
-            bytes.push(b'\n');
-            let _ = stdout.clone().write_all(&bytes);
-            bytes.pop();
+            line.push(b'\n');
+            let _ = stdout.clone().write_all(&line);
+            line.pop();
         }
         if let Some(shipper) = &self.shipper
             && !foreign
             && !meta.target().starts_with(SELF_TARGET)
         {
-            let trace_id = line
-                .get("trace_id")
-                .and_then(Value::as_str)
-                .map(str::to_owned);
+            let trace_id = trace_id_value(&line);
             shipper.offer(super::kafka::Line {
-                json: bytes,
+                json: line,
                 level: meta.level().as_str(),
                 trace_id,
             });
         }
+    }
+}
+
+/// The line's `trace_id` (its first member when it has one), for the Kafka record's header.
+fn trace_id_value(line: &[u8]) -> Option<String> {
+    let rest = line.strip_prefix(b"{\"trace_id\":")?;
+    let mut de = serde_json::Deserializer::from_slice(rest).into_iter::<String>();
+    de.next()?.ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing_subscriber::prelude::*;
+
+    use super::*;
+
+    /// A writer into a shared buffer, for the stdout writer thread.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The lines `emit` logs through a [`JsonLayer`] writing to stdout, parsed.
+    fn lines(emit: impl FnOnce()) -> Vec<serde_json::Value> {
+        let buffer = Buffer::default();
+        let (writer, guard) = tracing_appender::non_blocking(buffer.clone());
+        let layer = JsonLayer::new("svc", "svc-host-1", Some(writer), None);
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), emit);
+        drop(guard);
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    #[test]
+    fn a_line_carries_its_fields_its_spans_fields_and_the_nearest_trace_id() {
+        let got = lines(|| {
+            let outer =
+                tracing::info_span!("outer", trace_id = "t-outer", tenant = "acme", method = "x");
+            let _o = outer.enter();
+            let inner =
+                tracing::info_span!("grpc.request", trace_id = "t-inner", method = "/a.B/C");
+            let _i = inner.enter();
+            tracing::info!(
+                count = 3,
+                ok = true,
+                ratio = 0.5,
+                quote = "say \"hi\"\n",
+                "served {}",
+                "it"
+            );
+            tracing::warn!(trace_id = "t-event", "own trace id");
+        });
+        let first = &got[0];
+        assert_eq!(first["trace_id"], "t-inner", "the nearest span's");
+        assert_eq!(first["level"], "INFO");
+        assert_eq!(first["service"], "svc");
+        assert_eq!(first["instance"], "svc-host-1");
+        assert_eq!(first["message"], "served it");
+        assert_eq!(first["span"], "grpc.request");
+        assert!(first["timestamp"].as_str().unwrap().ends_with('Z'));
+        let fields = &first["fields"];
+        assert_eq!(fields["count"], 3);
+        assert_eq!(fields["ok"], true);
+        assert_eq!(fields["ratio"], 0.5);
+        assert_eq!(fields["quote"], "say \"hi\"\n", "escaped");
+        assert_eq!(fields["method"], "/a.B/C", "the inner span's value wins");
+        assert_eq!(fields["tenant"], "acme", "the outer span's fields too");
+        assert!(fields.get("trace_id").is_none());
+        assert_eq!(
+            got[1]["trace_id"], "t-event",
+            "an event's own trace id wins"
+        );
+        assert_eq!(got[1]["level"], "WARN");
+    }
+
+    #[test]
+    fn a_line_outside_any_span_has_neither_span_nor_fields() {
+        let got = lines(|| tracing::info!("plain"));
+        let line = got[0].as_object().unwrap();
+        assert_eq!(line["message"], "plain");
+        assert!(
+            !line.contains_key("span")
+                && !line.contains_key("fields")
+                && !line.contains_key("trace_id")
+        );
+        assert_eq!(line["target"], "keel_common::logs::json::tests");
+    }
+
+    #[test]
+    fn the_trace_id_for_the_kafka_header_is_read_back_from_the_line() {
+        assert_eq!(
+            trace_id_value(br#"{"trace_id":"ab\"c","timestamp":"t"}"#).as_deref(),
+            Some("ab\"c")
+        );
+        assert_eq!(trace_id_value(br#"{"timestamp":"t"}"#), None);
     }
 }

@@ -192,12 +192,7 @@ impl Telemetry {
         } else {
             (None, None)
         };
-        let layer = JsonLayer {
-            service: settings.service.name.clone(),
-            instance: instance.to_owned(),
-            stdout,
-            shipper,
-        };
+        let layer = JsonLayer::new(&settings.service.name, instance, stdout, shipper);
         let filter =
             EnvFilter::try_new(&settings.log.level).unwrap_or_else(|_| EnvFilter::new("info"));
         let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);

@@ -46,7 +46,7 @@ fn account(r: &AnyRow) -> Result<Account, sqlx::Error> {
 }
 
 /// How long a reservation's or a release's idempotency key is remembered: far beyond any call's deadline and
-/// a caller's retries (the cache retries a release for at most [`RETENTION`] / 2).
+/// a caller's retries (the cache gives up on a release after ~7 minutes: 5 of sleeps between attempts of 2 s).
 pub const RETENTION: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// What a reservation did.

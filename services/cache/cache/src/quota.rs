@@ -36,9 +36,13 @@ use keel_protos::rpc::{ReleaseKeysReq, ReserveKeysReq, accounts_client::Accounts
 use tokio::sync::oneshot;
 use tonic::{Code, Request, Status};
 
-/// How long a release (or the undoing of a reservation) is retried: half the time accounts remembers its
-/// idempotency key (`accounts::storage::RETENTION`, 10 minutes), so a late retry is still recognised.
+/// How long a release (or the undoing of a reservation) sleeps between attempts in all: with the attempts
+/// ([`RELEASE_ATTEMPT_TIMEOUT`] each, at most one per 100 ms to 5 s of sleep) well under the 10 minutes accounts
+/// remembers its idempotency key (`accounts::storage::RETENTION`), so a late retry is still recognised.
 pub const RELEASE_PATIENCE: Duration = Duration::from_secs(300);
+
+/// How long one attempt of a release may take.
+pub const RELEASE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Releases waiting to be retried at once, at most.
 pub const MAX_PENDING_RELEASES: usize = 100_000;
@@ -58,7 +62,7 @@ pub struct Quota {
     queues: Arc<Mutex<HashMap<String, Vec<Waiter>>>>,
     /// ReserveKeys calls made.
     calls: Arc<AtomicU64>,
-    /// Releases sent or being retried now.
+    /// Releases sent or being retried now (at most [`MAX_PENDING_RELEASES`]).
     pending: Arc<AtomicUsize>,
 }
 
@@ -131,11 +135,6 @@ impl Quota {
         self.accounts.clone().reserve_keys(req).await.map(drop)
     }
 
-    /// Releases sent or being retried now (a long accounts outage shows here).
-    pub fn pending_releases(&self) -> usize {
-        self.pending.load(Ordering::Relaxed)
-    }
-
     /// Gives `count` keys of `account_id` back, off the request path (see the module docs for the retries).
     pub fn release(&self, account_id: String, count: i64) {
         if count > 0 {
@@ -174,7 +173,9 @@ impl Quota {
         tokio::spawn(async move {
             let send = || {
                 let mut client = this.accounts.clone();
-                let req = this.credentialed(release.clone());
+                let mut req = this.credentialed(release.clone());
+                // Attempts and sleeps together stay well inside the 10 minutes accounts remembers the key.
+                req.set_timeout(RELEASE_ATTEMPT_TIMEOUT);
                 async move { client.release_keys(req).await }
             };
             let backoff = ExponentialBuilder::new()
