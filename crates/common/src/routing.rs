@@ -139,8 +139,8 @@ struct Membership {
 }
 
 impl Membership {
-    /// Takes discovery's latest answer if it changed; whether there is a list.
-    fn refresh(&mut self, conns: &Conns) -> bool {
+    /// Takes discovery's latest answer if it changed.
+    fn refresh(&mut self, conns: &Conns) {
         if (self.endpoints.has_changed().unwrap_or(false) || self.list.is_none())
             && let Some(mut list) = self.endpoints.borrow_and_update().clone()
         {
@@ -154,7 +154,6 @@ impl Membership {
             }
             self.list = Some(list);
         }
-        self.list.is_some()
     }
 }
 
@@ -176,12 +175,6 @@ impl Router {
             turn: Arc::default(),
             first: Arc::default(),
         }
-    }
-
-    /// Whether discovery has answered at least once (calls before that wait for it).
-    fn listed(&self) -> bool {
-        let mut m = self.membership.lock().unwrap_or_else(|p| p.into_inner());
-        m.refresh(&self.conns)
     }
 
     /// The call, sent to the instance `policy` picks from discovery's latest list; `None` when it is empty.
@@ -279,7 +272,7 @@ where
             .and_then(crate::context::parse_grpc_timeout)
             .map(|t| std::time::Instant::now() + t);
         Box::pin(async move {
-            if !router.listed() {
+            if router.endpoints.borrow().is_none() {
                 // Before discovery's first answer, wait for it (the caller's deadline bounds the call).
                 let _ = router.endpoints.clone().wait_for(Option::is_some).await;
             }

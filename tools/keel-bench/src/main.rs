@@ -282,58 +282,36 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
     )?;
     load_countries(geo.addr)?;
     let idle = geo.rss_mib().0;
-    // A point in Paris: France (a multipolygon of ~300 vertices at 110m) holds it.
-    let base = baseline(
-        "pgbench: point search's query (baseline)",
-        load::pgbench(
-            &geo_db,
+    // Each search beside pgbench running its statement: a point in Paris (France, a multipolygon of ~300
+    // vertices at 110m, holds it); "land" (Finland, Iceland, Poland, Thailand… 11 of the 177: one page of 10
+    // and has_more).
+    let searches = [
+        (
+            "point",
             "\\set lng 2.3522\n\\set lat 48.8566\n\
              SELECT id, name FROM things WHERE ST_Contains(geom, ST_SetSRID(ST_MakePoint(:lng, :lat), 4326)) \
              ORDER BY name, id LIMIT 11 OFFSET 0;\n",
-            &dir,
-            &shape,
-        )?,
-    );
-    let ours = row(
-        "geo-search search, a point (177 countries)",
-        &geo,
-        idle,
-        || {
-            call(
-                geo.addr,
-                "Search/search",
-                r#"{"lat":48.8566,"lng":2.3522,"result_per_page":10}"#,
-                None,
-            )
-        },
-    )?;
-    push_pair(&mut rows, base, ours, 0.5);
-    // "land": Finland, Iceland, Poland, Thailand… 11 of the 177, one page of 10 and has_more.
-    let base = baseline(
-        "pgbench: name search's query (baseline)",
-        load::pgbench(
-            &geo_db,
+            r#"{"lat":48.8566,"lng":2.3522,"result_per_page":10}"#,
+        ),
+        (
+            "name",
             "\\set page 11\n\
              SELECT id, name FROM things WHERE name ILIKE '%land%' ORDER BY name, id LIMIT :page OFFSET 0;\n",
-            &dir,
-            &shape,
-        )?,
-    );
-    let ours = row(
-        "geo-search search, a name (177 countries)",
-        &geo,
-        idle,
-        || {
-            call(
-                geo.addr,
-                "Search/search",
-                r#"{"query":"land","any_location":true,"result_per_page":10}"#,
-                None,
-            )
-        },
-    )?;
+            r#"{"query":"land","any_location":true,"result_per_page":10}"#,
+        ),
+    ];
+    for (kind, script, request) in searches {
+        let base = baseline(
+            &format!("pgbench: {kind} search's query (baseline)"),
+            load::pgbench(&geo_db, script, &dir, &shape)?,
+        );
+        let name = format!("geo-search search, a {kind} (177 countries)");
+        let ours = row(&name, &geo, idle, || {
+            call(geo.addr, "Search/search", request, None)
+        })?;
+        push_pair(&mut rows, base, ours, 0.5);
+    }
     drop(geo);
-    push_pair(&mut rows, base, ours, 0.5);
 
     print(&rows, &shape);
     for db in databases {

@@ -11,8 +11,8 @@ use keel_common::{
     testsuite,
 };
 use keel_protos::rpc::{
-    Account, CreateAccountReq, DumpReq, GetByTokenReq, GetReq, StoreReq,
-    accounts_client::AccountsClient, cache_server::Cache as _,
+    Account, CreateAccountReq, DumpReq, GetReq, StoreReq, accounts_client::AccountsClient,
+    cache_server::Cache as _,
 };
 use tokio_stream::StreamExt;
 use tonic::{Code, Request};
@@ -57,16 +57,8 @@ async fn account(clients: &ClientFactory, name: &str, max: i64) -> (Account, Str
 }
 
 async fn used(clients: &ClientFactory, token: &str) -> i64 {
-    let mut c = AccountsClient::new(clients.channel("accounts").unwrap());
-    c.get_by_token(GetByTokenReq {
-        token: token.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .account
-    .unwrap()
-    .used_cache_keys
+    let accounts = AccountsClient::new(clients.channel("accounts").unwrap());
+    crate::support::used_cache_keys(&accounts, token).await
 }
 
 fn store(token: &str, key: &str, val: &[u8]) -> Request<StoreReq> {

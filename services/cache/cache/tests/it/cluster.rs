@@ -16,8 +16,7 @@ use std::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use keel_common::{
-    ClientFactory, Metrics,
-    config::{Env, Secret, Settings},
+    config::Secret,
     consul::{ConsulAgent, Registration},
     routing::{owner, set_routing_key},
     testsuite::{self, ServiceProcess, infra_var, passing_ports},
@@ -29,7 +28,7 @@ use keel_protos::rpc::{
 use tokio_stream::StreamExt;
 use tonic::{Code, Request};
 
-use crate::support::{Deployment, as_operator};
+use crate::support::{Deployment, as_operator, consul_clients, used_cache_keys};
 
 fn keyed<T>(msg: T, key: &str) -> Request<T> {
     let mut r = Request::new(msg);
@@ -99,14 +98,7 @@ async fn keys_are_sharded_over_instances_and_the_quota_holds_across_them() {
     let mut caches: Vec<ServiceProcess> = (0..3).map(|_| d.cache(&[])).collect();
     let ports = passing_ports(cache_name, 3, Duration::from_secs(60)).await;
 
-    let env = Env::default()
-        .with("CONSUL_HTTP_ADDR", infra_var("CONSUL_HTTP_ADDR"))
-        .with("KEEL_CONSUL__DNS_ADDR", infra_var("KEEL_CONSUL_DNS_ADDR"))
-        .with("KEEL_CONSUL__DISCOVERY_INTERVAL", "500ms");
-    let clients = ClientFactory::new(
-        &Settings::from_env("cache-test-client", &env).unwrap(),
-        Metrics::disabled(),
-    );
+    let clients = consul_clients(&[("KEEL_CONSUL__DISCOVERY_INTERVAL", "500ms")]);
     let created = AccountsClient::new(clients.channel(accounts_name).unwrap())
         .create_account(as_operator(CreateAccountReq {
             name: "tenant".into(),
@@ -241,13 +233,7 @@ async fn a_client_deadline_propagates_from_cache_to_accounts() {
         (&d.accounts_name, &d.cache_name, &d.db, &d.accounts);
     let _cache = d.cache(&[]);
     passing_ports(cache_name, 1, Duration::from_secs(60)).await;
-    let env = Env::default()
-        .with("CONSUL_HTTP_ADDR", infra_var("CONSUL_HTTP_ADDR"))
-        .with("KEEL_CONSUL__DNS_ADDR", infra_var("KEEL_CONSUL_DNS_ADDR"));
-    let clients = ClientFactory::new(
-        &Settings::from_env("cache-test-client", &env).unwrap(),
-        Metrics::disabled(),
-    );
+    let clients = consul_clients(&[]);
     let created = AccountsClient::new(clients.channel(accounts_name).unwrap())
         .create_account(as_operator(CreateAccountReq {
             name: "slow".into(),
@@ -356,14 +342,7 @@ async fn max_bytes_changes_live_from_consul_kv_and_evicted_keys_give_their_quota
     let d = Deployment::start().await;
     let p = d.cache(&[]);
     passing_ports(&d.cache_name, 1, Duration::from_secs(60)).await;
-    let env = Env::default()
-        .with("CONSUL_HTTP_ADDR", infra_var("CONSUL_HTTP_ADDR"))
-        .with("KEEL_CONSUL__DNS_ADDR", infra_var("KEEL_CONSUL_DNS_ADDR"))
-        .with("KEEL_CONSUL__DISCOVERY_INTERVAL", "500ms");
-    let clients = ClientFactory::new(
-        &Settings::from_env("cache-test-client", &env).unwrap(),
-        Metrics::disabled(),
-    );
+    let clients = consul_clients(&[("KEEL_CONSUL__DISCOVERY_INTERVAL", "500ms")]);
     let mut accounts = AccountsClient::new(clients.channel(&d.accounts_name).unwrap());
     let token = accounts
         .create_account(as_operator(CreateAccountReq {
@@ -503,13 +482,7 @@ async fn a_reservation_whose_answer_is_lost_is_undone() {
         .unwrap();
     let _cache = d.cache(&[("KEEL_CACHE__ACCOUNTS_SERVICE", link_name.clone())]);
     passing_ports(&d.cache_name, 1, Duration::from_secs(60)).await;
-    let env = Env::default()
-        .with("CONSUL_HTTP_ADDR", infra_var("CONSUL_HTTP_ADDR"))
-        .with("KEEL_CONSUL__DNS_ADDR", infra_var("KEEL_CONSUL_DNS_ADDR"));
-    let clients = ClientFactory::new(
-        &Settings::from_env("cache-test-client", &env).unwrap(),
-        Metrics::disabled(),
-    );
+    let clients = consul_clients(&[]);
     let accounts = AccountsClient::new(clients.channel(&d.accounts_name).unwrap());
     let created = accounts
         .clone()
@@ -529,20 +502,7 @@ async fn a_reservation_whose_answer_is_lost_is_undone() {
     let req = one_byte(&created.token, "lost", Duration::from_secs(1));
     let err = cache.clone().store(req).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
-    let used = || {
-        let mut accounts = accounts.clone();
-        let token = created.token.clone();
-        async move {
-            accounts
-                .get_by_token(as_operator(GetByTokenReq { token }))
-                .await
-                .unwrap()
-                .into_inner()
-                .account
-                .unwrap()
-                .used_cache_keys
-        }
-    };
+    let used = || used_cache_keys(&accounts, &created.token);
     testsuite::eventually(
         "accounts applied the reservation and answered into the cut",
         Duration::from_secs(10),

@@ -5,7 +5,12 @@
 
 use std::time::Duration;
 
-use keel_common::testsuite::{self, ServiceProcess, TestDatabase, passing_ports};
+use keel_common::{
+    Channel, ClientFactory, Metrics,
+    config::{Env, Settings},
+    testsuite::{self, ServiceProcess, TestDatabase, infra_var, passing_ports},
+};
+use keel_protos::rpc::{GetByTokenReq, accounts_client::AccountsClient};
 
 /// The operator credential of the accounts under test (`accounts.admin_token`), which the caches present too
 /// (`cache.accounts_token`).
@@ -65,4 +70,34 @@ impl Deployment {
         all.extend(env.iter().cloned());
         ServiceProcess::spawn("cache", &self.cache_name, &all)
     }
+}
+
+/// The platform's clients as a service of the test would have them: peers found through the real Consul's
+/// DNS, with `extra` settings on top.
+pub fn consul_clients(extra: &[(&str, &str)]) -> ClientFactory {
+    let mut env = Env::default()
+        .with("CONSUL_HTTP_ADDR", infra_var("CONSUL_HTTP_ADDR"))
+        .with("KEEL_CONSUL__DNS_ADDR", infra_var("KEEL_CONSUL_DNS_ADDR"));
+    for (k, v) in extra {
+        env = env.with(*k, *v);
+    }
+    ClientFactory::new(
+        &Settings::from_env("cache-test-client", &env).unwrap(),
+        Metrics::disabled(),
+    )
+}
+
+/// The keys accounts counts in use for the account of `token`.
+pub async fn used_cache_keys(accounts: &AccountsClient<Channel>, token: &str) -> i64 {
+    accounts
+        .clone()
+        .get_by_token(GetByTokenReq {
+            token: token.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .account
+        .unwrap()
+        .used_cache_keys
 }
