@@ -22,7 +22,7 @@ use keel_common::{
     testsuite::{self, ServiceProcess, infra_var, passing_ports},
 };
 use keel_protos::rpc::{
-    CreateAccountReq, DumpReq, GetByTokenReq, GetReq, StoreReq, accounts_client::AccountsClient,
+    CreateAccountReq, DumpReq, GetReq, StoreReq, accounts_client::AccountsClient,
     cache_client::CacheClient,
 };
 use tokio_stream::StreamExt;
@@ -353,18 +353,7 @@ async fn max_bytes_changes_live_from_consul_kv_and_evicted_keys_give_their_quota
         .unwrap()
         .into_inner()
         .token;
-    let used = || {
-        let (mut a, t) = (accounts.clone(), token.clone());
-        async move {
-            a.get_by_token(GetByTokenReq { token: t })
-                .await
-                .unwrap()
-                .into_inner()
-                .account
-                .unwrap()
-                .used_cache_keys
-        }
-    };
+    let used = || used_cache_keys(&accounts, &token);
     let cache = CacheClient::new(clients.channel(&d.cache_name).unwrap());
     let keys: Vec<String> = (0..20).map(|i| format!("key{i:02}")).collect();
     for key in &keys {
