@@ -360,6 +360,9 @@ impl ClientFactory {
                 for gone in known.difference(&next) {
                     changes.push(Change::Remove(*gone));
                 }
+                if !changes.is_empty() {
+                    shared.retain(&next.iter().copied().collect::<Vec<_>>());
+                }
                 for new in next.difference(known) {
                     changes.push(Change::Insert(*new, Ejecting::new(*new, shared.get(*new))));
                 }

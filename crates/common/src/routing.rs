@@ -103,8 +103,10 @@ impl Conns {
             .clone()
     }
 
-    /// Forgets the channels of instances not in `list` (their connections close once no policy holds them).
-    fn retain(&self, list: &[SocketAddr]) {
+    /// Forgets the channels of instances not in `list` (their connections close once no policy holds them),
+    /// so an instance that discovery lists again gets a new connection: the old one may be stalled (a machine
+    /// cut off and back keeps TCP in its retransmission backoff for up to tens of seconds).
+    pub(crate) fn retain(&self, list: &[SocketAddr]) {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         open.retain(|a, _| list.contains(a));
     }

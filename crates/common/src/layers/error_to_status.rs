@@ -1,5 +1,7 @@
 //! Transport and balancer errors become UNAVAILABLE responses, so a caller sees one error type (a gRPC status)
-//! and the channel itself never fails as a service.
+//! and the channel itself never fails as a service. An answer to a call that never left the client (the
+//! endpoint's connection could not be made) carries [`NeverSent`], which
+//! [`TransparentRetry`](super::TransparentRetry) retries at once.
 
 use std::{
     convert::Infallible,
@@ -13,6 +15,18 @@ use tonic::body::Body;
 use tower::{BoxError, Layer, Service};
 
 use crate::error::layer_status;
+
+/// Response extension of a synthesized UNAVAILABLE answer: the call never reached a server, because the
+/// connection to its endpoint could not be made (refused, unreachable, connect timeout: tonic's
+/// [`ConnectError`](tonic::ConnectError) among the error's causes). Safe to send again, whatever the method
+/// (gRPC proposal A6, "transparent retry": the RPC never left the client).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NeverSent;
+
+/// Whether `e` or one of its causes is tonic's failure to connect.
+fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).any(|e| e.is::<tonic::ConnectError>())
+}
 
 /// Turns transport and balancer errors into UNAVAILABLE responses.
 #[derive(Clone, Debug)]
@@ -54,8 +68,30 @@ where
         Box::pin(async move {
             Ok(fut.await.unwrap_or_else(|e| {
                 let e: BoxError = e.into();
-                layer_status::unavailable(format!("transport: {e}")).into_http()
+                let mut resp = layer_status::unavailable(format!("transport: {e}")).into_http();
+                if never_sent(&*e) {
+                    resp.extensions_mut().insert(NeverSent);
+                }
+                resp
             }))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connect_error_anywhere_among_the_causes_means_never_sent() {
+        let connect: BoxError = Box::new(tonic::ConnectError("connection refused".into()));
+        assert!(never_sent(&*connect));
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] BoxError);
+        let wrapped = Outer(connect);
+        assert!(never_sent(&wrapped));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(!never_sent(&reset));
     }
 }

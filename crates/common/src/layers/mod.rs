@@ -11,8 +11,8 @@
 //! | [`ConcurrencyLimitLayer`] | server | at most `grpc.max_concurrent_requests` calls, streams for their whole life; over it RESOURCE_EXHAUSTED before any handler |
 //! | [`MethodConfigLayer`] | client, outermost | the target's service config: `timeout`, `waitForReady`, `retryPolicy` handed down |
 //! | [`ClientContextLayer`] | client | trace id and the remaining deadline out as metadata; local DEADLINE_EXCEEDED |
-//! | [`TransparentRetryLayer`] | client | A6 retries of trailers-only answers with a retryable status, within the deadline and the budget |
-//! | [`ErrorToStatusLayer`] | client | transport and balancer errors → UNAVAILABLE |
+//! | [`TransparentRetryLayer`] | client | A6 retries: a call that never left the client at once, any method; trailers-only answers with a retryable status per `retryPolicy`, within the deadline and the budget |
+//! | [`ErrorToStatusLayer`] | client | transport and balancer errors → UNAVAILABLE ([`NeverSent`] when the connection could not be made) |
 //! | [`CompressionLayer`] | client | `grpc-accept-encoding: gzip` on every call, gzip answers decompressed; requests compressed for `client.gzip` targets |
 //! | [`NoEndpointFastFail`] | client | no healthy instance → UNAVAILABLE at once (waits for one with [`WaitForReady`]); waits for discovery's first answer |
 //! | [`Ejecting`] | client, per endpoint | timed ejection after a transport failure, half-open retry |
@@ -40,7 +40,7 @@ pub use compression::{Compression, CompressionLayer, MAX_DECOMPRESSED};
 pub use concurrency::{ConcurrencyLimit, ConcurrencyLimitLayer};
 pub use deadline::{Deadline, DeadlineLayer, SHUTTING_DOWN};
 pub use ejection::Ejecting;
-pub use error_to_status::{ErrorToStatus, ErrorToStatusLayer};
+pub use error_to_status::{ErrorToStatus, ErrorToStatusLayer, NeverSent};
 pub use grpc_metrics::{GrpcMetrics, GrpcMetricsLayer};
 pub use method_config::{AttemptPolicy, MethodConfig, MethodConfigLayer};
 pub use no_endpoint::{NoEndpointFastFail, WaitForReady};

@@ -1,12 +1,18 @@
 //! Client side, below the metrics: gRPC's transparent retries as proposal A6 defines them
-//! (<https://github.com/grpc/proposal/blob/master/A6-client-retries.md>), for calls whose service config has a
-//! `retryPolicy` ([`AttemptPolicy`](super::AttemptPolicy)). An attempt is retried only when its answer is
-//! trailers-only (the server committed to nothing: the status comes in the headers) with a status of
-//! `retryableStatusCodes`; the wait is random below `min(initialBackoff · multiplier^(n-1), maxBackoff)`, or
-//! exactly the server's `grpc-retry-pushback-ms` (a negative or malformed pushback stops retrying); every retry
-//! draws on the process's retry budget and none starts past the call's deadline, which covers all attempts
-//! (each is sent with what is left of it, and `grpc-previous-rpc-attempts`). Only unary methods of the protos
-//! are retried: their request is one message, buffered to be sent again.
+//! (<https://github.com/grpc/proposal/blob/master/A6-client-retries.md>), for the unary methods of the protos
+//! (their request is one message, buffered to be sent again):
+//! - a call that never left the client ([`NeverSent`]: its endpoint's connection could not be made) is sent
+//!   again at once, whatever the method and with or without a `retryPolicy`, up to [`NEVER_SENT_RETRIES`]
+//!   times: the endpoint that refused it is ejected by then, so the balancer picks another (A6, "Transparent
+//!   retries": such an RPC "may be retried"; these do not count as attempts and draw on no budget);
+//! - for calls whose service config has a `retryPolicy` ([`AttemptPolicy`](super::AttemptPolicy)), an attempt
+//!   is retried only when its answer is trailers-only (the server committed to nothing: the status comes in
+//!   the headers) with a status of `retryableStatusCodes`; the wait is random below
+//!   `min(initialBackoff · multiplier^(n-1), maxBackoff)`, or exactly the server's `grpc-retry-pushback-ms` (a
+//!   negative or malformed pushback stops retrying); every such retry draws on the process's retry budget.
+//!
+//! None starts past the call's deadline, which covers all attempts (each is sent with what is left of it, and
+//! `grpc-previous-rpc-attempts`).
 
 use std::{
     collections::HashSet,
@@ -30,9 +36,12 @@ use tower::{BoxError, Layer, Service, ServiceExt};
 use crate::{
     context::{GRPC_TIMEOUT, format_grpc_timeout, parse_grpc_timeout},
     error::layer_status,
-    layers::AttemptPolicy,
+    layers::{AttemptPolicy, NeverSent},
     retry::RetryBudget,
 };
+
+/// How many times one call that never left the client is sent again before its UNAVAILABLE is the answer.
+pub const NEVER_SENT_RETRIES: u32 = 4;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -119,16 +128,21 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let policy = match req.extensions().get::<AttemptPolicy>() {
-            Some(AttemptPolicy(p)) if unary_methods().contains(req.uri().path()) => p.clone(),
-            _ => return Box::pin(self.inner.call(req)),
-        };
+        if !unary_methods().contains(req.uri().path()) {
+            return Box::pin(self.inner.call(req));
+        }
+        let policy = req
+            .extensions()
+            .get::<AttemptPolicy>()
+            .map(|AttemptPolicy(p)| p.clone());
         // The readied service takes the first attempt; a clone stays for the next call.
         let clone = self.inner.clone();
         let mut svc = std::mem::replace(&mut self.inner, clone);
         let budget = self.budget.clone();
         Box::pin(async move {
-            budget.deposit();
+            if policy.is_some() {
+                budget.deposit();
+            }
             let (parts, body) = req.into_parts();
             let deadline = parts
                 .headers
@@ -143,28 +157,43 @@ where
                     return Ok(layer_status::unavailable(format!("request body: {e}")).into_http());
                 }
             };
-            let attempt_request = |n: u32| {
+            // Attempt `n` (1: the first to reach a server), sent again (`again`) or for the first time.
+            let attempt_request = |n: u32, again: bool| {
                 let mut r = Request::new(Body::new(Full::new(message.clone())));
                 *r.method_mut() = parts.method.clone();
                 *r.uri_mut() = parts.uri.clone();
                 *r.version_mut() = parts.version;
                 *r.headers_mut() = parts.headers.clone();
                 *r.extensions_mut() = parts.extensions.clone();
+                let h = r.headers_mut();
                 if n > 1 {
-                    let h = r.headers_mut();
                     h.insert("grpc-previous-rpc-attempts", HeaderValue::from(n - 1));
-                    if let Some(d) = deadline {
-                        let left = d.saturating_duration_since(Instant::now());
-                        if let Ok(v) = HeaderValue::from_str(&format_grpc_timeout(left)) {
-                            h.insert(GRPC_TIMEOUT, v);
-                        }
+                }
+                if (again || n > 1)
+                    && let Some(d) = deadline
+                {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if let Ok(v) = HeaderValue::from_str(&format_grpc_timeout(left)) {
+                        h.insert(GRPC_TIMEOUT, v);
                     }
                 }
                 r
             };
-            let mut n = 1;
-            let mut resp = svc.call(attempt_request(n)).await?;
+            let (mut n, mut never_sent) = (1, 0);
+            let mut resp = svc.call(attempt_request(n, false)).await?;
             loop {
+                if resp.extensions().get::<NeverSent>().is_some()
+                    && never_sent < NEVER_SENT_RETRIES
+                    && deadline.is_none_or(|d| Instant::now() < d)
+                {
+                    never_sent += 1;
+                    tracing::debug!(retry = never_sent, "sending again a call that never left");
+                    resp = svc.ready().await?.call(attempt_request(n, true)).await?;
+                    continue;
+                }
+                let Some(policy) = &policy else {
+                    return Ok(resp);
+                };
                 // Trailers-only (the status among the headers): the server committed to nothing.
                 let Some(code) = super::grpc_status(resp.headers()) else {
                     return Ok(resp);
@@ -186,7 +215,7 @@ where
                 tracing::debug!(attempt = n, wait = ?wait, code = ?code, "retrying per the service config");
                 tokio::time::sleep(wait).await;
                 n += 1;
-                resp = svc.ready().await?.call(attempt_request(n)).await?;
+                resp = svc.ready().await?.call(attempt_request(n, false)).await?;
             }
         })
     }

@@ -105,3 +105,57 @@ async fn client_keepalive_pings_an_idle_connection_at_the_configured_interval() 
     )
     .await;
 }
+
+/// The server's logged peer of the call with trace id `trace` on `p`, if `p` served it.
+fn logged_peer(p: &ServiceProcess, trace: &str) -> Option<String> {
+    p.lines().iter().find_map(|l| {
+        (l["message"] == "grpc call" && l["trace_id"] == trace && l["fields"]["side"] == "server")
+            .then(|| l["fields"]["peer"].as_str().unwrap_or_default().to_owned())
+    })
+}
+
+#[tokio::test]
+async fn an_instance_listed_again_after_leaving_discovery_gets_a_new_connection() {
+    let (p, q) = (echo_process(&[]), echo_process(&[]));
+    let (a, b) = (p.addr().await, q.addr().await);
+    let settings = keel_common::Settings::from_env("conn-test", &Env::default()).unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(Some(vec![a]));
+    let mut c =
+        EchoClient::new(ClientFactory::new(&settings, Metrics::disabled()).balanced("echo", rx));
+    let t = unique("relisted");
+    let first = peer_of_call(&p, &mut c, &format!("{t}-1")).await;
+    // `a` leaves discovery (a call goes to `b`, so the channel takes the change in), then is listed again.
+    tx.send(Some(vec![b])).unwrap();
+    peer_of_call(&q, &mut c, &format!("{t}-2")).await;
+    tx.send(Some(vec![a])).unwrap();
+    let again = peer_of_call(&p, &mut c, &format!("{t}-3")).await;
+    assert_ne!(
+        first, again,
+        "the connection of before it left is not used again"
+    );
+    assert!(logged_peer(&q, &format!("{t}-3")).is_none());
+}
+
+#[tokio::test]
+async fn a_call_whose_connection_is_refused_is_sent_to_another_instance() {
+    let p = echo_process(&[]);
+    let live = p.addr().await;
+    // Nothing listens on port 1; pick first tries the lowest address first, so the refused one.
+    let refused: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let mut c = client(
+        live,
+        &[
+            (
+                "KEEL_CLIENT__STATIC_ENDPOINTS",
+                &format!("echo={refused}|{live}"),
+            ),
+            (
+                "KEEL_CLIENT__SERVICE_CONFIG__ECHO",
+                r#"{"loadBalancingConfig":[{"pick_first":{}}]}"#,
+            ),
+        ],
+    );
+    let t = unique("refused");
+    // No retryPolicy: only the transparent retry of a call that never left the client sends it on.
+    peer_of_call(&p, &mut c, &t).await;
+}
