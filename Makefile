@@ -46,7 +46,7 @@ test-unit: ## tests that need no server (pure logic and generated code)
 	cargo test -p keel-protos
 
 bench: infra-install infra-up ## release service processes under ghz beside bare tonic servers and pgbench; prints a table. BENCH_ARGS="--duration 10s"
-	cargo build --release -p keel-bench -p echo -p cache -p accounts -p geo-search -p geo-loader
+	cargo build --release -p keel-bench -p echo -p cache -p accounts -p geo-search -p geo-loader -p killrvideo-server
 	$(WITH_INFRA) target/release/keel-bench $(BENCH_ARGS)
 
 lint: ## rustfmt, clippy and cargo-deny (licences, duplicate versions, sources: deny.toml), as CI runs them
@@ -88,9 +88,9 @@ chaos: ## faults under load on the fleet (make fleet-up first): the table of fig
 	cargo build -p keel-chaos
 	target/debug/keel-chaos run $(CHAOS_ARGS)
 
-chaos-test: infra-install ## the chaos scenarios, shortened, as a test: brings a fleet up (root) and down, fails on a missed target
+chaos-test: infra-install ## the chaos scenarios, shortened, as a test (also part of make test): brings a fleet up (root) and down, fails on a missed target
 	cargo build --workspace --bins
-	cargo test -p keel-chaos --test chaos -- --ignored --nocapture
+	cargo test -p keel-chaos --test chaos -- --nocapture
 
 deploy-files: ## render deploy/fleet.toml into deploy/{systemd,kubernetes,consul,kafka} (a test keeps them equal)
 	cargo run -q -p keel -- deploy --dir deploy

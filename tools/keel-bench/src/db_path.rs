@@ -11,13 +11,7 @@
 //!
 //! Columns: queries/s, the ratio to the first row, CPU µs of this process per query (`/proc/self/stat`).
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use keel_common::{context, db};
 use sqlx::{Executor, Row};
@@ -44,44 +38,14 @@ fn token(i: u64) -> String {
     format!("{:064x}", i % ACCOUNTS)
 }
 
-/// Runs `query` from `concurrency` tasks for 1 s, then `duration`: (queries/s, CPU µs per query).
+/// Runs `query` from `args.concurrency` tasks: (queries/s, CPU µs per query).
 async fn measure<F, Fut>(args: &Args, query: F) -> anyhow::Result<(f64, f64)>
 where
     F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<()>> + Send,
 {
-    let seq = Arc::new(AtomicU64::new(0));
-    let mut result = (0.0, 0.0);
-    for length in [Duration::from_secs(1), args.duration] {
-        let (started, cpu) = (
-            Instant::now(),
-            crate::procs::cpu_seconds_of(std::process::id()),
-        );
-        let until = started + length;
-        let tasks: Vec<_> = (0..args.concurrency)
-            .map(|_| {
-                let (query, seq) = (query.clone(), seq.clone());
-                tokio::spawn(async move {
-                    let mut n = 0u64;
-                    while Instant::now() < until {
-                        query(seq.fetch_add(1, Ordering::Relaxed)).await?;
-                        n += 1;
-                    }
-                    anyhow::Ok(n)
-                })
-            })
-            .collect();
-        let mut n = 0;
-        for t in tasks {
-            n += t.await??;
-        }
-        let cpu = crate::procs::cpu_seconds_of(std::process::id()) - cpu;
-        result = (
-            n as f64 / started.elapsed().as_secs_f64(),
-            cpu * 1e6 / n.max(1) as f64,
-        );
-    }
-    Ok(result)
+    let (m, cpu) = crate::load::in_process(args.concurrency, args.duration, query).await?;
+    Ok((m.rate, cpu))
 }
 
 /// Runs the rows and prints the table.

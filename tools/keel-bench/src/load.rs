@@ -1,11 +1,16 @@
 //! The load generators: ghz (the gRPC ecosystem's, <https://ghz.sh>) for the services and their bare baselines,
-//! pgbench for what the database itself serves of a service's query.
+//! pgbench for what the database itself serves of a service's query, and [`in_process`] for what pgbench
+//! cannot run (SQLite, the platform's pool).
 
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
@@ -115,16 +120,22 @@ pub fn ghz(
         .as_array()
         .map(|d| d.iter().filter_map(|x| x["latency"].as_f64()).collect())
         .unwrap_or_default();
-    latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len().max(1)) - 1;
-        latencies.get(i).copied().unwrap_or(0.0) / 1000.0
-    };
+    // ghz reports nanoseconds.
+    latencies.iter_mut().for_each(|l| *l /= 1000.0);
     Ok(Measured {
         calls: ok + errors,
         errors,
         rate: report["rps"].as_f64().unwrap_or(0.0),
-        latency_us: Some([pct(0.50), pct(0.99), pct(0.999)]),
+        latency_us: Some(percentiles(latencies)),
+    })
+}
+
+/// p50, p99 and p99.9 of `latencies` (nearest rank; zeros when empty).
+fn percentiles(mut latencies: Vec<f64>) -> [f64; 3] {
+    latencies.sort_by(f64::total_cmp);
+    [0.50, 0.99, 0.999].map(|p| {
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len().max(1)) - 1;
+        latencies.get(i).copied().unwrap_or(0.0)
     })
 }
 
@@ -165,4 +176,60 @@ pub fn pgbench(url: &str, script: &str, dir: &Path, shape: &Shape) -> anyhow::Re
         rate,
         latency_us: None,
     })
+}
+
+/// Runs `work(n)` (`n` counts up across tasks from 0) from `concurrency` tasks of this process for 1 s, then
+/// `duration`: what the second run measured (latency percentiles from every call), and this process's CPU µs
+/// per call. An error of `work` ends the run.
+///
+/// # Errors
+/// The first error `work` returns.
+pub async fn in_process<F, Fut>(
+    concurrency: usize,
+    duration: Duration,
+    work: F,
+) -> anyhow::Result<(Measured, f64)>
+where
+    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    let seq = Arc::new(AtomicU64::new(0));
+    let mut result = (Measured::default(), 0.0);
+    for length in [Duration::from_secs(1), duration] {
+        let (started, cpu) = (
+            Instant::now(),
+            crate::procs::cpu_seconds_of(std::process::id()),
+        );
+        let until = started + length;
+        let tasks: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let (work, seq) = (work.clone(), seq.clone());
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    while Instant::now() < until {
+                        let t = Instant::now();
+                        work(seq.fetch_add(1, Ordering::Relaxed)).await?;
+                        latencies.push(t.elapsed().as_secs_f64() * 1e6);
+                    }
+                    anyhow::Ok(latencies)
+                })
+            })
+            .collect();
+        let mut latencies = Vec::new();
+        for t in tasks {
+            latencies.extend(t.await??);
+        }
+        let cpu = crate::procs::cpu_seconds_of(std::process::id()) - cpu;
+        let n = latencies.len() as u64;
+        result = (
+            Measured {
+                calls: n,
+                errors: 0,
+                rate: n as f64 / started.elapsed().as_secs_f64(),
+                latency_us: Some(percentiles(latencies)),
+            },
+            cpu * 1e6 / n.max(1) as f64,
+        );
+    }
+    Ok(result)
 }

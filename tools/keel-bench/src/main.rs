@@ -4,7 +4,8 @@
 //! - the platform's overhead: a bare tonic server of the same proto with none of our layers
 //!   (`keel-bench bare`), target ≥ 0.9× its calls/s;
 //! - a database-bound RPC: pgbench running the service's own query on the same PostgreSQL (prepared
-//!   statements), target ≥ 0.5× its transactions/s.
+//!   statements), target ≥ 0.5× its transactions/s; for the KillrVideo server on SQLite, the same statements
+//!   run in process on its files ([`killrvideo`]).
 //!
 //! Columns: calls/s, the ratio and its target, latency p50/p99/p99.9 (µs, from every call ghz recorded),
 //! errors, server CPU-seconds per 1,000 calls (`/proc/<pid>/stat`), idle and peak resident memory (MiB;
@@ -15,6 +16,7 @@
 mod bare;
 mod client_stack;
 mod db_path;
+mod killrvideo;
 mod load;
 mod procs;
 
@@ -312,6 +314,15 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         push_pair(&mut rows, base, ours, 0.5);
     }
     drop(geo);
+
+    eprintln!("killrvideo");
+    let pairs = killrvideo::rows(&dir, &shape, |addr, method, data| {
+        call(addr, method, data, None)
+    })
+    .await?;
+    for (base, ours) in pairs {
+        push_pair(&mut rows, base, ours, 0.5);
+    }
 
     print(&rows, &shape);
     for db in databases {
