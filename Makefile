@@ -46,7 +46,7 @@ test-unit: ## tests that need no server (pure logic and generated code)
 	cargo test -p keel-protos
 
 bench: infra-install infra-up ## release service processes under ghz beside bare tonic servers and pgbench; prints a table. BENCH_ARGS="--duration 10s"
-	cargo build --release -p keel-bench -p echo -p cache -p accounts -p geo-search -p geo-loader -p killrvideo-server
+	cargo build --release --bins
 	$(WITH_INFRA) target/release/keel-bench $(BENCH_ARGS)
 
 lint: ## rustfmt, clippy and cargo-deny (licences, duplicate versions, sources: deny.toml), as CI runs them
@@ -70,9 +70,10 @@ infra-down: ## stop the servers started by infra-up
 infra-status: ## which servers are up, where
 	$(INFRA) status
 
-up: infra-install infra-up build ## local cluster: the servers plus every service as its own process, in Consul
+up: infra-install infra-up ## local cluster: the servers plus every service as its own process (release builds), in Consul
+	cargo build --release --bins
 	$(WITH_INFRA) scripts/cluster.sh start
-	$(WITH_INFRA) target/debug/keel dashboards --load "$$KEEL_GRAPHITE_URL"
+	$(WITH_INFRA) target/release/keel dashboards --load "$$KEEL_GRAPHITE_URL"
 
 fleet-up: infra-install ## a fleet of machines as network namespaces (root): 3 Consul servers, 3 Kafka brokers, PostgreSQL, ops, every service of deploy/fleet.toml spread over 3 app machines
 	cargo build --workspace --bins

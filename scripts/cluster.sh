@@ -12,6 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${KEEL_RUN_DIR:-/var/tmp/keel}/cluster
 INSTANCES=${INSTANCES:-2}
+# Release builds, as deployed (`make up` builds them); KEEL_BIN_DIR=target/debug for debug ones.
+BIN=${KEEL_BIN_DIR:-target/release}
 SERVICES=(echo video-lab user-management video-catalog comments ratings statistics search suggested-videos uploads accounts cache geo-search)
 mkdir -p "$RUN"
 
@@ -24,6 +26,9 @@ start() {
   [[ -s $token_file ]] || (umask 077; head -c 32 /dev/urandom | base64 | tr -d '/+=\n' >"$token_file")
   local admin_token; admin_token=$(cat "$token_file")
   for svc in "${SERVICES[@]}"; do
+    [[ -x $BIN/$svc ]] || { echo "$BIN/$svc is missing: build it first (make up does: cargo build --release --bins)" >&2; exit 1; }
+  done
+  for svc in "${SERVICES[@]}"; do
     local db=kv_${svc//-/_}
     psql "$admin" -qtAc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1 \
       || psql "$admin" -qc "CREATE DATABASE $db" >/dev/null
@@ -33,7 +38,7 @@ start() {
       KEEL_CONSUL__DNS_ADDR=$KEEL_CONSUL_DNS_ADDR KEEL_KAFKA__BROKERS=$KEEL_KAFKA_BROKERS \
         KEEL_STATSD__ADDR=$KEEL_STATSD_ADDR KEEL_DATABASE__URL="${admin%/*}/$db" \
         KEEL_ACCOUNTS__ADMIN_TOKEN=$admin_token KEEL_CACHE__ACCOUNTS_TOKEN=$admin_token \
-        nohup "target/debug/$svc" >"$RUN/$svc-$i.log" 2>&1 &
+        nohup "$BIN/$svc" >"$RUN/$svc-$i.log" 2>&1 &
       echo $! >"$pidf"
       echo "started $svc #$i (pid $!, log $RUN/$svc-$i.log)"
     done

@@ -5,7 +5,8 @@
 //!   (`keel-bench bare`), target ≥ 0.9× its calls/s;
 //! - a database-bound RPC: pgbench running the service's own query on the same PostgreSQL (prepared
 //!   statements), target ≥ 0.5× its transactions/s; for the KillrVideo server on SQLite, the same statements
-//!   run in process on its files ([`killrvideo`]).
+//!   run in process on its files ([`killrvideo`]); for the `make up` cluster, called through Consul DNS
+//!   ([`cluster`]), pgbench again.
 //!
 //! Columns: calls/s, the ratio and its target, latency p50/p99/p99.9 (µs, from every call ghz recorded),
 //! errors, server CPU-seconds per 1,000 calls (`/proc/<pid>/stat`), idle and peak resident memory (MiB;
@@ -15,6 +16,7 @@
 
 mod bare;
 mod client_stack;
+mod cluster;
 mod db_path;
 mod killrvideo;
 mod load;
@@ -323,6 +325,11 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
     for (base, ours) in pairs {
         push_pair(&mut rows, base, ours, 0.5);
     }
+
+    eprintln!("make up cluster");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let (base, ours) = cluster::rows(&root, &dir, &shape).await?;
+    push_pair(&mut rows, base, ours, 0.5);
 
     print(&rows, &shape);
     for db in databases {

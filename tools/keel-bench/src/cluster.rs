@@ -1,0 +1,178 @@
+//! The `make up` row of `make bench`: KillrVideo's GetVideo on the local cluster (`scripts/cluster.sh`: every
+//! service as its own release process, two instances each, registered in Consul, each with its PostgreSQL
+//! database, logs to Kafka and metrics to StatsD), called as a peer service calls it: through the platform's
+//! client channel, which finds the instances through Consul DNS and balances between them (p2c). The load runs
+//! in this process at the run's concurrency; beside it, pgbench running GetVideo's query on video-catalog's
+//! database, target ≥ 0.5×.
+//!
+//! A cluster already running (`make up`) is used as it is and left running; otherwise this starts one and
+//! stops it after.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{Context, bail};
+use keel_common::{ClientFactory, Metrics, Settings, config::Env};
+use keel_protos::killrvideo::{
+    common::Uuid as PbUuid,
+    video_catalog::{
+        GetVideoRequest, SubmitYouTubeVideoRequest,
+        video_catalog_service_client::VideoCatalogServiceClient,
+    },
+};
+
+use crate::{
+    Row, baseline,
+    load::{Shape, in_process, pgbench},
+};
+
+/// The cluster of `scripts/cluster.sh`, stopped on drop if this started it.
+struct Cluster {
+    script: std::path::PathBuf,
+    started: bool,
+}
+
+impl Cluster {
+    fn up(root: &Path) -> anyhow::Result<Self> {
+        let script = root.join("scripts/cluster.sh");
+        let status = Command::new(&script).arg("status").output()?;
+        let running = String::from_utf8_lossy(&status.stdout)
+            .lines()
+            .any(|l| l.starts_with("video-catalog-1 ") && l.contains("up (pid"));
+        if !running {
+            let out = Command::new(&script)
+                .arg("start")
+                .env(
+                    "KEEL_BIN_DIR",
+                    crate::procs::sibling("video-catalog")?.with_file_name(""),
+                )
+                .output()
+                .context("scripts/cluster.sh start")?;
+            if !out.status.success() {
+                bail!(
+                    "scripts/cluster.sh start: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        Ok(Self {
+            script,
+            started: !running,
+        })
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.started {
+            let _ = Command::new(&self.script).arg("stop").output();
+        }
+    }
+}
+
+/// `(pgbench's baseline, the cluster's row)`.
+///
+/// # Errors
+/// The cluster does not start or its video-catalog never answers; pgbench fails.
+pub async fn rows(root: &Path, dir: &Path, shape: &Shape) -> anyhow::Result<(Row, Row)> {
+    let admin = std::env::var("KEEL_DATABASE_URL").context("KEEL_DATABASE_URL")?;
+    let _cluster = Cluster::up(root)?;
+    let mut env = Env::default();
+    for k in ["CONSUL_HTTP_ADDR", "KEEL_CONSUL__DNS_ADDR"] {
+        env = env.with(
+            k,
+            std::env::var(k).with_context(|| format!("{k} is not set"))?,
+        );
+    }
+    let settings = Settings::from_env("keel-bench", &env).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let clients = ClientFactory::new(&settings, Metrics::disabled());
+    let client = VideoCatalogServiceClient::new(clients.channel("video-catalog")?);
+    let video = PbUuid {
+        value: uuid::Uuid::new_v4().to_string(),
+    };
+    // The instances register as they come up: submit once they answer.
+    let started = std::time::Instant::now();
+    loop {
+        let submitted = client
+            .clone()
+            .submit_you_tube_video(SubmitYouTubeVideoRequest {
+                video_id: Some(video.clone()),
+                user_id: Some(PbUuid {
+                    value: uuid::Uuid::new_v4().to_string(),
+                }),
+                name: "bench video".into(),
+                description: "a video of the benchmark".into(),
+                tags: vec!["bench".into()],
+                you_tube_video_id: "dQw4w9WgXcQ".into(),
+            })
+            .await;
+        match submitted {
+            Ok(_) => break,
+            Err(e) if started.elapsed() > Duration::from_secs(120) => {
+                bail!("video-catalog of the cluster does not answer: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+    let pids = pids("video-catalog");
+    let cpu = |pids: &[u32]| {
+        pids.iter()
+            .map(|p| crate::procs::cpu_seconds_of(*p))
+            .sum::<f64>()
+    };
+    let before = cpu(&pids);
+    let request = GetVideoRequest {
+        video_id: Some(video.clone()),
+    };
+    let (measured, _) = in_process(shape.concurrency, shape.duration, move |_| {
+        let (mut client, request) = (client.clone(), request.clone());
+        async move {
+            client.get_video(request).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let used = cpu(&pids) - before;
+    eprintln!("  make up cluster GetVideo: {:.0} calls/s", measured.rate);
+    // Both runs of `in_process` (warm-up and measure) used the CPU: count its calls at the measured rate.
+    let calls = measured.rate * (shape.duration.as_secs_f64() + 1.0);
+    let ours = Row {
+        name: format!(
+            "KillrVideo GetVideo, `make up` cluster ({} instances via Consul DNS, PostgreSQL)",
+            pids.len()
+        ),
+        cpu_per_1k: (calls > 0.0).then(|| used * 1000.0 / calls),
+        measured,
+        against: None,
+        rss: None,
+    };
+    let db = format!(
+        "{}/kv_video_catalog",
+        admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b)
+    );
+    let base = baseline(
+        "pgbench: GetVideo's query (baseline)",
+        pgbench(
+            &db,
+            &format!(
+                "SELECT videoid, userid, name, description, location, location_type, preview_image_location, \
+                 tags, added_ms FROM videos WHERE videoid = '{}';\n",
+                video.value
+            ),
+            dir,
+            shape,
+        )?,
+    );
+    Ok((base, ours))
+}
+
+/// The pids of `service`'s instances in the cluster's run directory.
+fn pids(service: &str) -> Vec<u32> {
+    let run = std::env::var("KEEL_RUN_DIR").map_or_else(
+        |_| Path::new("/var/tmp/keel").join("cluster"),
+        |d| Path::new(&d).join("cluster"),
+    );
+    (1..=9)
+        .filter_map(|i| std::fs::read_to_string(run.join(format!("{service}-{i}.pid"))).ok())
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
+}
