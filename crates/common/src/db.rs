@@ -148,16 +148,22 @@ async fn open(
             std::fs::create_dir_all(dir)?;
         }
     }
-    let pool = AnyPoolOptions::new()
+    let mut options = AnyPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(acquire_timeout)
-        .test_before_acquire(backend == Backend::Sqlite || statement_timeout.is_none())
-        .before_acquire(move |conn, _| {
+        // A connection is checked when taken only on PostgreSQL without a statement timeout: with one, the
+        // `SET` is the check; an SQLite connection is a file of this process and never hangs up (its ping is
+        // a round trip to the connection's worker thread, two context switches per query for nothing).
+        .test_before_acquire(backend == Backend::Postgres && statement_timeout.is_none());
+    if backend == Backend::Postgres && statement_timeout.is_some() {
+        options = options.before_acquire(move |conn, _| {
             Box::pin(async move {
                 set_statement_timeout(conn, backend, statement_timeout).await?;
                 Ok(true)
             })
-        })
+        });
+    }
+    let pool = options
         .after_connect(move |conn, _| {
             Box::pin(async move {
                 // A new connection skips `before_acquire`: it gets its first timeout here.

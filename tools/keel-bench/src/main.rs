@@ -47,6 +47,24 @@ struct Cli {
     /// gRPC connections the calls share.
     #[arg(long, default_value_t = 4)]
     connections: usize,
+    /// Only these sections (comma separated; all when unset).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Section>,
+}
+
+/// The sections of the table, in order.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Section {
+    /// echo beside a bare tonic server, as benched, as deployed, without the call log line.
+    Echo,
+    /// cache Store and Get beside a bare tonic server; accounts GetByToken beside pgbench.
+    Cache,
+    /// geo-search's point and name searches beside pgbench.
+    Geo,
+    /// The embedded KillrVideo server's RPCs beside SQLite.
+    Killrvideo,
+    /// KillrVideo GetVideo on the `make up` cluster through Consul DNS beside pgbench.
+    Cluster,
 }
 
 #[derive(Subcommand, Debug)]
@@ -129,207 +147,220 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
     let call = |addr, method: &str, data: &str, meta: Option<&str>| {
         load::ghz(&ghz, &protoset, addr, method, data, meta, &shape)
     };
+    let on = |s: Section| cli.only.is_empty() || cli.only.contains(&s);
 
-    eprintln!("echo");
-    let echo = r#"{"message":"bench"}"#;
-    let bare = Proc::start(&bench, &["bare", "--proto", "echo"], &[], &dir, "bare-echo")?;
-    let base = row(
-        "bare tonic Echo (baseline)",
-        &bare,
-        bare.rss_mib().0,
-        || call(bare.addr, "keel.example.v1.Echo/Echo", echo, None),
-    )?;
-    drop(bare);
-    // The platform as the bench runs it (stdout logs, StatsD counted but not sent), then as deployed (StatsD
-    // and the Kafka log shipper of infra.sh), then without the call log line: each layer's share.
-    let deployed = [
-        (
-            "KEEL_STATSD__ADDR",
-            std::env::var("KEEL_STATSD_ADDR").unwrap_or_default(),
-        ),
-        (
-            "KEEL_KAFKA__BROKERS",
-            std::env::var("KEEL_KAFKA_BROKERS").unwrap_or_default(),
-        ),
-    ];
-    let quiet = [("KEEL_LOG__LEVEL", "info,keel::calls=warn".to_owned())];
-    let variants: [(&str, &[(&str, String)]); 3] = [
-        ("echo Echo", &[]),
-        ("echo Echo, StatsD and Kafka logs on", &deployed),
-        ("echo Echo, no call log line", &quiet),
-    ];
-    let base_rate = base.measured.rate;
-    rows.push(base);
-    for (name, env) in variants {
-        let svc = Proc::start(&sibling("echo")?, &[], env, &dir, "echo")?;
-        let idle = svc.rss_mib().0;
-        let mut ours = row(name, &svc, idle, || {
-            call(svc.addr, "keel.example.v1.Echo/Echo", echo, None)
-        })?;
-        drop(svc);
-        ours.against = Some((base_rate, 0.9));
-        rows.push(ours);
-    }
-
-    eprintln!("cache");
-    let value = "YmVuY2ggdmFsdWUgYmVuY2ggdmFsdWUgYmVuY2ggdmFsdWU=";
-    let accounts_db = database(&pg, "accounts")?;
-    databases.push(accounts_db.clone());
-    let accounts = Proc::start(
-        &sibling("accounts")?,
-        &[],
-        &[
-            ("KEEL_DATABASE__URL", accounts_db.clone()),
-            ("KEEL_ACCOUNTS__ADMIN_TOKEN", ADMIN_TOKEN.into()),
-        ],
-        &dir,
-        "accounts",
-    )?;
-    let token = create_account(accounts.addr).await?;
-    let store = |token: &str| {
-        format!(r#"{{"key":"k{{{{.RequestNumber}}}}","val":"{value}","account_token":"{token}"}}"#)
-    };
-    let get = |token: &str| format!(r#"{{"key":"hot","account_token":"{token}"}}"#);
-    let bare = Proc::start(
-        &bench,
-        &["bare", "--proto", "cache"],
-        &[],
-        &dir,
-        "bare-cache",
-    )?;
-    let idle = bare.rss_mib().0;
-    let base_store = row(
-        "bare tonic Cache.Store, new keys (baseline)",
-        &bare,
-        idle,
-        || call(bare.addr, "rpc.Cache/Store", &store(&token), None),
-    )?;
-    call(
-        bare.addr,
-        "rpc.Cache/Store",
-        &store(&token).replace("k{{.RequestNumber}}", "hot"),
-        None,
-    )?;
-    let base_get = row("bare tonic Cache.Get (baseline)", &bare, idle, || {
-        call(bare.addr, "rpc.Cache/Get", &get(&token), None)
-    })?;
-    drop(bare);
-    let cache = Proc::start(
-        &sibling("cache")?,
-        &[],
-        &[
+    if on(Section::Echo) {
+        eprintln!("echo");
+        let echo = r#"{"message":"bench"}"#;
+        let bare = Proc::start(&bench, &["bare", "--proto", "echo"], &[], &dir, "bare-echo")?;
+        let base = row(
+            "bare tonic Echo (baseline)",
+            &bare,
+            bare.rss_mib().0,
+            || call(bare.addr, "keel.example.v1.Echo/Echo", echo, None),
+        )?;
+        drop(bare);
+        // The platform as the bench runs it (stdout logs, StatsD counted but not sent), then as deployed (StatsD
+        // and the Kafka log shipper of infra.sh), then without the call log line: each layer's share.
+        let deployed = [
             (
-                "KEEL_CLIENT__STATIC_ENDPOINTS",
-                format!("accounts={}", accounts.addr),
+                "KEEL_STATSD__ADDR",
+                std::env::var("KEEL_STATSD_ADDR").unwrap_or_default(),
             ),
-            ("KEEL_CACHE__ACCOUNTS_TOKEN", ADMIN_TOKEN.into()),
-            ("KEEL_CACHE__MAX_BYTES", (1u64 << 31).to_string()),
-        ],
-        &dir,
-        "cache",
-    )?;
-    let idle = cache.rss_mib().0;
-    let ours_store = row("cache Store, new keys", &cache, idle, || {
-        call(cache.addr, "rpc.Cache/Store", &store(&token), None)
-    })?;
-    call(
-        cache.addr,
-        "rpc.Cache/Store",
-        &store(&token).replace("k{{.RequestNumber}}", "hot"),
-        None,
-    )?;
-    let ours_get = row("cache Get", &cache, idle, || {
-        call(cache.addr, "rpc.Cache/Get", &get(&token), None)
-    })?;
-    drop(cache);
-    push_pair(&mut rows, base_store, ours_store, 0.9);
-    push_pair(&mut rows, base_get, ours_get, 0.9);
+            (
+                "KEEL_KAFKA__BROKERS",
+                std::env::var("KEEL_KAFKA_BROKERS").unwrap_or_default(),
+            ),
+        ];
+        let quiet = [("KEEL_LOG__LEVEL", "info,keel::calls=warn".to_owned())];
+        let variants: [(&str, &[(&str, String)]); 3] = [
+            ("echo Echo", &[]),
+            ("echo Echo, StatsD and Kafka logs on", &deployed),
+            ("echo Echo, no call log line", &quiet),
+        ];
+        let base_rate = base.measured.rate;
+        rows.push(base);
+        for (name, env) in variants {
+            let svc = Proc::start(&sibling("echo")?, &[], env, &dir, "echo")?;
+            let idle = svc.rss_mib().0;
+            let mut ours = row(name, &svc, idle, || {
+                call(svc.addr, "keel.example.v1.Echo/Echo", echo, None)
+            })?;
+            drop(svc);
+            ours.against = Some((base_rate, 0.9));
+            rows.push(ours);
+        }
+    }
 
-    eprintln!("accounts");
-    let hash = psql(&accounts_db, "SELECT token_hash FROM accounts LIMIT 1")?;
-    let base = baseline(
-        "pgbench: GetByToken's query (baseline)",
-        load::pgbench(
-            &accounts_db,
-            &format!(
-                "SELECT id, name, max_cache_keys, used_cache_keys, token_hash FROM accounts WHERE token_hash = '{hash}';\n"
-            ),
+    if on(Section::Cache) {
+        eprintln!("cache");
+        let value = "YmVuY2ggdmFsdWUgYmVuY2ggdmFsdWUgYmVuY2ggdmFsdWU=";
+        let accounts_db = database(&pg, "accounts")?;
+        databases.push(accounts_db.clone());
+        let accounts = Proc::start(
+            &sibling("accounts")?,
+            &[],
+            &[
+                ("KEEL_DATABASE__URL", accounts_db.clone()),
+                ("KEEL_ACCOUNTS__ADMIN_TOKEN", ADMIN_TOKEN.into()),
+            ],
             &dir,
-            &shape,
-        )?,
-    );
-    let idle = accounts.rss_mib().0;
-    let ours = row("accounts GetByToken (PostgreSQL)", &accounts, idle, || {
+            "accounts",
+        )?;
+        let token = create_account(accounts.addr).await?;
+        let store = |token: &str| {
+            format!(
+                r#"{{"key":"k{{{{.RequestNumber}}}}","val":"{value}","account_token":"{token}"}}"#
+            )
+        };
+        let get = |token: &str| format!(r#"{{"key":"hot","account_token":"{token}"}}"#);
+        let bare = Proc::start(
+            &bench,
+            &["bare", "--proto", "cache"],
+            &[],
+            &dir,
+            "bare-cache",
+        )?;
+        let idle = bare.rss_mib().0;
+        let base_store = row(
+            "bare tonic Cache.Store, new keys (baseline)",
+            &bare,
+            idle,
+            || call(bare.addr, "rpc.Cache/Store", &store(&token), None),
+        )?;
         call(
-            accounts.addr,
-            "rpc.Accounts/GetByToken",
-            &format!(r#"{{"token":"{token}"}}"#),
+            bare.addr,
+            "rpc.Cache/Store",
+            &store(&token).replace("k{{.RequestNumber}}", "hot"),
             None,
-        )
-    })?;
-    drop(accounts);
-    push_pair(&mut rows, base, ours, 0.5);
-
-    eprintln!("geo-search");
-    let geo_db = database(&pg, "geo")?;
-    databases.push(geo_db.clone());
-    psql(
-        &geo_db,
-        "CREATE EXTENSION IF NOT EXISTS postgis; CREATE EXTENSION IF NOT EXISTS pg_trgm",
-    )?;
-    let geo = Proc::start(
-        &sibling("geo-search")?,
-        &[],
-        &[("KEEL_DATABASE__URL", geo_db.clone())],
-        &dir,
-        "geo-search",
-    )?;
-    load_countries(geo.addr)?;
-    let idle = geo.rss_mib().0;
-    // Each search beside pgbench running its statement: a point in Paris (France, a multipolygon of ~300
-    // vertices at 110m, holds it); "land" (Finland, Iceland, Poland, Thailand… 11 of the 177: one page of 10
-    // and has_more).
-    let searches = [
-        (
-            "point",
-            "\\set lng 2.3522\n\\set lat 48.8566\n\
-             SELECT id, name FROM things WHERE ST_Contains(geom, ST_SetSRID(ST_MakePoint(:lng, :lat), 4326)) \
-             ORDER BY name, id LIMIT 11 OFFSET 0;\n",
-            r#"{"lat":48.8566,"lng":2.3522,"result_per_page":10}"#,
-        ),
-        (
-            "name",
-            "\\set page 11\n\
-             SELECT id, name FROM things WHERE name ILIKE '%land%' ORDER BY name, id LIMIT :page OFFSET 0;\n",
-            r#"{"query":"land","any_location":true,"result_per_page":10}"#,
-        ),
-    ];
-    for (kind, script, request) in searches {
-        let base = baseline(
-            &format!("pgbench: {kind} search's query (baseline)"),
-            load::pgbench(&geo_db, script, &dir, &shape)?,
-        );
-        let name = format!("geo-search search, a {kind} (177 countries)");
-        let ours = row(&name, &geo, idle, || {
-            call(geo.addr, "Search/search", request, None)
+        )?;
+        let base_get = row("bare tonic Cache.Get (baseline)", &bare, idle, || {
+            call(bare.addr, "rpc.Cache/Get", &get(&token), None)
         })?;
+        drop(bare);
+        let cache = Proc::start(
+            &sibling("cache")?,
+            &[],
+            &[
+                (
+                    "KEEL_CLIENT__STATIC_ENDPOINTS",
+                    format!("accounts={}", accounts.addr),
+                ),
+                ("KEEL_CACHE__ACCOUNTS_TOKEN", ADMIN_TOKEN.into()),
+                ("KEEL_CACHE__MAX_BYTES", (1u64 << 31).to_string()),
+            ],
+            &dir,
+            "cache",
+        )?;
+        let idle = cache.rss_mib().0;
+        let ours_store = row("cache Store, new keys", &cache, idle, || {
+            call(cache.addr, "rpc.Cache/Store", &store(&token), None)
+        })?;
+        call(
+            cache.addr,
+            "rpc.Cache/Store",
+            &store(&token).replace("k{{.RequestNumber}}", "hot"),
+            None,
+        )?;
+        let ours_get = row("cache Get", &cache, idle, || {
+            call(cache.addr, "rpc.Cache/Get", &get(&token), None)
+        })?;
+        drop(cache);
+        push_pair(&mut rows, base_store, ours_store, 0.9);
+        push_pair(&mut rows, base_get, ours_get, 0.9);
+
+        eprintln!("accounts");
+        let hash = psql(&accounts_db, "SELECT token_hash FROM accounts LIMIT 1")?;
+        let base = baseline(
+            "pgbench: GetByToken's query (baseline)",
+            load::pgbench(
+                &accounts_db,
+                &format!(
+                    "SELECT id, name, max_cache_keys, used_cache_keys, token_hash FROM accounts WHERE token_hash = '{hash}';\n"
+                ),
+                &dir,
+                &shape,
+            )?,
+        );
+        let idle = accounts.rss_mib().0;
+        let ours = row("accounts GetByToken (PostgreSQL)", &accounts, idle, || {
+            call(
+                accounts.addr,
+                "rpc.Accounts/GetByToken",
+                &format!(r#"{{"token":"{token}"}}"#),
+                None,
+            )
+        })?;
+        drop(accounts);
         push_pair(&mut rows, base, ours, 0.5);
     }
-    drop(geo);
 
-    eprintln!("killrvideo");
-    let pairs = killrvideo::rows(&dir, &shape, |addr, method, data| {
-        call(addr, method, data, None)
-    })
-    .await?;
-    for (base, ours) in pairs {
-        push_pair(&mut rows, base, ours, 0.5);
+    if on(Section::Geo) {
+        eprintln!("geo-search");
+        let geo_db = database(&pg, "geo")?;
+        databases.push(geo_db.clone());
+        psql(
+            &geo_db,
+            "CREATE EXTENSION IF NOT EXISTS postgis; CREATE EXTENSION IF NOT EXISTS pg_trgm",
+        )?;
+        let geo = Proc::start(
+            &sibling("geo-search")?,
+            &[],
+            &[("KEEL_DATABASE__URL", geo_db.clone())],
+            &dir,
+            "geo-search",
+        )?;
+        load_countries(geo.addr)?;
+        let idle = geo.rss_mib().0;
+        // Each search beside pgbench running its statement: a point in Paris (France, a multipolygon of ~300
+        // vertices at 110m, holds it); "land" (Finland, Iceland, Poland, Thailand… 11 of the 177: one page of 10
+        // and has_more).
+        let searches = [
+            (
+                "point",
+                "\\set lng 2.3522\n\\set lat 48.8566\n\
+                 SELECT id, name FROM things WHERE ST_Contains(geom, ST_SetSRID(ST_MakePoint(:lng, :lat), 4326)) \
+                 ORDER BY name, id LIMIT 11 OFFSET 0;\n",
+                r#"{"lat":48.8566,"lng":2.3522,"result_per_page":10}"#,
+            ),
+            (
+                "name",
+                "\\set page 11\n\
+                 SELECT id, name FROM things WHERE name ILIKE '%land%' ORDER BY name, id LIMIT :page OFFSET 0;\n",
+                r#"{"query":"land","any_location":true,"result_per_page":10}"#,
+            ),
+        ];
+        for (kind, script, request) in searches {
+            let base = baseline(
+                &format!("pgbench: {kind} search's query (baseline)"),
+                load::pgbench(&geo_db, script, &dir, &shape)?,
+            );
+            let name = format!("geo-search search, a {kind} (177 countries)");
+            let ours = row(&name, &geo, idle, || {
+                call(geo.addr, "Search/search", request, None)
+            })?;
+            push_pair(&mut rows, base, ours, 0.5);
+        }
+        drop(geo);
     }
 
-    eprintln!("make up cluster");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let (base, ours) = cluster::rows(&root, &dir, &shape).await?;
-    push_pair(&mut rows, base, ours, 0.5);
+    if on(Section::Killrvideo) {
+        eprintln!("killrvideo");
+        let pairs = killrvideo::rows(&dir, &shape, |addr, method, data| {
+            call(addr, method, data, None)
+        })
+        .await?;
+        for (base, ours) in pairs {
+            push_pair(&mut rows, base, ours, 0.5);
+        }
+    }
+
+    if on(Section::Cluster) {
+        eprintln!("make up cluster");
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let (base, ours) = cluster::rows(&root, &dir, &shape).await?;
+        push_pair(&mut rows, base, ours, 0.5);
+    }
 
     print(&rows, &shape);
     for db in databases {
