@@ -4,8 +4,10 @@
 //! transactions, on the same file, from as many tasks as ghz has calls in flight, through sqlx's typed SQLite
 //! pool with the platform's settings: WAL, 5 s busy timeout, 8 connections), target ≥ 0.5× its rate.
 //!
-//! Order matters: SubmitYouTubeVideo first, so the reads that follow run on the thousands of videos it added
-//! (all tagged `bench`: SearchVideos' query matches every one of them, a worst case for its ranking).
+//! Order matters: SubmitYouTubeVideo first, so the reads that follow run on the thousands of videos it added,
+//! each tagged one of `tag0`…`tag99` at random: SearchVideos' query (`tag7`) matches about 1% of them. (A term
+//! every video carries costs SQLite ~7 µs of CPU per matching video to rank, the service as much: ~80 ms per
+//! search at 12,000 matches.)
 
 use std::{path::Path, str::FromStr, time::Duration};
 
@@ -85,7 +87,7 @@ pub async fn rows(
 
     // SubmitYouTubeVideo: a new video per call.
     let submit = format!(
-        r#"{{"video_id":{{"value":"{{{{newUUID}}}}"}},"user_id":{{"value":"{user}"}},"name":"bench video {{{{.RequestNumber}}}}","description":"a video of the benchmark","tags":["bench"],"you_tube_video_id":"{YOUTUBE_ID}"}}"#
+        r#"{{"video_id":{{"value":"{{{{newUUID}}}}"}},"user_id":{{"value":"{user}"}},"name":"bench video {{{{.RequestNumber}}}}","description":"a video of the benchmark","tags":["bench","tag{{{{randomInt 0 100}}}}"],"you_tube_video_id":"{YOUTUBE_ID}"}}"#
     );
     let ours = row("KillrVideo SubmitYouTubeVideo", &server, idle, || {
         call(
@@ -177,12 +179,12 @@ pub async fn rows(
     };
     out.push((base, ours));
 
-    // SearchVideos: "bench" matches every submitted video; the first page of 10 (+1).
+    // SearchVideos: one tag of a hundred; the first page of 10 (+1).
     let ours = row("KillrVideo SearchVideos", &server, idle, || {
         call(
             server.addr,
             "killrvideo.search.SearchService/SearchVideos",
-            r#"{"query":"bench","page_size":10}"#,
+            r#"{"query":"tag7","page_size":10}"#,
         )
     })?;
     let search = pool(&data, "search").await?;
@@ -197,12 +199,12 @@ pub async fn rows(
                      GROUP BY v.videoid, v.added_ms, v.name, v.preview_image_location, v.userid \
                      ORDER BY COUNT(*) DESC, SUM(t.weight) DESC, v.added_ms DESC, v.videoid LIMIT $2 OFFSET $3",
                 )
-                .bind("bench")
+                .bind("tag7")
                 .bind(11i64)
                 .bind(0i64)
                 .fetch_all(&pool)
                 .await?;
-                anyhow::ensure!(rows.len() == 11, "search: {} rows", rows.len());
+                anyhow::ensure!(!rows.is_empty(), "search: no video tagged tag7");
                 Ok(())
             }
         })

@@ -3,8 +3,8 @@
 //! (their request is one message, buffered to be sent again):
 //! - a call that never left the client ([`NeverSent`]: its endpoint's connection could not be made) is sent
 //!   again at once, whatever the method and with or without a `retryPolicy`, up to [`NEVER_SENT_RETRIES`]
-//!   times: the endpoint that refused it is ejected by then, so the balancer picks another (A6, "Transparent
-//!   retries": such an RPC "may be retried"; these do not count as attempts and draw on no budget);
+//!   times: the endpoint that refused it is ejected by then, so the balancer picks another (A6's transparent
+//!   retry of an RPC that never left the client; here not counted as attempts, drawing on no budget);
 //! - for calls whose service config has a `retryPolicy` ([`AttemptPolicy`](super::AttemptPolicy)), an attempt
 //!   is retried only when its answer is trailers-only (the server committed to nothing: the status comes in
 //!   the headers) with a status of `retryableStatusCodes`; the wait is random below
