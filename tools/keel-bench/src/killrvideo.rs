@@ -1,7 +1,7 @@
 //! The KillrVideo rows of `make bench`: the embedded server (`killrvideo-server`: the eight services in one
 //! process, one SQLite file each, events on the in-process bus), as `make run` starts it, under ghz; each RPC
-//! beside SQLite itself running the statements of the storage behind it (the same SQL, in the same
-//! transactions, on the same file, from as many tasks as ghz has calls in flight, through sqlx's typed SQLite
+//! beside SQLite itself running the statements of the storage behind it (the same SQL, the services' own
+//! constants where the statement is fixed text, in the same transactions, on the same file, from as many tasks as ghz has calls in flight, through sqlx's typed SQLite
 //! pool with the platform's settings: WAL, 5 s busy timeout, 8 connections), target ≥ 0.5× its rate.
 //!
 //! Order matters: SubmitYouTubeVideo first, so the reads that follow run on the thousands of videos it added,
@@ -16,6 +16,9 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions},
 };
 
+use ratings::statements as rating;
+use video_catalog::statements as catalog;
+
 use crate::{
     Row, baseline,
     load::{Measured, Shape, in_process},
@@ -25,9 +28,6 @@ use crate::{
 
 /// The YouTube id every submitted video points at.
 const YOUTUBE_ID: &str = "dQw4w9WgXcQ";
-/// `latest_window_start`'s days of video-catalog: rows older than this many days leave `latest_videos`.
-const LATEST_DAYS: i64 = 3;
-const DAY_MS: i64 = 86_400_000;
 
 /// The pool of one service's SQLite file, as the platform opens it.
 async fn pool(dir: &Path, service: &str) -> anyhow::Result<SqlitePool> {
@@ -102,12 +102,12 @@ pub async fn rows(
         "killrvideo.video_catalog.VideoCatalogService/SubmitYouTubeVideo",
         &submit.replace("{{newUUID}}", &video.to_string()),
     )?;
-    let catalog = pool(&data, "video-catalog").await?;
+    let catalog_db = pool(&data, "video-catalog").await?;
     sqlx::query("CREATE TABLE IF NOT EXISTS bench_outbox AS SELECT * FROM keel_outbox WHERE 0")
-        .execute(&catalog)
+        .execute(&catalog_db)
         .await?;
     let base = {
-        let pool = catalog.clone();
+        let pool = catalog_db.clone();
         sqlite(
             "SQLite: SubmitYouTubeVideo's transaction (baseline)",
             shape,
@@ -126,17 +126,14 @@ pub async fn rows(
         )
     })?;
     let base = {
-        let pool = catalog.clone();
+        let pool = catalog_db.clone();
         sqlite("SQLite: GetVideo's query (baseline)", shape, move |_| {
             let pool = pool.clone();
             async move {
-                let r = sqlx::query(
-                    "SELECT videoid, userid, name, description, location, location_type, \
-                     preview_image_location, tags, added_ms FROM videos WHERE videoid = $1",
-                )
-                .bind(video.hyphenated().to_string())
-                .fetch_one(&pool)
-                .await?;
+                let r = sqlx::query(catalog::GET_VIDEO)
+                    .bind(video.hyphenated().to_string())
+                    .fetch_one(&pool)
+                    .await?;
                 let _: String = r.try_get(2)?;
                 Ok(())
             }
@@ -154,14 +151,14 @@ pub async fn rows(
         )
     })?;
     let base = {
-        let pool = catalog.clone();
+        let pool = catalog_db.clone();
         sqlite(
             "SQLite: GetLatestVideoPreviews' query (baseline)",
             shape,
             move |_| {
                 let pool = pool.clone();
                 async move {
-                    let since = now_ms().div_euclid(DAY_MS) * DAY_MS - (LATEST_DAYS - 1) * DAY_MS;
+                    let since = video_catalog::latest_window_start(now_ms());
                     let rows = sqlx::query(
                         "SELECT videoid, added_ms, name, preview_image_location, userid FROM latest_videos \
                          WHERE added_ms >= $1 ORDER BY added_ms DESC, videoid ASC LIMIT $2",
@@ -222,12 +219,12 @@ pub async fn rows(
             ),
         )
     })?;
-    let ratings = pool(&data, "ratings").await?;
+    let ratings_db = pool(&data, "ratings").await?;
     sqlx::query("CREATE TABLE IF NOT EXISTS bench_outbox AS SELECT * FROM keel_outbox WHERE 0")
-        .execute(&ratings)
+        .execute(&ratings_db)
         .await?;
     let base = {
-        let pool = ratings.clone();
+        let pool = ratings_db.clone();
         sqlite(
             "SQLite: RateVideo's transaction (baseline)",
             shape,
@@ -251,46 +248,36 @@ async fn submit_transaction(pool: SqlitePool, user: uuid::Uuid, n: u64) -> anyho
         format!("//img.youtube.com/vi/{YOUTUBE_ID}/hqdefault.jpg"),
     );
     let mut tx = pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO videos (videoid, userid, name, description, location, location_type, \
-         preview_image_location, tags, added_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-         ON CONFLICT (videoid) DO NOTHING",
-    )
-    .bind(&video)
-    .bind(&user)
-    .bind(&name)
-    .bind("a video of the benchmark")
-    .bind(YOUTUBE_ID)
-    .bind(0i64)
-    .bind(&preview)
-    .bind(r#"["bench"]"#)
-    .bind(added)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO user_videos (userid, added_ms, videoid, name, preview_image_location) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(&user)
-    .bind(added)
-    .bind(&video)
-    .bind(&name)
-    .bind(&preview)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO latest_videos (added_ms, videoid, userid, name, preview_image_location) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(added)
-    .bind(&video)
-    .bind(&user)
-    .bind(&name)
-    .bind(&preview)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("DELETE FROM latest_videos WHERE added_ms < $1")
-        .bind(added.div_euclid(DAY_MS) * DAY_MS - (LATEST_DAYS - 1) * DAY_MS)
+    sqlx::query(catalog::INSERT_VIDEO)
+        .bind(&video)
+        .bind(&user)
+        .bind(&name)
+        .bind("a video of the benchmark")
+        .bind(YOUTUBE_ID)
+        .bind(0i64)
+        .bind(&preview)
+        .bind(r#"["bench"]"#)
+        .bind(added)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(catalog::INSERT_USER_VIDEO)
+        .bind(&user)
+        .bind(added)
+        .bind(&video)
+        .bind(&name)
+        .bind(&preview)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(catalog::INSERT_LATEST_VIDEO)
+        .bind(added)
+        .bind(&video)
+        .bind(&user)
+        .bind(&name)
+        .bind(&preview)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(catalog::TRIM_LATEST)
+        .bind(video_catalog::latest_window_start(added))
         .execute(&mut *tx)
         .await?;
     outbox_row(
@@ -327,44 +314,32 @@ async fn outbox_row(
 async fn rate_transaction(pool: SqlitePool, video: uuid::Uuid) -> anyhow::Result<()> {
     let (v, u) = (video.to_string(), uuid::Uuid::new_v4().to_string());
     let mut tx = pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO video_ratings (videoid, rating_counter, rating_total) VALUES ($1, 0, 0) \
-         ON CONFLICT (videoid) DO NOTHING",
-    )
-    .bind(&v)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("UPDATE video_ratings SET rating_counter = rating_counter WHERE videoid = $1")
+    sqlx::query(rating::CREATE_TOTALS)
         .bind(&v)
         .execute(&mut *tx)
         .await?;
-    let previous =
-        sqlx::query("SELECT rating FROM video_ratings_by_user WHERE videoid = $1 AND userid = $2")
-            .bind(&v)
-            .bind(&u)
-            .fetch_optional(&mut *tx)
-            .await?;
+    sqlx::query(rating::LOCK_TOTALS)
+        .bind(&v)
+        .execute(&mut *tx)
+        .await?;
+    let previous = sqlx::query(rating::USER_RATING)
+        .bind(&v)
+        .bind(&u)
+        .fetch_optional(&mut *tx)
+        .await?;
     anyhow::ensure!(previous.is_none(), "a new user has no rating yet");
-    sqlx::query(
-        "INSERT INTO video_ratings_by_user (videoid, userid, rating) VALUES ($1, $2, $3) \
-         ON CONFLICT (videoid, userid) DO UPDATE SET rating = excluded.rating",
-    )
-    .bind(&v)
-    .bind(&u)
-    .bind(4i64)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO video_ratings (videoid, rating_counter, rating_total) VALUES ($1, $2, $3) \
-         ON CONFLICT (videoid) DO UPDATE SET \
-           rating_counter = video_ratings.rating_counter + excluded.rating_counter, \
-           rating_total = video_ratings.rating_total + excluded.rating_total",
-    )
-    .bind(&v)
-    .bind(1i64)
-    .bind(4i64)
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query(rating::PUT_USER_RATING)
+        .bind(&v)
+        .bind(&u)
+        .bind(4i64)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(rating::ADD_TO_TOTALS)
+        .bind(&v)
+        .bind(1i64)
+        .bind(4i64)
+        .execute(&mut *tx)
+        .await?;
     outbox_row(&mut tx, "killrvideo.ratings.UserRatedVideo", &v).await?;
     tx.commit().await?;
     Ok(())

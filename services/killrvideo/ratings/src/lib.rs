@@ -19,7 +19,7 @@ use killrvideo::ids;
 use sqlx::AnyPool;
 use tonic::{Request, Response, Status};
 
-pub use storage::Store;
+pub use storage::{Store, statements};
 
 /// Consul service name and database name.
 pub const SERVICE: &str = "ratings";

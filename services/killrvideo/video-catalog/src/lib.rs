@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::AnyPool;
 use tonic::{Request, Response, Status};
 
-pub use storage::{Position, Preview, Store, Video, latest_window_start};
+pub use storage::{Position, Preview, Store, Video, latest_window_start, statements};
 
 /// Consul service name and database name.
 pub const SERVICE: &str = "video-catalog";

@@ -11,6 +11,26 @@ use prost::Message;
 use sqlx::{AnyPool, Row, any::AnyRow};
 use uuid::Uuid;
 
+/// The statements of a submission (in the order [`Store::submit`] runs them in one transaction) and of
+/// GetVideo; public so that `make bench`'s SQLite baseline runs exactly them.
+pub mod statements {
+    /// The video, unless one with its id exists ($1 video, $2 user, $3 name, $4 description, $5 location, $6 location type, $7 preview, $8 tags as JSON, $9 added ms).
+    pub const INSERT_VIDEO: &str = "INSERT INTO videos (videoid, userid, name, description, location, location_type, \
+             preview_image_location, tags, added_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (videoid) DO NOTHING";
+    /// The video in its user's list ($1 user, $2 added ms, $3 video, $4 name, $5 preview).
+    pub const INSERT_USER_VIDEO: &str = "INSERT INTO user_videos (userid, added_ms, videoid, name, preview_image_location) \
+             VALUES ($1, $2, $3, $4, $5)";
+    /// The video in the latest list ($1 added ms, $2 video, $3 user, $4 name, $5 preview).
+    pub const INSERT_LATEST_VIDEO: &str = "INSERT INTO latest_videos (added_ms, videoid, userid, name, preview_image_location) \
+             VALUES ($1, $2, $3, $4, $5)";
+    /// The latest list's rows older than its window ($1 the window's start, ms).
+    pub const TRIM_LATEST: &str = "DELETE FROM latest_videos WHERE added_ms < $1";
+    /// One video by id ($1 video).
+    pub const GET_VIDEO: &str = "SELECT videoid, userid, name, description, location, location_type, preview_image_location, \
+             tags, added_ms FROM videos WHERE videoid = $1";
+}
+
 /// A video as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Video {
@@ -84,49 +104,39 @@ impl Store {
     /// Database failures.
     pub async fn submit(&self, v: &Video) -> Result<bool, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO videos (videoid, userid, name, description, location, location_type, \
-             preview_image_location, tags, added_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-             ON CONFLICT (videoid) DO NOTHING",
-        )
-        .bind(v.video_id.hyphenated().to_string())
-        .bind(v.user_id.hyphenated().to_string())
-        .bind(&v.name)
-        .bind(&v.description)
-        .bind(&v.location)
-        .bind(i64::from(v.location_type))
-        .bind(&v.preview_image_location)
-        .bind(serde_json::to_string(&v.tags).unwrap_or_else(|_| "[]".into()))
-        .bind(v.added_ms)
-        .execute(&mut *tx)
-        .await?;
+        let inserted = sqlx::query(statements::INSERT_VIDEO)
+            .bind(v.video_id.hyphenated().to_string())
+            .bind(v.user_id.hyphenated().to_string())
+            .bind(&v.name)
+            .bind(&v.description)
+            .bind(&v.location)
+            .bind(i64::from(v.location_type))
+            .bind(&v.preview_image_location)
+            .bind(serde_json::to_string(&v.tags).unwrap_or_else(|_| "[]".into()))
+            .bind(v.added_ms)
+            .execute(&mut *tx)
+            .await?;
         if inserted.rows_affected() == 0 {
             tx.rollback().await?;
             return Ok(false);
         }
-        sqlx::query(
-            "INSERT INTO user_videos (userid, added_ms, videoid, name, preview_image_location) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(v.user_id.hyphenated().to_string())
-        .bind(v.added_ms)
-        .bind(v.video_id.hyphenated().to_string())
-        .bind(&v.name)
-        .bind(&v.preview_image_location)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO latest_videos (added_ms, videoid, userid, name, preview_image_location) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(v.added_ms)
-        .bind(v.video_id.hyphenated().to_string())
-        .bind(v.user_id.hyphenated().to_string())
-        .bind(&v.name)
-        .bind(&v.preview_image_location)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM latest_videos WHERE added_ms < $1")
+        sqlx::query(statements::INSERT_USER_VIDEO)
+            .bind(v.user_id.hyphenated().to_string())
+            .bind(v.added_ms)
+            .bind(v.video_id.hyphenated().to_string())
+            .bind(&v.name)
+            .bind(&v.preview_image_location)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(statements::INSERT_LATEST_VIDEO)
+            .bind(v.added_ms)
+            .bind(v.video_id.hyphenated().to_string())
+            .bind(v.user_id.hyphenated().to_string())
+            .bind(&v.name)
+            .bind(&v.preview_image_location)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(statements::TRIM_LATEST)
             .bind(latest_window_start(time::now_ms()))
             .execute(&mut *tx)
             .await?;
@@ -158,13 +168,10 @@ impl Store {
     /// # Errors
     /// Database failures.
     pub async fn get(&self, id: Uuid) -> Result<Option<Video>, sqlx::Error> {
-        let row = sqlx::query(
-            "SELECT videoid, userid, name, description, location, location_type, preview_image_location, \
-             tags, added_ms FROM videos WHERE videoid = $1",
-        )
-        .bind(id.hyphenated().to_string())
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query(statements::GET_VIDEO)
+            .bind(id.hyphenated().to_string())
+            .fetch_optional(&self.pool)
+            .await?;
         row.map(|r| {
             let tags: String = r.try_get(7)?;
             Ok(Video {
