@@ -272,7 +272,12 @@ impl ClientFactory {
     }
 
     /// The layers every channel shares (1–3 of the module docs) on top of `routing`, what picks the endpoint.
-    fn outer<S>(&self, service: &str, routing: S) -> Channel
+    fn outer<S>(
+        &self,
+        service: &str,
+        endpoints: watch::Receiver<Option<Vec<SocketAddr>>>,
+        routing: S,
+    ) -> Channel
     where
         S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
@@ -286,7 +291,7 @@ impl ClientFactory {
                 Side::Client,
                 HashSet::new(),
             ))
-            .layer(TransparentRetryLayer::new(self.budget.clone()))
+            .layer(TransparentRetryLayer::new(self.budget.clone()).with_endpoints(endpoints))
             .layer(ErrorToStatusLayer)
             .layer(CompressionLayer::new(
                 self.settings
@@ -388,6 +393,7 @@ impl ClientFactory {
         let wait_for_ready = wait.iter().any(|s| s == "*" || s == service);
         self.outer(
             service,
+            endpoints.clone(),
             NoEndpointFastFail::new(picker, endpoints, Arc::from(service), wait_for_ready),
         )
     }

@@ -17,15 +17,28 @@ use tower::{BoxError, Layer, Service};
 use crate::error::layer_status;
 
 /// Response extension of a synthesized UNAVAILABLE answer: the call never reached a server, because the
-/// connection to its endpoint could not be made (refused, unreachable, connect timeout: tonic's
-/// [`ConnectError`](tonic::ConnectError) among the error's causes). Safe to send again, whatever the method
-/// (gRPC proposal A6, "transparent retry": the RPC never left the client).
+/// connection to its endpoint was refused or its address unreachable (tonic's
+/// [`ConnectError`](tonic::ConnectError) over such an I/O error among the error's causes; not a TLS
+/// handshake that failed, which no other attempt would mend). Safe to send again, whatever the method (gRPC
+/// proposal A6, "transparent retry": the RPC never left the client).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NeverSent;
 
-/// Whether `e` or one of its causes is tonic's failure to connect.
+/// Whether `e` or one of its causes is tonic's failure to connect, because of a refused or unreachable address.
 fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
-    std::iter::successors(Some(e), |e| e.source()).any(|e| e.is::<tonic::ConnectError>())
+    use std::io::ErrorKind::{
+        AddrNotAvailable, ConnectionRefused, HostUnreachable, NetworkUnreachable,
+    };
+    let mut causes = std::iter::successors(Some(e), |e| e.source());
+    causes.any(|e| e.is::<tonic::ConnectError>())
+        && causes.any(|e| {
+            e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    ConnectionRefused | HostUnreachable | NetworkUnreachable | AddrNotAvailable
+                )
+            })
+        })
 }
 
 /// Turns transport and balancer errors into UNAVAILABLE responses.
@@ -84,14 +97,18 @@ mod tests {
 
     #[test]
     fn a_connect_error_anywhere_among_the_causes_means_never_sent() {
-        let connect: BoxError = Box::new(tonic::ConnectError("connection refused".into()));
+        let refused = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let connect: BoxError = Box::new(tonic::ConnectError(Box::new(refused())));
         assert!(never_sent(&*connect));
         #[derive(Debug, thiserror::Error)]
         #[error("outer")]
         struct Outer(#[source] BoxError);
         let wrapped = Outer(connect);
         assert!(never_sent(&wrapped));
-        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
-        assert!(!never_sent(&reset));
+        // A TLS handshake that failed: connecting, but no other attempt would mend it.
+        let tls: BoxError = Box::new(tonic::ConnectError("invalid peer certificate".into()));
+        assert!(!never_sent(&*tls));
+        // Refused, but not while connecting.
+        assert!(!never_sent(&refused()));
     }
 }

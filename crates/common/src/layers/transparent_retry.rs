@@ -1,10 +1,11 @@
 //! Client side, below the metrics: gRPC's transparent retries as proposal A6 defines them
 //! (<https://github.com/grpc/proposal/blob/master/A6-client-retries.md>), for the unary methods of the protos
 //! (their request is one message, buffered to be sent again):
-//! - a call that never left the client ([`NeverSent`]: its endpoint's connection could not be made) is sent
-//!   again at once, whatever the method and with or without a `retryPolicy`, up to [`NEVER_SENT_RETRIES`]
-//!   times: the endpoint that refused it is ejected by then, so the balancer picks another (A6's transparent
-//!   retry of an RPC that never left the client; here not counted as attempts, drawing on no budget);
+//! - a call that never left the client ([`NeverSent`]: its endpoint refused the connection) is sent again at
+//!   once, whatever the method and with or without a `retryPolicy`, up to [`NEVER_SENT_RETRIES`] times, while
+//!   discovery lists another instance: the endpoint that refused it is ejected by then, so the balancer picks
+//!   another (A6's transparent retry of an RPC that never left the client; here not counted as attempts,
+//!   drawing on no budget);
 //! - for calls whose service config has a `retryPolicy` ([`AttemptPolicy`](super::AttemptPolicy)), an attempt
 //!   is retried only when its answer is trailers-only (the server committed to nothing: the status comes in
 //!   the headers) with a status of `retryableStatusCodes`; the wait is random below
@@ -24,11 +25,14 @@ use std::{
     time::Duration,
 };
 
+use std::net::SocketAddr;
+
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full};
 use prost::Message;
 use rand::RngExt;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::body::Body;
 use tower::{BoxError, Layer, Service, ServiceExt};
@@ -69,16 +73,30 @@ fn unary_methods() -> &'static HashSet<String> {
     })
 }
 
+/// What discovery lists (`None` before its first answer).
+type Endpoints = watch::Receiver<Option<Vec<SocketAddr>>>;
+
 /// Client side: see the module docs.
 #[derive(Clone, Debug)]
 pub struct TransparentRetryLayer {
     budget: Arc<RetryBudget>,
+    endpoints: Option<Endpoints>,
 }
 
 impl TransparentRetryLayer {
     /// Retries draw on `budget` (the process's, shared with the typed call-site retries).
     pub fn new(budget: Arc<RetryBudget>) -> Self {
-        Self { budget }
+        Self {
+            budget,
+            endpoints: None,
+        }
+    }
+
+    /// A call that never left the client is sent again only while `endpoints` lists more than one instance:
+    /// with one, the answer is its UNAVAILABLE at once (another attempt would wait for the same instance).
+    pub fn with_endpoints(mut self, endpoints: Endpoints) -> Self {
+        self.endpoints = Some(endpoints);
+        self
     }
 }
 
@@ -88,6 +106,7 @@ impl<S> Layer<S> for TransparentRetryLayer {
         TransparentRetry {
             inner,
             budget: self.budget.clone(),
+            endpoints: self.endpoints.clone(),
         }
     }
 }
@@ -97,6 +116,7 @@ impl<S> Layer<S> for TransparentRetryLayer {
 pub struct TransparentRetry<S> {
     inner: S,
     budget: Arc<RetryBudget>,
+    endpoints: Option<Endpoints>,
 }
 
 /// What the server's `grpc-retry-pushback-ms` says: `None` without one, `Some(None)` for "do not retry".
@@ -139,6 +159,12 @@ where
         let clone = self.inner.clone();
         let mut svc = std::mem::replace(&mut self.inner, clone);
         let budget = self.budget.clone();
+        let endpoints = self.endpoints.clone();
+        let elsewhere = move || {
+            endpoints
+                .as_ref()
+                .is_none_or(|e| e.borrow().as_ref().is_some_and(|l| l.len() > 1))
+        };
         Box::pin(async move {
             if policy.is_some() {
                 budget.deposit();
@@ -185,6 +211,7 @@ where
                 if resp.extensions().get::<NeverSent>().is_some()
                     && never_sent < NEVER_SENT_RETRIES
                     && deadline.is_none_or(|d| Instant::now() < d)
+                    && elsewhere()
                 {
                     never_sent += 1;
                     tracing::debug!(retry = never_sent, "sending again a call that never left");
