@@ -10,7 +10,8 @@
 //! | `video-catalog.SubmitYouTubeVideo` | a new video of the load's user |
 //! | `video-catalog.GetLatestVideoPreviews` | the first page of 5 |
 //!
-//! Every call's outcome goes to stdout as one JSON line, `{"at": <unix ms>, "op": …, "code": "OK", "ms": …}`,
+//! Every call's outcome goes to stdout as one JSON line, `{"at": <unix ms>, "op": …, "code": "OK", "ms": …}`
+//! (a failed call's with its status `message`),
 //! so a fault's effect can be read second by second. First comes `{"ready": true}` once the load's account,
 //! user and first video exist; on SIGINT/SIGTERM the load stops starting calls, lets those in flight end, and
 //! prints `{"end": true, …}` with
@@ -155,14 +156,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         calls.spawn(async move {
             let at = now_ms();
             let start = Instant::now();
-            let code = match call(&state, op).await {
-                Ok(()) => Code::Ok,
-                Err(s) => s.code(),
+            let (code, message) = match call(&state, op).await {
+                Ok(()) => (Code::Ok, None),
+                Err(s) => (s.code(), Some(s.message().to_owned())),
             };
             let ms = start.elapsed().as_secs_f64() * 1e3;
-            emit(&serde_json::json!({
+            let mut line = serde_json::json!({
                 "at": at, "op": op, "code": keel_common::metrics::code_name(code), "ms": ms
-            }));
+            });
+            if let Some(m) = message {
+                line["message"] = m.into();
+            }
+            emit(&line);
         });
         while calls.try_join_next().is_some() {}
     }
@@ -432,6 +437,9 @@ pub struct Outcome {
     pub code: String,
     /// How long it took, ms.
     pub ms: f64,
+    /// The status message of a failed call.
+    #[serde(default)]
+    pub message: Option<String>,
 }
 
 impl Outcome {

@@ -94,6 +94,14 @@ fn between(outcomes: &[Outcome], from: u64, to: u64) -> impl Iterator<Item = &Ou
 }
 
 fn calls_figures(scenario: &'static str, outcomes: &[Outcome]) -> Vec<Figure> {
+    // Each failed call on stderr with its time and message (the first 20), for the cause of a missed target.
+    for o in outcomes.iter().filter(|o| failed(o)).take(20) {
+        let message = o.message.as_deref().unwrap_or("");
+        step(
+            scenario,
+            &format!("failed call at {}: {} {} {message}", o.at, o.op, o.code),
+        );
+    }
     let n = outcomes.len();
     let misses = outcomes.iter().filter(|o| miss(o)).count();
     vec![

@@ -36,6 +36,19 @@ pub struct Ejecting<S> {
     probe: Option<Pin<Box<dyn Future<Output = bool> + Send>>>,
 }
 
+/// The error of a call that failed on the transport of the endpoint at `addr` (what its channel returned, as
+/// `source`), so the layers above know which instance failed: [`ErrorToStatus`](super::ErrorToStatus) names
+/// it in the UNAVAILABLE message and in [`NeverSent`](super::NeverSent).
+#[derive(Debug, thiserror::Error)]
+#[error("{addr}: {source}")]
+pub struct EndpointFailed {
+    /// The endpoint's address.
+    pub addr: SocketAddr,
+    /// What its channel returned.
+    #[source]
+    pub source: BoxError,
+}
+
 /// The longest a probe's TCP connect may take.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -142,7 +155,7 @@ where
                         return Ok(layer_status::deadline_exceeded("deadline exceeded").into_http());
                     }
                     eject(&state, addr, &e);
-                    Err(e)
+                    Err(EndpointFailed { addr, source: e }.into())
                 }
             }
         })

@@ -39,7 +39,7 @@ pub use client_context::{ClientContext, ClientContextLayer};
 pub use compression::{Compression, CompressionLayer, MAX_DECOMPRESSED};
 pub use concurrency::{ConcurrencyLimit, ConcurrencyLimitLayer};
 pub use deadline::{Deadline, DeadlineLayer, SHUTTING_DOWN};
-pub use ejection::Ejecting;
+pub use ejection::{Ejecting, EndpointFailed};
 pub use error_to_status::{ErrorToStatus, ErrorToStatusLayer, NeverSent};
 pub use grpc_metrics::{GrpcMetrics, GrpcMetricsLayer};
 pub use method_config::{AttemptPolicy, MethodConfig, MethodConfigLayer};

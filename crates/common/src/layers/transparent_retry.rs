@@ -1,11 +1,11 @@
 //! Client side, below the metrics: gRPC's transparent retries as proposal A6 defines them
 //! (<https://github.com/grpc/proposal/blob/master/A6-client-retries.md>), for the unary methods of the protos
 //! (their request is one message, buffered to be sent again):
-//! - a call that never left the client ([`NeverSent`]: its endpoint refused the connection) is sent again at
-//!   once, whatever the method and with or without a `retryPolicy`, up to [`NEVER_SENT_RETRIES`] times, while
-//!   discovery lists another instance: the endpoint that refused it is ejected by then, so the balancer picks
-//!   another (A6's transparent retry of an RPC that never left the client; here not counted as attempts,
-//!   drawing on no budget);
+//! - a call no server processed ([`NeverSent`]: its endpoint refused the connection, or the server refused
+//!   its stream) is sent again at once, whatever the method and with or without a `retryPolicy`, up to
+//!   [`NEVER_SENT_RETRIES`] times, while discovery lists an instance other than the one that failed it: that
+//!   one is ejected by then, so the balancer picks another (A6's transparent retry of an RPC that never left
+//!   the client; here not counted as attempts, drawing on no budget);
 //! - for calls whose service config has a `retryPolicy` ([`AttemptPolicy`](super::AttemptPolicy)), an attempt
 //!   is retried only when its answer is trailers-only (the server committed to nothing: the status comes in
 //!   the headers) with a status of `retryableStatusCodes`; the wait is random below
@@ -92,8 +92,9 @@ impl TransparentRetryLayer {
         }
     }
 
-    /// A call that never left the client is sent again only while `endpoints` lists more than one instance:
-    /// with one, the answer is its UNAVAILABLE at once (another attempt would wait for the same instance).
+    /// A call that never left the client is sent again only while `endpoints` lists an instance other than
+    /// the one that failed it: with that one alone, the answer is its UNAVAILABLE at once (another attempt
+    /// would wait for the same ejected instance).
     pub fn with_endpoints(mut self, endpoints: Endpoints) -> Self {
         self.endpoints = Some(endpoints);
         self
@@ -117,6 +118,15 @@ pub struct TransparentRetry<S> {
     inner: S,
     budget: Arc<RetryBudget>,
     endpoints: Option<Endpoints>,
+}
+
+/// Whether discovery's `listed` instances include one other than `failed` (with `failed` unknown: more than
+/// one instance).
+fn another_listed(listed: &[SocketAddr], failed: Option<SocketAddr>) -> bool {
+    match failed {
+        Some(f) => listed.iter().any(|a| *a != f),
+        None => listed.len() > 1,
+    }
 }
 
 /// What the server's `grpc-retry-pushback-ms` says: `None` without one, `Some(None)` for "do not retry".
@@ -160,10 +170,12 @@ where
         let mut svc = std::mem::replace(&mut self.inner, clone);
         let budget = self.budget.clone();
         let endpoints = self.endpoints.clone();
-        let elsewhere = move || {
-            endpoints
-                .as_ref()
-                .is_none_or(|e| e.borrow().as_ref().is_some_and(|l| l.len() > 1))
+        let elsewhere = move |failed: &NeverSent| {
+            endpoints.as_ref().is_none_or(|e| {
+                e.borrow()
+                    .as_deref()
+                    .is_some_and(|listed| another_listed(listed, failed.endpoint))
+            })
         };
         Box::pin(async move {
             if policy.is_some() {
@@ -208,10 +220,10 @@ where
             let (mut n, mut never_sent) = (1, 0);
             let mut resp = svc.call(attempt_request(n, false)).await?;
             loop {
-                if resp.extensions().get::<NeverSent>().is_some()
+                if let Some(failed) = resp.extensions().get::<NeverSent>()
                     && never_sent < NEVER_SENT_RETRIES
                     && deadline.is_none_or(|d| Instant::now() < d)
-                    && elsewhere()
+                    && elsewhere(failed)
                 {
                     never_sent += 1;
                     tracing::debug!(retry = never_sent, "sending again a call that never left");
@@ -245,5 +257,26 @@ where
                 resp = svc.ready().await?.call(attempt_request(n, false)).await?;
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_is_sent_again_only_while_discovery_lists_another_instance_than_the_one_that_failed_it()
+     {
+        let a: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:5000".parse().unwrap();
+        // The failed instance left discovery (its drain began) while the call went to it: the other is listed.
+        assert!(another_listed(&[b], Some(a)));
+        assert!(another_listed(&[a, b], Some(a)));
+        // Only the instance that failed it: another attempt would wait for it.
+        assert!(!another_listed(&[a], Some(a)));
+        assert!(!another_listed(&[], Some(a)));
+        // Which instance failed it unknown: only with more than one listed.
+        assert!(another_listed(&[a, b], None));
+        assert!(!another_listed(&[a], None));
     }
 }

@@ -159,3 +159,79 @@ async fn a_call_whose_connection_is_refused_is_sent_to_another_instance() {
     // No retryPolicy: only the transparent retry of a call that never left the client sends it on.
     peer_of_call(&p, &mut c, &t).await;
 }
+
+/// An HTTP/2 server on `ip` (port chosen by the system) that serves no call: it refuses every stream it is
+/// sent (`RST_STREAM` with `REFUSED_STREAM`), or with `go_away` closes each connection with a graceful
+/// `GOAWAY` (`NO_ERROR`, last stream 0) before it reads one, as a draining instance does to a call racing
+/// its drain. Returns its address and the count of connections it took.
+async fn refusing_server(
+    ip: &str,
+    go_away: bool,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::{Arc, atomic::AtomicUsize, atomic::Ordering::Relaxed};
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let taken = Arc::new(AtomicUsize::new(0));
+    let count = taken.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            count.fetch_add(1, Relaxed);
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(socket).await else {
+                    return;
+                };
+                if go_away {
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                }
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+                // The socket stays open a while: closed with the client's frames unread, it would be reset,
+                // and the client could lose the GOAWAY before it.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                drop(conn);
+            });
+        }
+    });
+    (addr, taken)
+}
+
+/// A call to an instance that does not process it (`refuser`, listed first for pick first) is answered by
+/// the other instance (no retryPolicy: only the transparent retry sends it on).
+async fn a_call_not_processed_by_refuser_is_answered_by_the_other(go_away: bool) {
+    // The echo on 127.0.0.2 so the refusing server (127.0.0.1) comes first in pick first's sorted list.
+    let p = echo_process(&[("KEEL_GRPC__LISTEN_ADDR", "127.0.0.2:0".into())]);
+    let live = p.addr().await;
+    let (refuser, taken) = refusing_server("127.0.0.1", go_away).await;
+    let mut c = client(
+        live,
+        &[
+            (
+                "KEEL_CLIENT__STATIC_ENDPOINTS",
+                &format!("echo={refuser}|{live}"),
+            ),
+            (
+                "KEEL_CLIENT__SERVICE_CONFIG__ECHO",
+                r#"{"loadBalancingConfig":[{"pick_first":{}}]}"#,
+            ),
+        ],
+    );
+    peer_of_call(&p, &mut c, &unique("not-processed")).await;
+    assert!(
+        taken.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the call went to the refusing server first"
+    );
+}
+
+#[tokio::test]
+async fn a_call_whose_stream_is_refused_is_sent_to_another_instance() {
+    a_call_not_processed_by_refuser_is_answered_by_the_other(false).await;
+}
+
+#[tokio::test]
+async fn a_call_left_out_by_a_graceful_goaway_is_sent_to_another_instance() {
+    a_call_not_processed_by_refuser_is_answered_by_the_other(true).await;
+}
