@@ -112,9 +112,15 @@ fn every_scenario_meets_its_targets_on_a_fleet_of_machines() {
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
     println!("{table}");
+    let progress = String::from_utf8_lossy(&out.stderr);
+    // The failed calls first, each with its message: a shortened view of the output still shows the cause.
+    let failed: Vec<&str> = progress
+        .lines()
+        .filter(|l| l.contains("failed call at"))
+        .collect();
     assert!(
         out.status.success(),
-        "a target was missed:\n{table}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        "a target was missed; failed calls:\n{}\n{table}\n{progress}",
+        failed.join("\n")
     );
 }
