@@ -32,7 +32,9 @@
 use std::{sync::Arc, time::Duration};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
-use sqlx::{AnyConnection, AnyPool, Row};
+use sqlx::{AnyConnection, Row};
+
+use crate::db::Pool;
 use tokio::sync::Notify;
 
 use crate::{
@@ -80,7 +82,7 @@ pub struct Counts {
 /// The relay of one service's outbox; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Outbox {
-    pool: AnyPool,
+    pool: Pool,
     backend: Backend,
     bus: EventBus,
     wake: Arc<Notify>,
@@ -89,9 +91,9 @@ pub struct Outbox {
 
 impl Outbox {
     /// The outbox in `pool`, relayed to `bus`.
-    pub fn new(pool: AnyPool, bus: EventBus) -> Self {
+    pub fn new(pool: Pool, bus: EventBus) -> Self {
         Self {
-            backend: Backend::of_url(pool.connect_options().database_url.as_str()),
+            backend: pool.backend(),
             pool,
             bus,
             wake: Arc::new(Notify::new()),

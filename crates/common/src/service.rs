@@ -27,7 +27,9 @@
 use std::{future::Future, net::SocketAddr, process::ExitCode, time::Duration};
 
 use futures::future::LocalBoxFuture;
-use sqlx::{AnyPool, migrate::Migrator};
+use sqlx::migrate::Migrator;
+
+use crate::db::Pool;
 
 use crate::{
     Platform, Server,
@@ -76,7 +78,7 @@ impl Storage {
 #[derive(Clone, Debug)]
 pub struct Database {
     /// The service's pool.
-    pub pool: AnyPool,
+    pub pool: Pool,
     /// Its outbox (relayed only when declared with [`Storage::with_outbox`]).
     pub outbox: Outbox,
 }

@@ -3,9 +3,9 @@
 //! `--concurrency` tasks sharing one pool of `--connections`, each row beside the first (sqlx's typed
 //! PostgreSQL pool with no hooks):
 //! - `sqlx PgPool`: the floor sqlx gives;
-//! - `sqlx AnyPool`: the `Any` driver every service uses (both backends behind one pool type);
-//! - `keel pool, outside a call`: `db::connect`'s pool, as every service opens it (statement_timeout set when a connection is
-//!   taken, liveness from that statement instead of a ping);
+//! - `sqlx Pool`: the `Any` driver every service uses (both backends behind one pool type);
+//! - `keel pool, outside a call`: `db::connect`'s pool, as every service opens it (`db::Pool`: no ping when a
+//!   connection goes back, `statement_timeout` set only when a call needs another);
 //! - `keel pool, in a call with a deadline`: the same inside a request context, so the timeout set is what is
 //!   left of the call's deadline.
 //!
@@ -118,19 +118,18 @@ async fn rows(args: &Args, url: &str) -> anyhow::Result<()> {
         .max_connections(args.connections)
         .connect(url)
         .await?;
-    let any_query = |pool: sqlx::AnyPool| {
-        move |i| {
+    let pool = any.clone();
+    table.push((
+        "sqlx AnyPool, no hooks",
+        measure(args, move |i| {
             let pool = pool.clone();
             async move {
                 let row = sqlx::query(QUERY).bind(token(i)).fetch_one(&pool).await?;
                 let _: String = row.try_get(1)?;
                 anyhow::Ok(())
             }
-        }
-    };
-    table.push((
-        "sqlx AnyPool, no hooks",
-        measure(args, any_query(any.clone())).await?,
+        })
+        .await?,
     ));
     any.close().await;
 
@@ -144,6 +143,16 @@ async fn rows(args: &Args, url: &str) -> anyhow::Result<()> {
             ),
     )?;
     let keel = db::connect(&settings, "bench", &sqlx::migrate::Migrator::DEFAULT).await?;
+    let any_query = |pool: db::Pool| {
+        move |i| {
+            let pool = pool.clone();
+            async move {
+                let row = sqlx::query(QUERY).bind(token(i)).fetch_one(&pool).await?;
+                let _: String = row.try_get(1)?;
+                anyhow::Ok(())
+            }
+        }
+    };
     table.push((
         "keel pool (db::connect), outside a call",
         measure(args, any_query(keel.clone())).await?,

@@ -71,7 +71,7 @@ pub async fn postgres() -> TestDatabase {
 pub async fn open(
     db: &TestDatabase,
     migrations: &sqlx::migrate::Migrator,
-) -> (sqlx::AnyPool, crate::outbox::Outbox) {
+) -> (crate::db::Pool, crate::outbox::Outbox) {
     let pool = crate::db::connect_url(&db.url, 4, std::time::Duration::from_secs(5), migrations)
         .await
         .unwrap_or_else(|e| panic!("{}: {e:#}", db.backend));
@@ -83,7 +83,7 @@ pub async fn open(
 ///
 /// # Panics
 /// The query fails.
-pub async fn queued_events(pool: &sqlx::AnyPool, topic: &str) -> Vec<Vec<u8>> {
+pub async fn queued_events(pool: &crate::db::Pool, topic: &str) -> Vec<Vec<u8>> {
     use base64::Engine;
     use sqlx::Row;
     sqlx::query("SELECT payload FROM keel_outbox WHERE topic = $1 ORDER BY id")

@@ -16,6 +16,7 @@ pub mod storage;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 
+use keel_common::db::Pool;
 use keel_common::{
     Resources, Server, Service, ServiceError, Storage,
     config::{Secret, SectionSettings},
@@ -29,7 +30,6 @@ use keel_protos::rpc::{
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sqlx::AnyPool;
 use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 
@@ -90,7 +90,7 @@ pub struct Accounts {
 
 impl Accounts {
     /// The service over `pool` (already migrated); `admin_token` is the operator's credential (empty: none).
-    pub fn new(pool: AnyPool, admin_token: Secret) -> Self {
+    pub fn new(pool: Pool, admin_token: Secret) -> Self {
         Self {
             store: Store::new(pool),
             admin_token,

@@ -2,7 +2,8 @@
 //! UPDATE per reservation that keeps a quota exact however many cache instances reserve at once.
 
 use keel_common::db;
-use sqlx::{AnyPool, Row, any::AnyRow};
+use keel_common::db::Pool;
+use sqlx::{Row, any::AnyRow};
 
 /// The columns [`account`] reads, then the token digest: a macro, so each statement is one `&'static str`
 /// (no SQL text made per call).
@@ -65,12 +66,12 @@ pub enum Reserved {
 /// The accounts table.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: AnyPool,
+    pool: Pool,
 }
 
 impl Store {
     /// The store over a migrated `pool`.
-    pub fn new(pool: AnyPool) -> Self {
+    pub fn new(pool: Pool) -> Self {
         Self { pool }
     }
 

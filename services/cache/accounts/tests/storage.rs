@@ -30,7 +30,7 @@ fn dry<T>(msg: T) -> Request<T> {
     r
 }
 
-async fn service(db: &testsuite::TestDatabase) -> (Accounts, sqlx::AnyPool) {
+async fn service(db: &testsuite::TestDatabase) -> (Accounts, keel_common::db::Pool) {
     let (pool, _) = testsuite::open(db, &MIGRATIONS).await;
     (Accounts::new(pool.clone(), Secret::new(ADMIN)), pool)
 }

@@ -10,12 +10,12 @@
 pub mod storage;
 
 use futures::StreamExt;
+use keel_common::db::Pool;
 use keel_common::{Resources, Server, Service, ServiceError, Storage, limits};
 use keel_protos::video_service::{
     ListVideosRequest, Video, VideoList, VideoRequest,
     video_service_server::{VideoService, VideoServiceServer},
 };
-use sqlx::AnyPool;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -44,7 +44,7 @@ pub struct VideoLab {
 
 impl VideoLab {
     /// The service over a migrated `pool`.
-    pub fn new(pool: AnyPool) -> Self {
+    pub fn new(pool: Pool) -> Self {
         Self {
             store: Store::new(pool),
         }

@@ -1,6 +1,7 @@
 //! All of the video lab's SQL: [`Record`]s in, [`Record`]s out; the same statements on SQLite and PostgreSQL.
 
-use sqlx::{AnyPool, Row};
+use keel_common::db::Pool;
+use sqlx::Row;
 
 /// One video as stored.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -20,7 +21,7 @@ pub struct Record {
 /// The videos table.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: AnyPool,
+    pool: Pool,
 }
 
 fn record(r: &sqlx::any::AnyRow) -> Record {
@@ -35,7 +36,7 @@ fn record(r: &sqlx::any::AnyRow) -> Record {
 
 impl Store {
     /// The store over a migrated `pool`.
-    pub fn new(pool: AnyPool) -> Self {
+    pub fn new(pool: Pool) -> Self {
         Self { pool }
     }
 

@@ -15,6 +15,7 @@
 
 pub mod storage;
 
+use keel_common::db::Pool;
 use keel_common::{
     Resources, Server, Service, ServiceError, Settings, Storage, config::ConfigError,
     context::is_dry_run, db::Backend,
@@ -24,7 +25,6 @@ use keel_protos::geo::{
     SearchResponse, SearchResponses,
     search_server::{Search, SearchServer},
 };
-use sqlx::AnyPool;
 use tonic::{Request, Response, Status};
 
 pub use storage::{Page, Query, Shape, Store, Thing};
@@ -123,7 +123,7 @@ impl Query {
 
 impl GeoSearch {
     /// The service over `pool` (PostgreSQL with PostGIS, migrated).
-    pub fn new(pool: AnyPool) -> Self {
+    pub fn new(pool: Pool) -> Self {
         Self {
             store: Store::new(pool),
         }

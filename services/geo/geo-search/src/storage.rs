@@ -2,7 +2,8 @@
 //! index answers name searches (migrations). Geometries are WGS 84 (SRID 4326), longitude first.
 
 use keel_common::db;
-use sqlx::{AnyPool, Row};
+use keel_common::db::Pool;
+use sqlx::Row;
 
 /// A search, validated.
 #[derive(Clone, Debug, PartialEq)]
@@ -51,12 +52,12 @@ pub struct Shape {
 /// The things table.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: AnyPool,
+    pool: Pool,
 }
 
 impl Store {
     /// The store over a migrated PostgreSQL `pool`.
-    pub fn new(pool: AnyPool) -> Self {
+    pub fn new(pool: Pool) -> Self {
         Self { pool }
     }
 

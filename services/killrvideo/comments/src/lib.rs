@@ -11,6 +11,7 @@
 
 mod storage;
 
+use keel_common::db::Pool;
 use keel_common::{Resources, Server, Service, ServiceError, Storage, outbox::Outbox};
 use keel_protos::killrvideo::comments::{
     CommentOnVideoRequest, CommentOnVideoResponse, GetUserCommentsRequest, GetUserCommentsResponse,
@@ -18,7 +19,6 @@ use keel_protos::killrvideo::comments::{
     comments_service_server::{CommentsService, CommentsServiceServer},
 };
 use killrvideo::{ids, limits, paging, required_text, time};
-use sqlx::AnyPool;
 use tonic::{Request, Response, Status};
 
 pub use storage::{By, Comment, Store};
@@ -37,7 +37,7 @@ pub struct Comments {
 
 impl Comments {
     /// The service over `pool` (already migrated), publishing through `outbox`.
-    pub fn new(pool: AnyPool, outbox: Outbox) -> Self {
+    pub fn new(pool: Pool, outbox: Outbox) -> Self {
         Self {
             store: Store::new(pool, outbox),
         }

@@ -1,5 +1,6 @@
 //! Comments by video and by user in the service's own database.
 
+use keel_common::db::Pool;
 use keel_common::{outbox, outbox::Outbox};
 use keel_protos::killrvideo::comments::events::UserCommentedOnVideo;
 use killrvideo::{
@@ -8,7 +9,7 @@ use killrvideo::{
     time, topics,
 };
 use prost::Message;
-use sqlx::{AnyPool, Row};
+use sqlx::Row;
 use uuid::Uuid;
 
 /// One stored comment.
@@ -38,13 +39,13 @@ pub enum By {
 /// The comments tables.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: AnyPool,
+    pool: Pool,
     outbox: Outbox,
 }
 
 impl Store {
     /// The store over a migrated `pool`.
-    pub fn new(pool: AnyPool, outbox: Outbox) -> Self {
+    pub fn new(pool: Pool, outbox: Outbox) -> Self {
         Self { pool, outbox }
     }
 

@@ -9,6 +9,7 @@
 
 mod storage;
 
+use keel_common::db::Pool;
 use keel_common::{Resources, Server, Service, ServiceError, Storage, outbox::Outbox};
 use keel_protos::killrvideo::ratings::{
     GetRatingRequest, GetRatingResponse, GetUserRatingRequest, GetUserRatingResponse,
@@ -16,7 +17,6 @@ use keel_protos::killrvideo::ratings::{
     ratings_service_server::{RatingsService, RatingsServiceServer},
 };
 use killrvideo::ids;
-use sqlx::AnyPool;
 use tonic::{Request, Response, Status};
 
 pub use storage::{Store, statements};
@@ -35,7 +35,7 @@ pub struct Ratings {
 
 impl Ratings {
     /// The service over `pool` (already migrated), publishing through `outbox`.
-    pub fn new(pool: AnyPool, outbox: Outbox) -> Self {
+    pub fn new(pool: Pool, outbox: Outbox) -> Self {
         Self {
             store: Store::new(pool, outbox),
         }

@@ -1,11 +1,12 @@
 //! Ratings in the service's own database: the per-user rating and each video's count and total, kept in step
 //! in one transaction with the `UserRatedVideo` event.
 
+use keel_common::db::Pool;
 use keel_common::{outbox, outbox::Outbox};
 use keel_protos::killrvideo::ratings::events::UserRatedVideo;
 use killrvideo::{ids, time, topics};
 use prost::Message;
-use sqlx::{AnyPool, Row};
+use sqlx::Row;
 use uuid::Uuid;
 
 /// The statements of a rating, in the order [`Store::rate`] runs them in one transaction; public so that
@@ -33,13 +34,13 @@ pub mod statements {
 /// The ratings tables.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: AnyPool,
+    pool: Pool,
     outbox: Outbox,
 }
 
 impl Store {
     /// The store over a migrated `pool`, publishing through `outbox`.
-    pub fn new(pool: AnyPool, outbox: Outbox) -> Self {
+    pub fn new(pool: Pool, outbox: Outbox) -> Self {
         Self { pool, outbox }
     }
 

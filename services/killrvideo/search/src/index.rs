@@ -2,12 +2,13 @@
 
 use std::collections::BTreeMap;
 
+use keel_common::db::Pool;
 use killrvideo::{
     events::VideoAdded,
     sql::{Sql, uuid_at},
     words,
 };
-use sqlx::{AnyPool, Row};
+use sqlx::Row;
 
 /// Weight of a word found in the name, a tag, the description.
 pub const NAME_WEIGHT: i64 = 4;
@@ -70,12 +71,12 @@ pub fn suggestions(name: &str, tags: &[String]) -> Vec<String> {
 /// The index tables.
 #[derive(Clone, Debug)]
 pub struct Index {
-    pool: AnyPool,
+    pool: Pool,
 }
 
 impl Index {
     /// The index over a migrated `pool`.
-    pub fn new(pool: AnyPool) -> Self {
+    pub fn new(pool: Pool) -> Self {
         Self { pool }
     }
 

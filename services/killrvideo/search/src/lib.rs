@@ -12,6 +12,7 @@
 
 mod index;
 
+use keel_common::db::Pool;
 use keel_common::{
     Resources, Server, Service, ServiceError, Storage,
     events::{Event, HandlerError},
@@ -22,7 +23,6 @@ use keel_protos::killrvideo::search::{
     search_service_server::{SearchService, SearchServiceServer},
 };
 use killrvideo::{events::VideoAdded, ids, paging, required_text, time, topics};
-use sqlx::AnyPool;
 use tonic::{Request, Response, Status};
 
 pub use index::{Hit, Index};
@@ -41,7 +41,7 @@ pub struct Search {
 
 impl Search {
     /// The service over `pool` (already migrated).
-    pub fn new(pool: AnyPool) -> Self {
+    pub fn new(pool: Pool) -> Self {
         Self {
             index: Index::new(pool),
         }

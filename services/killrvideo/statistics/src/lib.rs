@@ -7,6 +7,7 @@
 
 mod storage;
 
+use keel_common::db::Pool;
 use keel_common::{Resources, Server, Service, ServiceError, Storage};
 use keel_protos::killrvideo::statistics::{
     GetNumberOfPlaysRequest, GetNumberOfPlaysResponse, PlayStats, RecordPlaybackStartedRequest,
@@ -14,7 +15,6 @@ use keel_protos::killrvideo::statistics::{
     statistics_service_server::{StatisticsService, StatisticsServiceServer},
 };
 use killrvideo::{MAX_IDS_PER_REQUEST, ids};
-use sqlx::AnyPool;
 use tonic::{Request, Response, Status};
 
 pub use storage::Store;
@@ -33,7 +33,7 @@ pub struct Statistics {
 
 impl Statistics {
     /// The service over `pool` (already migrated).
-    pub fn new(pool: AnyPool) -> Self {
+    pub fn new(pool: Pool) -> Self {
         Self {
             store: Store::new(pool),
         }

@@ -1,18 +1,19 @@
 //! Play counts in the service's own database: one row per video ever played.
 
+use keel_common::db::Pool;
 use killrvideo::sql::Sql;
-use sqlx::{AnyPool, Row};
+use sqlx::Row;
 use uuid::Uuid;
 
 /// The play-count table.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: AnyPool,
+    pool: Pool,
 }
 
 impl Store {
     /// The store over a migrated `pool`.
-    pub fn new(pool: AnyPool) -> Self {
+    pub fn new(pool: Pool) -> Self {
         Self { pool }
     }
 

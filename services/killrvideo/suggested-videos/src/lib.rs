@@ -14,6 +14,7 @@
 
 mod model;
 
+use keel_common::db::Pool;
 use keel_common::{
     Resources, Server, Service, ServiceError, Storage,
     events::{Event, HandlerError},
@@ -27,7 +28,6 @@ use killrvideo::{
     events::{VideoAdded, VideoRated},
     ids, time, topics,
 };
-use sqlx::AnyPool;
 use tonic::{Request, Response, Status};
 
 pub use model::{Model, Suggestion};
@@ -53,7 +53,7 @@ pub struct SuggestedVideos {
 
 impl SuggestedVideos {
     /// The service over `pool` (already migrated).
-    pub fn new(pool: AnyPool) -> Self {
+    pub fn new(pool: Pool) -> Self {
         Self {
             model: Model::new(pool),
         }

@@ -1,10 +1,11 @@
 //! The read model: videos with their tags, and who rated what.
 
+use keel_common::db::Pool;
 use killrvideo::{
     events::{VideoAdded, VideoRated},
     sql::uuid_at,
 };
-use sqlx::{AnyPool, Row, any::AnyRow};
+use sqlx::{Row, any::AnyRow};
 use uuid::Uuid;
 
 /// A rating counts as liking a video from this value up (the graph references' MIN_RATING).
@@ -44,12 +45,12 @@ fn text(id: Uuid) -> String {
 /// The model's tables.
 #[derive(Clone, Debug)]
 pub struct Model {
-    pool: AnyPool,
+    pool: Pool,
 }
 
 impl Model {
     /// The model over a migrated `pool`.
-    pub fn new(pool: AnyPool) -> Self {
+    pub fn new(pool: Pool) -> Self {
         Self { pool }
     }
 

@@ -18,6 +18,7 @@ mod storage;
 
 use std::sync::Arc;
 
+use keel_common::db::Pool;
 use keel_common::{Resources, Server, Service, ServiceError, Storage, outbox::Outbox};
 use keel_protos::killrvideo::user_management::{
     CreateUserRequest, CreateUserResponse, GetUserProfileRequest, GetUserProfileResponse,
@@ -25,7 +26,6 @@ use keel_protos::killrvideo::user_management::{
     user_management_service_server::{UserManagementService, UserManagementServiceServer},
 };
 use killrvideo::{MAX_IDS_PER_REQUEST, ids, limits, required_text};
-use sqlx::AnyPool;
 use tonic::{Request, Response, Status};
 
 pub use guard::{Guard, GuardSettings};
@@ -51,12 +51,12 @@ pub struct UserManagement {
 
 impl UserManagement {
     /// The service over `pool` (already migrated), publishing through `outbox`, with the default bounds.
-    pub fn new(pool: AnyPool, outbox: Outbox) -> Self {
+    pub fn new(pool: Pool, outbox: Outbox) -> Self {
         Self::with_guard(pool, outbox, Guard::new(GuardSettings::default()))
     }
 
     /// The service with the bounds of `guard`.
-    pub fn with_guard(pool: AnyPool, outbox: Outbox, guard: Guard) -> Self {
+    pub fn with_guard(pool: Pool, outbox: Outbox, guard: Guard) -> Self {
         Self {
             store: Store::new(pool, outbox),
             guard,

@@ -11,7 +11,7 @@ use tonic::{Code, Request};
 use user_management::{BAD_CREDENTIALS, MIGRATIONS, UserManagement};
 use uuid::Uuid;
 
-async fn service(db: &TestDatabase) -> (UserManagement, sqlx::AnyPool) {
+async fn service(db: &TestDatabase) -> (UserManagement, keel_common::db::Pool) {
     let (pool, outbox) = testsuite::open(db, &MIGRATIONS).await;
     (UserManagement::new(pool.clone(), outbox), pool)
 }

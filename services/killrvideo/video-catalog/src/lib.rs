@@ -14,6 +14,7 @@
 
 mod storage;
 
+use keel_common::db::Pool;
 use keel_common::{Resources, Server, Service, ServiceError, Storage, outbox::Outbox};
 use keel_protos::killrvideo::video_catalog::{
     GetLatestVideoPreviewsRequest, GetLatestVideoPreviewsResponse, GetUserVideoPreviewsRequest,
@@ -25,7 +26,6 @@ use keel_protos::killrvideo::video_catalog::{
 use killrvideo::{MAX_IDS_PER_REQUEST, ids, limits, paging, required_text, time};
 use prost_types::Timestamp;
 use serde::{Deserialize, Serialize};
-use sqlx::AnyPool;
 use tonic::{Request, Response, Status};
 
 pub use storage::{Position, Preview, Store, Video, latest_window_start, statements};
@@ -52,7 +52,7 @@ pub struct VideoCatalog {
 
 impl VideoCatalog {
     /// The service over `pool` (already migrated), publishing through `outbox`.
-    pub fn new(pool: AnyPool, outbox: Outbox) -> Self {
+    pub fn new(pool: Pool, outbox: Outbox) -> Self {
         Self {
             store: Store::new(pool, outbox),
         }

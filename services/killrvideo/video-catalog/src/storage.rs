@@ -1,5 +1,6 @@
 //! Videos, user video lists and the latest-videos window in the service's own database.
 
+use keel_common::db::Pool;
 use keel_common::{outbox, outbox::Outbox};
 use keel_protos::killrvideo::video_catalog::events::YouTubeVideoAdded;
 use killrvideo::{
@@ -8,7 +9,7 @@ use killrvideo::{
     time, topics,
 };
 use prost::Message;
-use sqlx::{AnyPool, Row, any::AnyRow};
+use sqlx::{Row, any::AnyRow};
 use uuid::Uuid;
 
 /// The statements of a submission (in the order [`Store::submit`] runs them in one transaction) and of
@@ -87,13 +88,13 @@ pub fn latest_window_start(now_ms: i64) -> i64 {
 /// The video-catalog tables.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: AnyPool,
+    pool: Pool,
     outbox: Outbox,
 }
 
 impl Store {
     /// The store over a migrated `pool`.
-    pub fn new(pool: AnyPool, outbox: Outbox) -> Self {
+    pub fn new(pool: Pool, outbox: Outbox) -> Self {
         Self { pool, outbox }
     }
 

@@ -14,7 +14,7 @@ use tonic::{Code, Request};
 use uuid::Uuid;
 use video_catalog::{MIGRATIONS, VideoCatalog};
 
-async fn service(db: &TestDatabase) -> (VideoCatalog, sqlx::AnyPool) {
+async fn service(db: &TestDatabase) -> (VideoCatalog, keel_common::db::Pool) {
     let (pool, outbox) = testsuite::open(db, &MIGRATIONS).await;
     (VideoCatalog::new(pool.clone(), outbox), pool)
 }

@@ -131,7 +131,7 @@ async fn a_statement_runs_no_longer_than_what_is_left_of_its_call() {
     let pool = db::connect(&settings, "echo", &sqlx::migrate::Migrator::DEFAULT)
         .await
         .unwrap();
-    let timeout = |pool: sqlx::AnyPool| async move {
+    let timeout = |pool: keel_common::db::Pool| async move {
         let row = sqlx::query("SELECT current_setting('statement_timeout')")
             .fetch_one(&pool)
             .await

@@ -14,6 +14,7 @@ mod live;
 mod operator;
 mod outbox;
 mod platform;
+mod pool;
 mod secrets;
 mod service_config;
 mod tls;

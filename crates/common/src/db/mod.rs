@@ -1,5 +1,5 @@
 //! The service's own database: PostgreSQL in deployment, an SQLite file as the embedded default, behind one
-//! sqlx `AnyPool` so a service's storage code and its test suite are the same for both.
+//! [`Pool`] of sqlx `AnyConnection`s so a service's storage code and its test suite are the same for both.
 //!
 //! Portable SQL only: `$1`-style parameters (in ascending order of first use), `TEXT` and `BIGINT` columns
 //! (UUIDs as canonical lowercase text, times as milliseconds since the Unix epoch), row-value comparisons,
@@ -8,7 +8,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use sqlx::{AnyPool, any::AnyPoolOptions, migrate::Migrator};
+use sqlx::migrate::Migrator;
+
+mod pool;
+pub use pool::{IDLE_CHECK, Manager, Pool, PoolConnection, Pooled, TIMEOUT_SLACK, Transaction};
 
 use crate::{
     ServiceError,
@@ -94,7 +97,7 @@ pub async fn connect(
     settings: &Settings,
     service: &str,
     migrations: &Migrator,
-) -> anyhow::Result<AnyPool> {
+) -> anyhow::Result<Pool> {
     let url = settings.database_url_of(service);
     open(
         &url,
@@ -116,25 +119,22 @@ pub async fn connect_url(
     max_connections: u32,
     acquire_timeout: Duration,
     migrations: &Migrator,
-) -> anyhow::Result<AnyPool> {
+) -> anyhow::Result<Pool> {
     open(url, max_connections, acquire_timeout, None, migrations).await
 }
 
 /// Opens the pool. On PostgreSQL a statement's `statement_timeout` is what is left of the deadline of the call
 /// it runs for ([`crate::context::current`]), never more than the longest a call may run (`grpc.request_timeout`,
 /// also the bound of work outside any call: relays, consumers), so the database itself stops a statement no
-/// caller waits for any more (it answers 57014, UNAVAILABLE); migrations run without it.
-///
-/// The timeout is set when a call takes a connection from the pool (`before_acquire`): one `SET` in the simple
-/// protocol, which also serves as the liveness check sqlx would otherwise make with a ping there
-/// (`test_before_acquire` is off), so a call makes no more round trips than sqlx's default.
+/// caller waits for any more (it answers 57014, UNAVAILABLE); migrations run without it. How the pool keeps
+/// that to one `SET` per change of deadline, not one per call: [`Pool`].
 async fn open(
     url: &str,
     max_connections: u32,
     acquire_timeout: Duration,
     statement_timeout: Option<Duration>,
     migrations: &Migrator,
-) -> anyhow::Result<AnyPool> {
+) -> anyhow::Result<Pool> {
     sqlx::any::install_default_drivers();
     let backend = Backend::of_url(url);
     if backend == Backend::Sqlite {
@@ -148,41 +148,7 @@ async fn open(
             std::fs::create_dir_all(dir)?;
         }
     }
-    let mut options = AnyPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(acquire_timeout)
-        // A connection is checked when taken only on PostgreSQL without a statement timeout: with one, the
-        // `SET` is the check; an SQLite connection is a file of this process and never hangs up (its ping is
-        // a round trip to the connection's worker thread, two context switches per query for nothing).
-        .test_before_acquire(backend == Backend::Postgres && statement_timeout.is_none());
-    if backend == Backend::Postgres && statement_timeout.is_some() {
-        options = options.before_acquire(move |conn, _| {
-            Box::pin(async move {
-                set_statement_timeout(conn, backend, statement_timeout).await?;
-                Ok(true)
-            })
-        });
-    }
-    let pool = options
-        .after_connect(move |conn, _| {
-            Box::pin(async move {
-                // A new connection skips `before_acquire`: it gets its first timeout here.
-                set_statement_timeout(conn, backend, statement_timeout).await?;
-                if backend == Backend::Sqlite {
-                    // WAL lets readers run beside the one writer; the busy timeout queues writers instead of
-                    // failing them with SQLITE_BUSY.
-                    sqlx::query("PRAGMA journal_mode = WAL")
-                        .execute(&mut *conn)
-                        .await?;
-                    sqlx::query("PRAGMA busy_timeout = 5000")
-                        .execute(&mut *conn)
-                        .await?;
-                }
-                Ok(())
-            })
-        })
-        .connect(url)
-        .await?;
+    let pool = Pool::new(url, max_connections, acquire_timeout, statement_timeout)?;
     // Instances of one service starting together would race on `CREATE TABLE IF NOT EXISTS` (PostgreSQL
     // reports a duplicate pg_type key): the first migrates under a session advisory lock, the others wait.
     // SQLite files belong to one process: a process-wide lock is enough there.
@@ -191,19 +157,20 @@ async fn open(
         Backend::Sqlite => Some(SQLITE_MIGRATION.lock().await),
         Backend::Postgres => None,
     };
-    let mut conn = pool.acquire().await?;
+    // A connection of its own, closed at the end: the pool's keep the statement_timeout they were given.
+    let mut conn = pool.connect_alone().await?;
     if backend == Backend::Postgres {
         // Waiting for another instance's migration, and the migration itself, may take longer than a call.
         sqlx::query("SET statement_timeout = 0")
-            .execute(&mut *conn)
+            .execute(&mut conn)
             .await?;
         sqlx::query("SELECT pg_advisory_lock($1)")
             .bind(MIGRATION_LOCK)
-            .execute(&mut *conn)
+            .execute(&mut conn)
             .await?;
     }
     let migrated = async {
-        migrations.run(&mut *conn).await?;
+        migrations.run(&mut conn).await?;
         create_outbox_table(&mut conn).await?;
         anyhow::Ok(())
     }
@@ -211,39 +178,12 @@ async fn open(
     if backend == Backend::Postgres {
         sqlx::query("SELECT pg_advisory_unlock($1)")
             .bind(MIGRATION_LOCK)
-            .execute(&mut *conn)
+            .execute(&mut conn)
             .await?;
-        // (The next call to take this connection sets its own statement_timeout: `before_acquire`.)
     }
     migrated?;
     drop(conn);
     Ok(pool)
-}
-
-/// On PostgreSQL with a `bound`, sets the connection's `statement_timeout` ([`statement_timeout_for`]).
-async fn set_statement_timeout(
-    conn: &mut sqlx::AnyConnection,
-    backend: Backend,
-    bound: Option<Duration>,
-) -> sqlx::Result<()> {
-    if let (Backend::Postgres, Some(bound)) = (backend, bound) {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(statement_timeout_for(bound)))
-            .execute(conn)
-            .await?;
-    }
-    Ok(())
-}
-
-/// `SET statement_timeout = <ms>`: what is left of the current call's deadline (at least 1 ms), or `bound`
-/// when that is shorter or there is no call.
-fn statement_timeout_for(bound: Duration) -> String {
-    let left = crate::context::current()
-        .and_then(|c| c.remaining())
-        .map_or(bound, |left| left.min(bound));
-    format!(
-        "SET statement_timeout = {}",
-        left.as_millis().clamp(1, i32::MAX as u128)
-    )
 }
 
 /// Creates the platform's outbox table (`keel_outbox`, used by [`crate::outbox`]) if missing, under the same
