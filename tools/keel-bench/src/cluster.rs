@@ -11,6 +11,7 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context, bail};
+use backon::{ConstantBuilder, Retryable};
 use keel_common::{ClientFactory, Metrics, Settings, config::Env};
 use keel_protos::killrvideo::{
     common::Uuid as PbUuid,
@@ -89,30 +90,28 @@ pub async fn rows(root: &Path, dir: &Path, shape: &Shape) -> anyhow::Result<(Row
     let video = PbUuid {
         value: uuid::Uuid::new_v4().to_string(),
     };
-    // The instances register as they come up: submit once they answer.
-    let started = std::time::Instant::now();
-    loop {
-        let submitted = client
-            .clone()
-            .submit_you_tube_video(SubmitYouTubeVideoRequest {
-                video_id: Some(video.clone()),
-                user_id: Some(PbUuid {
-                    value: uuid::Uuid::new_v4().to_string(),
-                }),
-                name: "bench video".into(),
-                description: "a video of the benchmark".into(),
-                tags: vec!["bench".into()],
-                you_tube_video_id: "dQw4w9WgXcQ".into(),
-            })
-            .await;
-        match submitted {
-            Ok(_) => break,
-            Err(e) if started.elapsed() > Duration::from_secs(120) => {
-                bail!("video-catalog of the cluster does not answer: {e}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
+    // The instances register as they come up: submit once they answer (every 500 ms, for 2 minutes).
+    let submit = SubmitYouTubeVideoRequest {
+        video_id: Some(video.clone()),
+        user_id: Some(PbUuid {
+            value: uuid::Uuid::new_v4().to_string(),
+        }),
+        name: "bench video".into(),
+        description: "a video of the benchmark".into(),
+        tags: vec!["bench".into()],
+        you_tube_video_id: "dQw4w9WgXcQ".into(),
+    };
+    (|| {
+        let (mut client, submit) = (client.clone(), submit.clone());
+        async move { client.submit_you_tube_video(submit).await }
+    })
+    .retry(
+        ConstantBuilder::default()
+            .with_delay(Duration::from_millis(500))
+            .with_max_times(240),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("video-catalog of the cluster does not answer: {e}"))?;
     let pids = pids("video-catalog");
     let cpu = |pids: &[u32]| {
         pids.iter()

@@ -107,15 +107,20 @@ pub fn ghz(
     let ok = report["statusCodeDistribution"]["OK"].as_u64().unwrap_or(0);
     // Calls in flight when the time is up fail on ghz's own side as it closes its connections: not the
     // server's errors.
-    let errors: u64 = report["errorDistribution"]
+    let failures: Vec<(&String, u64)> = report["errorDistribution"]
         .as_object()
         .map(|e| {
             e.iter()
                 .filter(|(why, _)| !why.contains("use of closed network connection"))
-                .filter_map(|(_, n)| n.as_u64())
-                .sum()
+                .filter_map(|(why, n)| Some((why, n.as_u64()?)))
+                .collect()
         })
-        .unwrap_or(0);
+        .unwrap_or_default();
+    // What failed, beside the table (the errors column counts them).
+    for (why, n) in &failures {
+        eprintln!("    {n} failed: {why}");
+    }
+    let errors: u64 = failures.iter().map(|(_, n)| n).sum();
     let mut latencies: Vec<f64> = report["details"]
         .as_array()
         .map(|d| d.iter().filter_map(|x| x["latency"].as_f64()).collect())
