@@ -5,7 +5,8 @@
 //! `policy.call(Idempotent::Yes, || client.clone().get(req.clone())).await`.
 //!
 //! What is retried: UNAVAILABLE only (the request was not processed, or the server said it cannot take it now),
-//! and only for idempotent calls. The budget follows Linkerd's: retries may add at most 20% to the requests of
+//! and only for idempotent calls. A server's `grpc-retry-pushback-ms` (gRPC proposal A6) is honoured: the next
+//! attempt waits exactly that long instead of the backoff, and a negative or malformed one stops retrying. The budget follows Linkerd's: retries may add at most 20% to the requests of
 //! the last 10 seconds, plus 10 retries per second of slack.
 
 use std::{
@@ -151,7 +152,11 @@ impl RetryPolicy {
             {
                 return Err(err);
             }
-            let wait = self.backoff(tries - 1);
+            let wait = match pushback(&err) {
+                Some(Some(wait)) => wait,
+                Some(None) => return Err(err),
+                None => self.backoff(tries - 1),
+            };
             if deadline.is_some_and(|d| Instant::now() + wait >= d) {
                 return Err(err);
             }
@@ -165,6 +170,18 @@ impl RetryPolicy {
     }
 }
 
+/// What the server's `grpc-retry-pushback-ms` says: `None` without one, `Some(None)` for "do not retry".
+fn pushback(status: &Status) -> Option<Option<Duration>> {
+    let v = status.metadata().get("grpc-retry-pushback-ms")?;
+    Some(
+        v.to_str()
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+            .filter(|ms| *ms >= 0)
+            .map(|ms| Duration::from_millis(ms as u64)),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +189,38 @@ mod tests {
 
     fn policy(attempts: u32, budget: RetryBudget) -> RetryPolicy {
         RetryPolicy::new(attempts, Arc::new(budget))
+    }
+
+    /// UNAVAILABLE with `grpc-retry-pushback-ms: ms`.
+    fn pushed_back(ms: &str) -> Status {
+        let mut m = tonic::metadata::MetadataMap::new();
+        m.insert("grpc-retry-pushback-ms", ms.parse().unwrap());
+        Status::with_metadata(Code::Unavailable, "not ready", m)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_servers_pushback_sets_the_wait_or_stops_retrying() {
+        let p = policy(3, RetryBudget::default());
+        let n = AtomicU32::new(0);
+        let start = tokio::time::Instant::now();
+        let _ = p
+            .call(Idempotent::Yes, || async {
+                n.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(pushed_back("40"))
+            })
+            .await;
+        assert_eq!(n.load(Ordering::SeqCst), 3);
+        // Two waits of exactly the pushback (the clock is paused: only the sleeps move it).
+        assert_eq!(start.elapsed(), Duration::from_millis(80));
+
+        n.store(0, Ordering::SeqCst);
+        let _ = p
+            .call(Idempotent::Yes, || async {
+                n.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(pushed_back("-1"))
+            })
+            .await;
+        assert_eq!(n.load(Ordering::SeqCst), 1, "a negative pushback: no retry");
     }
 
     #[tokio::test]

@@ -3,6 +3,10 @@
 //! caller's deadline: a fast, typed failure the client can retry elsewhere, while Consul takes the instance out
 //! of DNS (the health status is NOT_SERVING by then). Calls pass again as soon as the checks do.
 //!
+//! The answer carries `grpc-retry-pushback-ms: 0` (gRPC proposal A6): a caller that retries sends its next
+//! attempt at once, to another instance, instead of waiting out a backoff for a dependency this instance
+//! cannot reach.
+//!
 //! Shutdown is not a failed check: an instance draining keeps serving the calls of clients that have not yet
 //! seen it leave DNS.
 
@@ -87,7 +91,11 @@ where
         if let Some(failed) = self.readiness.failed()
             && !always_served(req.uri().path())
         {
-            let status = layer_status::unavailable(format!("not ready: {failed}"));
+            let mut status = layer_status::unavailable(format!("not ready: {failed}"));
+            status.metadata_mut().insert(
+                "grpc-retry-pushback-ms",
+                tonic::metadata::MetadataValue::from_static("0"),
+            );
             return Box::pin(async move { Ok(status.into_http()) });
         }
         Box::pin(self.inner.call(req))
@@ -114,17 +122,24 @@ mod tests {
                     .oneshot(Request::builder().uri(path).body(()).unwrap())
                     .await
                     .unwrap();
-                crate::layers::grpc_status(resp.headers())
+                (
+                    crate::layers::grpc_status(resp.headers()),
+                    resp.headers().get("grpc-retry-pushback-ms").cloned(),
+                )
             }
         };
-        assert_eq!(status("/pkg.Svc/Call").await, None, "served");
+        assert_eq!(status("/pkg.Svc/Call").await, (None, None), "served");
         readiness.set(Some("video-catalog database: pool timed out".into()));
         assert_eq!(
             status("/pkg.Svc/Call").await,
-            Some(tonic::Code::Unavailable)
+            (
+                Some(tonic::Code::Unavailable),
+                Some(http::HeaderValue::from_static("0"))
+            ),
+            "refused, to be retried at once elsewhere"
         );
-        assert_eq!(status("/grpc.health.v1.Health/Check").await, None);
+        assert_eq!(status("/grpc.health.v1.Health/Check").await.0, None);
         readiness.set(None);
-        assert_eq!(status("/pkg.Svc/Call").await, None, "served again");
+        assert_eq!(status("/pkg.Svc/Call").await.0, None, "served again");
     }
 }
