@@ -32,7 +32,8 @@ pub struct DatabaseSettings {
     pub dir: String,
     /// Connections in the pool (`database.max_connections`), default 8.
     pub max_connections: u32,
-    /// Longest wait for a pooled connection before the call fails UNAVAILABLE (`database.acquire_timeout`).
+    /// Longest wait for a free pooled connection, and for a new one to connect, before the call fails
+    /// UNAVAILABLE (`database.acquire_timeout`).
     pub acquire_timeout: Duration,
 }
 
