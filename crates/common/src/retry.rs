@@ -170,16 +170,20 @@ impl RetryPolicy {
     }
 }
 
+/// What a `grpc-retry-pushback-ms` value says (gRPC proposal A6): the wait before the next attempt, or `None`
+/// for "do not retry" (negative or malformed).
+pub(crate) fn pushback_wait(value: &[u8]) -> Option<Duration> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+        .filter(|ms| *ms >= 0)
+        .map(|ms| Duration::from_millis(ms as u64))
+}
+
 /// What the server's `grpc-retry-pushback-ms` says: `None` without one, `Some(None)` for "do not retry".
 fn pushback(status: &Status) -> Option<Option<Duration>> {
     let v = status.metadata().get("grpc-retry-pushback-ms")?;
-    Some(
-        v.to_str()
-            .ok()
-            .and_then(|s| s.parse::<i64>().ok())
-            .filter(|ms| *ms >= 0)
-            .map(|ms| Duration::from_millis(ms as u64)),
-    )
+    Some(pushback_wait(v.as_bytes()))
 }
 
 #[cfg(test)]

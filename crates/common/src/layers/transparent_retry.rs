@@ -132,13 +132,7 @@ fn another_listed(listed: &[SocketAddr], failed: Option<SocketAddr>) -> bool {
 /// What the server's `grpc-retry-pushback-ms` says: `None` without one, `Some(None)` for "do not retry".
 fn pushback(resp: &Response<Body>) -> Option<Option<Duration>> {
     let v = resp.headers().get("grpc-retry-pushback-ms")?;
-    Some(
-        v.to_str()
-            .ok()
-            .and_then(|s| s.parse::<i64>().ok())
-            .filter(|ms| *ms >= 0)
-            .map(|ms| Duration::from_millis(ms as u64)),
-    )
+    Some(crate::retry::pushback_wait(v.as_bytes()))
 }
 
 impl<S> Service<Request<Body>> for TransparentRetry<S>

@@ -136,28 +136,36 @@ async fn an_instance_listed_again_after_leaving_discovery_gets_a_new_connection(
     assert!(logged_peer(&q, &format!("{t}-3")).is_none());
 }
 
-#[tokio::test]
-async fn a_call_whose_connection_is_refused_is_sent_to_another_instance() {
-    let p = echo_process(&[]);
-    let live = p.addr().await;
-    // Nothing listens on port 1; pick first tries the lowest address first, so the refused one.
-    let refused: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
-    let mut c = client(
+/// A client of `first` and `live` under pick first, which tries the lowest address first (`first` must be
+/// the lower), without any retryPolicy: only the transparent retry of a call no server processed sends a call
+/// on from `first`.
+fn pick_first_client(
+    first: std::net::SocketAddr,
+    live: std::net::SocketAddr,
+) -> EchoClient<keel_common::Channel> {
+    client(
         live,
         &[
             (
                 "KEEL_CLIENT__STATIC_ENDPOINTS",
-                &format!("echo={refused}|{live}"),
+                &format!("echo={first}|{live}"),
             ),
             (
                 "KEEL_CLIENT__SERVICE_CONFIG__ECHO",
                 r#"{"loadBalancingConfig":[{"pick_first":{}}]}"#,
             ),
         ],
-    );
-    let t = unique("refused");
-    // No retryPolicy: only the transparent retry of a call that never left the client sends it on.
-    peer_of_call(&p, &mut c, &t).await;
+    )
+}
+
+#[tokio::test]
+async fn a_call_whose_connection_is_refused_is_sent_to_another_instance() {
+    let p = echo_process(&[]);
+    let live = p.addr().await;
+    // Nothing listens on port 1; pick first tries the lowest address first, so the refused one.
+    let refused: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let mut c = pick_first_client(refused, live);
+    peer_of_call(&p, &mut c, &unique("refused")).await;
 }
 
 /// An HTTP/2 server on `ip` (port chosen by the system) that serves no call: it refuses every stream it is
@@ -199,26 +207,13 @@ async fn refusing_server(
     (addr, taken)
 }
 
-/// A call to an instance that does not process it (`refuser`, listed first for pick first) is answered by
-/// the other instance (no retryPolicy: only the transparent retry sends it on).
+/// A call to an instance that does not process it (listed first for pick first) is answered by the other.
 async fn a_call_not_processed_by_refuser_is_answered_by_the_other(go_away: bool) {
     // The echo on 127.0.0.2 so the refusing server (127.0.0.1) comes first in pick first's sorted list.
     let p = echo_process(&[("KEEL_GRPC__LISTEN_ADDR", "127.0.0.2:0".into())]);
     let live = p.addr().await;
     let (refuser, taken) = refusing_server("127.0.0.1", go_away).await;
-    let mut c = client(
-        live,
-        &[
-            (
-                "KEEL_CLIENT__STATIC_ENDPOINTS",
-                &format!("echo={refuser}|{live}"),
-            ),
-            (
-                "KEEL_CLIENT__SERVICE_CONFIG__ECHO",
-                r#"{"loadBalancingConfig":[{"pick_first":{}}]}"#,
-            ),
-        ],
-    );
+    let mut c = pick_first_client(refuser, live);
     peer_of_call(&p, &mut c, &unique("not-processed")).await;
     assert!(
         taken.load(std::sync::atomic::Ordering::Relaxed) > 0,
