@@ -16,6 +16,12 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions},
 };
 
+use keel_protos::killrvideo::{
+    common::Uuid as PbUuid,
+    video_catalog::{
+        SubmitYouTubeVideoRequest, video_catalog_service_client::VideoCatalogServiceClient,
+    },
+};
 use ratings::statements as rating;
 use video_catalog::statements as catalog;
 
@@ -96,12 +102,22 @@ pub async fn rows(
             &submit,
         )
     })?;
-    // The video the reads ask for.
-    call(
-        server.addr,
-        "killrvideo.video_catalog.VideoCatalogService/SubmitYouTubeVideo",
-        &submit.replace("{{newUUID}}", &video.to_string()),
-    )?;
+    // The video the reads ask for: one submission.
+    VideoCatalogServiceClient::connect(format!("http://{}", server.addr))
+        .await?
+        .submit_you_tube_video(SubmitYouTubeVideoRequest {
+            video_id: Some(PbUuid {
+                value: video.to_string(),
+            }),
+            user_id: Some(PbUuid {
+                value: user.to_string(),
+            }),
+            name: "bench video".into(),
+            description: "a video of the benchmark".into(),
+            tags: vec!["bench".into(), "tag0".into()],
+            you_tube_video_id: YOUTUBE_ID.into(),
+        })
+        .await?;
     let catalog_db = pool(&data, "video-catalog").await?;
     sqlx::query("CREATE TABLE IF NOT EXISTS bench_outbox AS SELECT * FROM keel_outbox WHERE 0")
         .execute(&catalog_db)
