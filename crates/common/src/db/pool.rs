@@ -219,6 +219,8 @@ impl Pool {
                 return Ok(c);
             }
             let set = format!("SET statement_timeout = {wanted}");
+            // Unknown until the SET is answered: a call dropped meanwhile may leave either value.
+            c.timeout_ms = None;
             match sqlx::raw_sql(sqlx::AssertSqlSafe(set))
                 .execute(&mut c.raw)
                 .await
