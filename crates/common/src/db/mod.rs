@@ -11,7 +11,7 @@ use std::{sync::Arc, time::Duration};
 use sqlx::migrate::Migrator;
 
 mod pool;
-pub use pool::{IDLE_CHECK, Manager, Pool, PoolConnection, Pooled, TIMEOUT_SLACK, Transaction};
+pub use pool::{IDLE_CHECK, Pool, PoolConnection, TIMEOUT_SLACK, Transaction};
 
 use crate::{
     ServiceError,

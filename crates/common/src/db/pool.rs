@@ -43,7 +43,7 @@ pub const TIMEOUT_SLACK: (f64, f64) = (0.9, 1.25);
 
 /// One pooled connection and what the pool knows of it.
 #[derive(Debug)]
-pub struct Pooled {
+pub(crate) struct Pooled {
     raw: AnyConnection,
     /// The `statement_timeout` set on it, ms (PostgreSQL).
     timeout_ms: Option<u64>,
@@ -78,7 +78,7 @@ fn is_connection_error(e: &sqlx::Error) -> bool {
 
 /// Makes and checks the connections of one database.
 #[derive(Debug)]
-pub struct Manager {
+pub(crate) struct Manager {
     url: String,
     backend: Backend,
 }
