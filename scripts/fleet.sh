@@ -24,6 +24,7 @@
 #   scripts/fleet.sh start-agent HOST (re)starts the Consul agent of HOST
 #   scripts/fleet.sh link HOST up|down  connects or cuts machine HOST's network link
 #   scripts/fleet.sh list | passing   the services of fleet.toml; how many instances pass in Consul
+#   scripts/fleet.sh not-passing      status, then the log's end of each instance that is down or not passing
 #   scripts/fleet.sh pg-stop | pg-start | kafka-start N… | secret NAME
 #
 # Local-fleet differences from production, each for a reason: services also log to a file (to read them here),
@@ -85,7 +86,7 @@ spawn() {
   mkdir -p "$FLEET/$host"
   if [[ -f $FLEET/$host/$name.pid ]] && kill -0 "$(cat "$FLEET/$host/$name.pid")" 2>/dev/null; then return; fi
   # `ip netns exec` execs the command: the PID recorded is the process's own.
-  nohup ip netns exec "$(ns "$host")" "$@" >"$FLEET/$host/$name.log" 2>&1 </dev/null &
+  nohup ip netns exec "$(ns "$host")" "$@" >>"$FLEET/$host/$name.log" 2>&1 </dev/null &
   echo $! >"$FLEET/$host/$name.pid"
 }
 
@@ -270,8 +271,56 @@ services_up() {
     done
     k=$((k + 1)); expected=$((expected + instances))
   done < <(services)
-  wait_for "every instance passing" 180 /dev/null bash -c "[[ \$($0 passing) -ge $expected ]]"
+  local end=$((SECONDS + 180)) n
+  until n=$(passing) && ((n >= expected)); do
+    if ((SECONDS >= end)); then
+      not_passing >&2
+      die "every instance passing not ready after 180s ($n of $expected passing)"
+    fi
+    restart_exited
+    sleep 1
+  done
   log "services: $expected instances passing"
+}
+
+# What the units' `Restart=always` does on a machine, while `up` waits: an instance whose process exited is
+# started again (its log appended to), and how its log ended is shown.
+restart_exited() {
+  local k=0
+  while read -r svc _ instances database; do
+    for ((i = 0; i < instances; i++)); do
+      local host n=$((i + 1))
+      host=$(placement "$k" "$i")
+      local pidf=$FLEET/$host/$svc-$n.pid
+      [[ -f $pidf ]] && ! kill -0 "$(cat "$pidf")" 2>/dev/null || continue
+      log "$svc-$host-$n exited; started again. Its log ended: $(tail -2 "$FLEET/$host/$svc-$n.log" 2>/dev/null |
+        cut -c1-400)"
+      start_instance "$svc" "$database" "$n" "$host"
+    done
+    k=$((k + 1))
+  done < <(services)
+}
+
+# What keeps instances from passing: for each instance whose process is gone or whose checks do not all pass,
+# its log's last warnings and errors and its last lines; then the machines and every check not passing.
+not_passing() {
+  local k=0
+  while read -r svc _ instances _; do
+    for ((i = 0; i < instances; i++)); do
+      local host n=$((i + 1)) pidf logf
+      host=$(placement "$k" "$i"); pidf=$FLEET/$host/$svc-$n.pid; logf=$FLEET/$host/$svc-$n.log
+      local id=$svc-$host-$n state=running
+      if [[ -f $pidf ]] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
+        on ops curl -sf "http://127.0.0.1:8500/v1/health/service/$svc?passing" | grep -q "\"$id\"" && continue
+      else
+        state=exited
+      fi
+      echo "--- $id ($state; $logf)"
+      { grep -E '"level":"(WARN|ERROR)"' "$logf" | tail -6 || true; tail -4 "$logf" || true; } 2>/dev/null | cut -c1-400
+    done
+    k=$((k + 1))
+  done < <(services)
+  status | grep -Ev ' passing$' || true
 }
 
 # The number of passing instances of the fleet's services, as Consul sees them.
@@ -385,11 +434,17 @@ start_agent() {
 }
 
 [[ $(id -u) == 0 ]] || die "the fleet needs root (network namespaces)"
+# One `up` or `down` at a time: a `down` racing an `up` removes namespaces the `up` is starting processes in.
+if [[ ${1:-} == up || ${1:-} == down ]]; then
+  exec 9>"$FLEET.lock"
+  flock 9
+fi
 case ${1:-status} in
   up) up ;;
   down) down ;;
   status) status ;;
   passing) passing ;;
+  not-passing) not_passing ;;
   # exec: the command replaces this script, so a caller's signals reach it.
   exec) shift; h=$1; shift; exec ip netns exec "$(ns "$h")" "$@" ;;
   pid) pid_of "$2" "$3" ;;

@@ -142,6 +142,7 @@ pub async fn rows(root: &Path, dir: &Path, shape: &Shape) -> anyhow::Result<(Row
         cpu_per_1k: (calls > 0.0).then(|| used * 1000.0 / calls),
         measured,
         against: None,
+        beside: None,
         rss: None,
     };
     let db = format!(

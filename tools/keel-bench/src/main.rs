@@ -77,6 +77,9 @@ enum Cmd {
         /// Where to listen.
         #[arg(long, default_value = "127.0.0.1:0")]
         addr: SocketAddr,
+        /// The PostgreSQL URL of `--proto accounts`.
+        #[arg(long)]
+        database: Option<String>,
     },
     /// The platform's client stack, measured in process.
     ClientStack(client_stack::Args),
@@ -90,6 +93,9 @@ struct Row {
     measured: Measured,
     /// `(baseline's calls/s, target ratio)`; `None` for a baseline row.
     against: Option<(f64, f64)>,
+    /// A second baseline of a database-bound row, bare tonic with sqlx running the same statement (what the
+    /// platform's layers cost on top): `(its calls/s, target ratio)`.
+    beside: Option<(f64, f64)>,
     cpu_per_1k: Option<f64>,
     rss: Option<(f64, f64)>,
 }
@@ -100,7 +106,11 @@ const ADMIN_TOKEN: &str = "bench-admin-token";
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Cmd::Bare { proto, addr }) => bare::serve(proto, addr).await,
+        Some(Cmd::Bare {
+            proto,
+            addr,
+            database,
+        }) => bare::serve(proto, addr, database.as_deref()).await,
         Some(Cmd::ClientStack(args)) => client_stack::run(args).await,
         Some(Cmd::DbPath(args)) => db_path::run(args).await,
         None => run(&cli).await,
@@ -124,6 +134,7 @@ fn row(
         cpu_per_1k: (measured.calls > 0).then(|| used * 1000.0 / measured.calls as f64),
         measured,
         against: None,
+        beside: None,
         rss: Some((idle_rss, peak)),
     })
 }
@@ -282,16 +293,29 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                 &shape,
             )?,
         );
+        let by_token = format!(r#"{{"token":"{token}"}}"#);
+        let bare = Proc::start(
+            &bench,
+            &["bare", "--proto", "accounts", "--database", &accounts_db],
+            &[],
+            &dir,
+            "bare-accounts",
+        )?;
+        let idle = bare.rss_mib().0;
+        let bare_row = row(
+            "bare tonic + sqlx PgPool: GetByToken (baseline)",
+            &bare,
+            idle,
+            || call(bare.addr, "rpc.Accounts/GetByToken", &by_token, None),
+        )?;
+        drop(bare);
         let idle = accounts.rss_mib().0;
-        let ours = row("accounts GetByToken (PostgreSQL)", &accounts, idle, || {
-            call(
-                accounts.addr,
-                "rpc.Accounts/GetByToken",
-                &format!(r#"{{"token":"{token}"}}"#),
-                None,
-            )
+        let mut ours = row("accounts GetByToken (PostgreSQL)", &accounts, idle, || {
+            call(accounts.addr, "rpc.Accounts/GetByToken", &by_token, None)
         })?;
         drop(accounts);
+        ours.beside = Some((bare_row.measured.rate, 0.9));
+        rows.push(bare_row);
         push_pair(&mut rows, base, ours, 0.5);
     }
 
@@ -377,6 +401,7 @@ fn baseline(name: &str, measured: Measured) -> Row {
         name: name.to_owned(),
         measured,
         against: None,
+        beside: None,
         cpu_per_1k: None,
         rss: None,
     }
@@ -472,10 +497,18 @@ fn print(rows: &[Row], shape: &Shape) {
             None => "baseline".to_owned(),
             Some((base, target)) => {
                 let x = if base > 0.0 { m.rate / base } else { 0.0 };
-                format!(
+                let mut cell = format!(
                     "{x:.2}× (≥ {target}) {}",
                     if x >= target { "ok" } else { "BELOW" }
-                )
+                );
+                if let Some((bare, target)) = r.beside {
+                    let x = if bare > 0.0 { m.rate / bare } else { 0.0 };
+                    cell += &format!(
+                        "; {x:.2}× bare tonic + sqlx (≥ {target}) {}",
+                        if x >= target { "ok" } else { "BELOW" }
+                    );
+                }
+                cell
             }
         };
         let lat = m.latency_us.map_or(
