@@ -1063,6 +1063,7 @@ mod tests {
             "consul.check",
             "consul.failures_before_critical",
             "statsd.queue_capacity",
+            "statsd.timer_samples",
             "log.buffer_lines",
             "log.topic",
             "client.default_timeout",

@@ -15,11 +15,18 @@
 //!
 //! `<side>` is `server` or `client`; `<Service>` is the proto service name without its package. Paths the
 //! server does not serve are recorded as `unknown.unknown` so a scanner cannot blow up the metric namespace.
-//! Sending never blocks a request: counters and the in-flight gauge are kept in memory (atomics) and sent
-//! once per flush (every second), so a call costs one timer sample and no allocation; what is sent goes
-//! through a bounded queue to a sender thread, and what does not fit is dropped and counted
-//! ([`Metrics::dropped`]). StatsD sums counts per flush interval, so Graphite sees the same totals. StatsD daemon (Etsy) then stores counters under
-//! `stats_counts.<name>` and timers under `stats.timers.<name>.*` in Graphite.
+//! Sending never blocks a request, and a call sends nothing: counters and the in-flight gauge are kept in
+//! memory (atomics), latencies in a bounded per-method buffer ([`Latencies`]), all sent once per flush (every
+//! second) by the flusher task; what is sent goes through a bounded queue to a sender thread that packs
+//! several metrics into each UDP datagram, and what does not fit is dropped and counted
+//! ([`Metrics::dropped`]). StatsD sums counts per flush interval, so Graphite sees the same totals. StatsD
+//! daemon (Etsy) then stores counters under `stats_counts.<name>` and timers under `stats.timers.<name>.*` in
+//! Graphite.
+//!
+//! Above [`TIMER_SAMPLES`] calls of one method in one second, its latencies are sent as a uniform sample with
+//! StatsD's sample rate (`|@<rate>`, [StatsD's metric types](https://github.com/statsd/statsd/blob/master/docs/metric_types.md)),
+//! so the daemon's `count` stays the number of calls, its percentiles are those of the sample, and the slowest
+//! and fastest call of the second are always among those sent (`upper` and `lower` stay exact).
 
 use std::{
     collections::HashSet,
@@ -47,6 +54,9 @@ pub struct StatsdSettings {
     pub prefix: String,
     /// Metrics queued for the sender thread before new ones are dropped (`statsd.queue_capacity`).
     pub queue_capacity: usize,
+    /// Latencies of one method sent per flush (every second) before they are sampled
+    /// (`statsd.timer_samples`, default [`TIMER_SAMPLES`]; module docs).
+    pub timer_samples: usize,
 }
 
 impl StatsdSettings {
@@ -56,6 +66,7 @@ impl StatsdSettings {
             addr: r.opt_string("statsd.addr"),
             prefix: r.string("statsd.prefix", "keel"),
             queue_capacity: r.positive("statsd.queue_capacity", 10_000usize),
+            timer_samples: r.positive("statsd.timer_samples", TIMER_SAMPLES),
         }
     }
 }
@@ -78,10 +89,69 @@ impl Side {
     }
 }
 
+/// Default of `statsd.timer_samples`, the latencies of one method kept per flush before they are sampled
+/// (module docs): at 1 s flushes, every call of a method up to this rate is sent.
+pub const TIMER_SAMPLES: usize = 2048;
+
+/// One method's latencies since the last flush, ms: every one while there are at most `cap`, then a uniform
+/// sample of `cap` of them (reservoir sampling, Vitter's algorithm R), holding the extremes when taken.
+#[derive(Debug, Default)]
+pub struct Latencies {
+    kept: Vec<u64>,
+    seen: u64,
+    slowest: u64,
+    fastest: u64,
+}
+
+impl Latencies {
+    /// Adds one call's latency, ms, keeping at most `cap` (≥ 2).
+    pub fn add(&mut self, ms: u64, cap: usize) {
+        self.seen += 1;
+        if self.seen == 1 || ms > self.slowest {
+            self.slowest = ms;
+        }
+        if self.seen == 1 || ms < self.fastest {
+            self.fastest = ms;
+        }
+        if self.kept.len() < cap.max(2) {
+            self.kept.push(ms);
+        } else {
+            let j = rand::random_range(0..self.seen);
+            if let Some(slot) = self.kept.get_mut(j as usize) {
+                *slot = ms;
+            }
+        }
+    }
+
+    /// What to send, and empties it: the latencies (ms) and the rate they were sampled at (1.0: every call).
+    /// A sample holds the slowest and the fastest call (in place of two sampled ones).
+    pub fn take(&mut self) -> (Vec<u64>, f64) {
+        let seen = std::mem::take(&mut self.seen);
+        let mut kept = std::mem::take(&mut self.kept);
+        if seen as usize > kept.len() {
+            let (slowest, fastest) = (self.slowest, self.fastest);
+            for extreme in [slowest, fastest] {
+                if !kept.contains(&extreme)
+                    && let Some(slot) = kept.iter_mut().find(|v| **v != slowest && **v != fastest)
+                {
+                    *slot = extreme;
+                }
+            }
+        }
+        let rate = if seen == 0 {
+            1.0
+        } else {
+            kept.len() as f64 / seen as f64
+        };
+        (kept, rate)
+    }
+}
+
 /// One RPC's counters since the last flush, and its metric names (made once, on its first call).
 struct MethodStats {
     base: String,
     latency: String,
+    latencies: std::sync::Mutex<Latencies>,
     requests: AtomicU64,
     /// Calls by gRPC status code (0..=16).
     status: [AtomicU64; 17],
@@ -95,6 +165,7 @@ impl MethodStats {
         let base = format!("grpc.{}.{}", side.as_str(), method);
         Self {
             latency: format!("{base}.latency"),
+            latencies: Default::default(),
             base,
             requests: AtomicU64::new(0),
             status: Default::default(),
@@ -109,6 +180,8 @@ type MethodTable = std::sync::RwLock<std::collections::HashMap<String, Arc<Metho
 
 struct Inner {
     client: StatsdClient,
+    /// `statsd.timer_samples`.
+    timer_samples: usize,
     dropped: Arc<AtomicU64>,
     inflight: [AtomicI64; 2],
     methods: [MethodTable; 2],
@@ -170,6 +243,7 @@ impl Metrics {
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
+                timer_samples: settings.statsd.timer_samples,
                 dropped,
                 inflight: [AtomicI64::new(0), AtomicI64::new(0)],
                 methods: Default::default(),
@@ -184,6 +258,7 @@ impl Metrics {
         Self {
             inner: Arc::new(Inner {
                 client,
+                timer_samples: TIMER_SAMPLES,
                 dropped: Arc::new(AtomicU64::new(0)),
                 inflight: [AtomicI64::new(0), AtomicI64::new(0)],
                 methods: Default::default(),
@@ -231,6 +306,15 @@ impl Metrics {
                         let _ = c.count(&format!("{}.status.{name}", m.base), n);
                     }
                 }
+                let (latencies, rate) = m.latencies.lock().expect("metrics").take();
+                for ms in latencies {
+                    let timer = c.time_with_tags(&m.latency, ms);
+                    if rate < 1.0 {
+                        timer.with_sampling_rate(rate).send();
+                    } else {
+                        timer.send();
+                    }
+                }
             }
         }
         let _ = c.flush();
@@ -275,7 +359,7 @@ impl Metrics {
     }
 
     /// Records a finished call of `method` (`Service.Method`) that sent and received `messages` (gRPC
-    /// messages, as this side counts them): its latency now, its counters at the next flush.
+    /// messages, as this side counts them): its latency and counters are sent at the next flush.
     pub(crate) fn record(
         &self,
         side: Side,
@@ -300,7 +384,12 @@ impl Metrics {
         stats
             .messages_received
             .fetch_add(messages.1, Ordering::Relaxed);
-        let _ = self.inner.client.time(&stats.latency, elapsed);
+        let ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+        stats
+            .latencies
+            .lock()
+            .expect("metrics")
+            .add(ms, self.inner.timer_samples);
     }
 }
 
@@ -360,6 +449,58 @@ pub fn method_metric_name(path: &str, known: &HashSet<String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_latency_is_sent_up_to_the_cap() {
+        let mut l = Latencies::default();
+        for ms in 1..=100 {
+            l.add(ms, 100);
+        }
+        let (kept, rate) = l.take();
+        assert_eq!(kept, (1..=100).collect::<Vec<_>>());
+        assert_eq!(rate, 1.0);
+        assert_eq!(l.take(), (vec![], 1.0), "taken: empty until the next call");
+    }
+
+    #[test]
+    fn above_the_cap_a_sample_is_sent_at_its_rate_with_the_extremes() {
+        let mut l = Latencies::default();
+        // The extremes arrive early, so the reservoir has had every chance to drop them.
+        l.add(500, 16);
+        l.add(0, 16);
+        for i in 0..998 {
+            l.add(10 + i % 50, 16);
+        }
+        let (kept, rate) = l.take();
+        assert_eq!(kept.len(), 16);
+        assert_eq!(
+            rate,
+            16.0 / 1000.0,
+            "StatsD counts each sent latency 1/rate times"
+        );
+        assert!(kept.contains(&500) && kept.contains(&0), "{kept:?}");
+        assert!(
+            kept.iter()
+                .all(|ms| *ms == 0 || *ms == 500 || (10..60).contains(ms)),
+            "{kept:?}"
+        );
+        // The next interval starts afresh: its extremes are its own.
+        l.add(7, 16);
+        assert_eq!(l.take(), (vec![7], 1.0));
+    }
+
+    #[test]
+    fn an_extreme_already_sampled_is_not_replaced_by_the_other() {
+        let mut l = Latencies {
+            kept: vec![5, 500, 7],
+            seen: 10,
+            slowest: 500,
+            fastest: 1,
+        };
+        let (kept, rate) = l.take();
+        assert_eq!(kept, vec![1, 500, 7]);
+        assert_eq!(rate, 0.3);
+    }
 
     #[test]
     fn method_names_are_dotted_and_bounded() {
