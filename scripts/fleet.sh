@@ -435,9 +435,10 @@ start_agent() {
 
 [[ $(id -u) == 0 ]] || die "the fleet needs root (network namespaces)"
 # One `up` or `down` at a time: a `down` racing an `up` removes namespaces the `up` is starting processes in.
-if [[ ${1:-} == up || ${1:-} == down ]]; then
-  exec 9>"$FLEET.lock"
-  flock 9
+# The lock is held by flock(1) around this script, its descriptor closed for the script (-o): the processes
+# `up` leaves running must not inherit it, or a later `down` would wait for them forever.
+if [[ (${1:-} == up || ${1:-} == down) && -z ${KEEL_FLEET_LOCKED:-} ]]; then
+  exec env KEEL_FLEET_LOCKED=1 flock -o "$FLEET.lock" "$ROOT/scripts/fleet.sh" "$@"
 fi
 case ${1:-status} in
   up) up ;;
