@@ -436,9 +436,10 @@ start_agent() {
 [[ $(id -u) == 0 ]] || die "the fleet needs root (network namespaces)"
 # One `up` or `down` at a time: a `down` racing an `up` removes namespaces the `up` is starting processes in.
 # The lock is held by flock(1) around this script, its descriptor closed for the script (-o): the processes
-# `up` leaves running must not inherit it, or a later `down` would wait for them forever.
+# `up` leaves running must not inherit it, or a later `down` would wait for them forever. Waiting for another
+# `up` or `down` ends after 15 minutes with exit status 75.
 if [[ (${1:-} == up || ${1:-} == down) && -z ${KEEL_FLEET_LOCKED:-} ]]; then
-  exec env KEEL_FLEET_LOCKED=1 flock -o "$FLEET.lock" "$ROOT/scripts/fleet.sh" "$@"
+  exec env KEEL_FLEET_LOCKED=1 flock -o -w 900 -E 75 "$FLEET.lock" "$ROOT/scripts/fleet.sh" "$@"
 fi
 case ${1:-status} in
   up) up ;;

@@ -6,7 +6,9 @@
 //! - a database-bound RPC: pgbench running the service's own query on the same PostgreSQL (prepared
 //!   statements), target ≥ 0.5× its transactions/s; for the KillrVideo server on SQLite, the same statements
 //!   run in process on its files ([`killrvideo`]); for the `make up` cluster, called through Consul DNS
-//!   ([`cluster`]), pgbench again.
+//!   ([`cluster`]), pgbench again. accounts' GetByToken has a second baseline, a bare tonic server answering
+//!   it with sqlx's typed `PgPool` (`keel-bench bare --proto accounts`), target ≥ 0.9×: what our layers and
+//!   pool cost on a database-bound call, apart from what tonic and the database cost.
 //!
 //! Columns: calls/s, the ratio and its target, latency p50/p99/p99.9 (µs, from every call ghz recorded),
 //! errors, server CPU-seconds per 1,000 calls (`/proc/<pid>/stat`), idle and peak resident memory (MiB;
