@@ -174,7 +174,8 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         )?;
         drop(bare);
         // The platform as the bench runs it (stdout logs, StatsD counted but not sent), then as deployed (StatsD
-        // and the Kafka log shipper of infra.sh), then without the call log line: each layer's share.
+        // and the Kafka log shipper of infra.sh), each of the two alone, then without the call log line: each
+        // layer's share.
         let deployed = [
             (
                 "KEEL_STATSD__ADDR",
@@ -186,9 +187,11 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             ),
         ];
         let quiet = [("KEEL_LOG__LEVEL", "info,keel::calls=warn".to_owned())];
-        let variants: [(&str, &[(&str, String)]); 3] = [
+        let variants: [(&str, &[(&str, String)]); 5] = [
             ("echo Echo", &[]),
             ("echo Echo, StatsD and Kafka logs on", &deployed),
+            ("echo Echo, StatsD on", &deployed[..1]),
+            ("echo Echo, Kafka logs on", &deployed[1..]),
             ("echo Echo, no call log line", &quiet),
         ];
         let base_rate = base.measured.rate;
