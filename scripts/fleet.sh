@@ -263,19 +263,28 @@ start_instance() {
   spawn "$host" "$svc-$n" env -i "${env[@]}" "$BIN/$svc"
 }
 
-services_up() {
-  local k=0 expected=0
-  while read -r svc _ instances database; do
-    for ((i = 0; i < instances; i++)); do
-      start_instance "$svc" "$database" $((i + 1)) "$(placement "$k" "$i")"
+# Every instance of the fleet, one per line: "service n machine database" (n 1-based, database yes|no).
+instances() {
+  local k=0
+  while read -r svc _ count database; do
+    for ((i = 0; i < count; i++)); do
+      echo "$svc $((i + 1)) $(placement "$k" "$i") $database"
     done
-    k=$((k + 1)); expected=$((expected + instances))
+    k=$((k + 1))
   done < <(services)
-  local end=$((SECONDS + 180)) n
-  until n=$(passing) && ((n >= expected)); do
+}
+
+services_up() {
+  local expected=0 svc n host database
+  while read -r svc n host database; do
+    start_instance "$svc" "$database" "$n" "$host"
+    expected=$((expected + 1))
+  done < <(instances)
+  local end=$((SECONDS + 180)) got
+  until got=$(passing) && ((got >= expected)); do
     if ((SECONDS >= end)); then
       not_passing >&2
-      die "every instance passing not ready after 180s ($n of $expected passing)"
+      die "every instance passing not ready after 180s ($got of $expected passing)"
     fi
     restart_exited
     sleep 1
@@ -286,40 +295,30 @@ services_up() {
 # What the units' `Restart=always` does on a machine, while `up` waits: an instance whose process exited is
 # started again (its log appended to), and how its log ended is shown.
 restart_exited() {
-  local k=0
-  while read -r svc _ instances database; do
-    for ((i = 0; i < instances; i++)); do
-      local host n=$((i + 1))
-      host=$(placement "$k" "$i")
-      local pidf=$FLEET/$host/$svc-$n.pid
-      [[ -f $pidf ]] && ! kill -0 "$(cat "$pidf")" 2>/dev/null || continue
-      log "$svc-$host-$n exited; started again. Its log ended: $(tail -2 "$FLEET/$host/$svc-$n.log" 2>/dev/null |
-        cut -c1-400)"
-      start_instance "$svc" "$database" "$n" "$host"
-    done
-    k=$((k + 1))
-  done < <(services)
+  local svc n host database
+  while read -r svc n host database; do
+    local pidf=$FLEET/$host/$svc-$n.pid
+    [[ -f $pidf ]] && ! kill -0 "$(cat "$pidf")" 2>/dev/null || continue
+    log "$svc-$host-$n exited; started again. Its log ended: $(tail -2 "$FLEET/$host/$svc-$n.log" 2>/dev/null |
+      cut -c1-400)"
+    start_instance "$svc" "$database" "$n" "$host"
+  done < <(instances)
 }
 
 # What keeps instances from passing: for each instance whose process is gone or whose checks do not all pass,
 # its log's last warnings and errors and its last lines; then the machines and every check not passing.
 not_passing() {
-  local k=0
-  while read -r svc _ instances _; do
-    for ((i = 0; i < instances; i++)); do
-      local host n=$((i + 1)) pidf logf
-      host=$(placement "$k" "$i"); pidf=$FLEET/$host/$svc-$n.pid; logf=$FLEET/$host/$svc-$n.log
-      local id=$svc-$host-$n state=running
-      if [[ -f $pidf ]] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
-        on ops curl -sf "http://127.0.0.1:8500/v1/health/service/$svc?passing" | grep -q "\"$id\"" && continue
-      else
-        state=exited
-      fi
-      echo "--- $id ($state; $logf)"
-      { grep -E '"level":"(WARN|ERROR)"' "$logf" | tail -6 || true; tail -4 "$logf" || true; } 2>/dev/null | cut -c1-400
-    done
-    k=$((k + 1))
-  done < <(services)
+  local svc n host
+  while read -r svc n host _; do
+    local pidf=$FLEET/$host/$svc-$n.pid logf=$FLEET/$host/$svc-$n.log id=$svc-$host-$n state=running
+    if [[ -f $pidf ]] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
+      on ops curl -sf "http://127.0.0.1:8500/v1/health/service/$svc?passing" | grep -q "\"$id\"" && continue
+    else
+      state=exited
+    fi
+    echo "--- $id ($state; $logf)"
+    { grep -E '"level":"(WARN|ERROR)"' "$logf" | tail -6 || true; tail -4 "$logf" || true; } 2>/dev/null | cut -c1-400
+  done < <(instances)
   status | grep -Ev ' passing$' || true
 }
 
