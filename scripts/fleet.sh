@@ -24,7 +24,7 @@
 #   scripts/fleet.sh start-agent HOST (re)starts the Consul agent of HOST
 #   scripts/fleet.sh link HOST up|down  connects or cuts machine HOST's network link
 #   scripts/fleet.sh list | passing   the services of fleet.toml; how many instances pass in Consul
-#   scripts/fleet.sh not-passing      status, then the log's end of each instance that is down or not passing
+#   scripts/fleet.sh not-passing      each instance down or not passing with its log's end, then what status shows of them
 #   scripts/fleet.sh pg-stop | pg-start | kafka-start N… | secret NAME
 #
 # Local-fleet differences from production, each for a reason: services also log to a file (to read them here),
