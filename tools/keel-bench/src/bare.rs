@@ -81,28 +81,18 @@ impl Accounts for BareAccounts {
         req: Request<GetByTokenReq>,
     ) -> Result<Response<GetByTokenResp>, Status> {
         let digest = accounts::token_digest(&req.into_inner().token);
-        let row = sqlx::query(
-            "SELECT id, name, max_cache_keys, used_cache_keys, token_hash FROM accounts \
-             WHERE token_hash = $1",
-        )
-        .bind(&digest)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?
-        .ok_or_else(|| Status::unauthenticated("unknown account token"))?;
+        let row = sqlx::query(accounts::storage::BY_TOKEN_DIGEST)
+            .bind(&digest)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| Status::unauthenticated("unknown account token"))?;
+        let internal = |e: sqlx::Error| Status::internal(e.to_string());
         let account = Account {
-            id: row
-                .try_get(0)
-                .map_err(|e| Status::internal(e.to_string()))?,
-            name: row
-                .try_get(1)
-                .map_err(|e| Status::internal(e.to_string()))?,
-            max_cache_keys: row
-                .try_get(2)
-                .map_err(|e| Status::internal(e.to_string()))?,
-            used_cache_keys: row
-                .try_get(3)
-                .map_err(|e| Status::internal(e.to_string()))?,
+            id: row.try_get(0).map_err(internal)?,
+            name: row.try_get(1).map_err(internal)?,
+            max_cache_keys: row.try_get(2).map_err(internal)?,
+            used_cache_keys: row.try_get(3).map_err(internal)?,
         };
         Ok(Response::new(GetByTokenResp {
             account: Some(account),

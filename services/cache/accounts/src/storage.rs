@@ -13,6 +13,14 @@ macro_rules! columns {
     };
 }
 
+/// GetByToken's statement ($1: the token's SHA-256 digest, hex): the account's columns, then the digest.
+/// Public so that `make bench`'s baselines (pgbench, the bare tonic server) run exactly it.
+pub const BY_TOKEN_DIGEST: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM accounts WHERE token_hash = $1"
+);
+
 /// One account as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Account {
@@ -84,14 +92,10 @@ impl Store {
         &self,
         digest: &str,
     ) -> Result<Option<(Account, String)>, sqlx::Error> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            columns!(),
-            " FROM accounts WHERE token_hash = $1"
-        ))
-        .bind(digest)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query(BY_TOKEN_DIGEST)
+            .bind(digest)
+            .fetch_optional(&self.pool)
+            .await?;
         row.map(|r| Ok((account(&r)?, r.try_get(4)?))).transpose()
     }
 
