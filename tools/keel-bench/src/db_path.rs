@@ -28,6 +28,9 @@ pub struct Args {
     /// Connections of each pool.
     #[arg(long, default_value_t = 8)]
     connections: u32,
+    /// Measure the SQLite path instead (a file in a directory of its own, no server needed).
+    #[arg(long)]
+    sqlite: bool,
 }
 
 const QUERY: &str = "SELECT id, name, max_cache_keys, used_cache_keys, token_hash FROM bench_accounts \
@@ -53,6 +56,9 @@ where
 /// # Errors
 /// No PostgreSQL at `KEEL_DATABASE_URL`, or a query fails.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    if args.sqlite {
+        return sqlite_rows(&args).await;
+    }
     let admin = std::env::var("KEEL_DATABASE_URL").map_err(|_| {
         anyhow::anyhow!("KEEL_DATABASE_URL: eval \"$(scripts/infra.sh env)\" first")
     })?;
@@ -172,6 +178,12 @@ async fn rows(args: &Args, url: &str) -> anyhow::Result<()> {
     keel.close().await;
     typed.close().await;
 
+    print_table(args, &table);
+    Ok(())
+}
+
+/// Prints the rows, each beside the first.
+fn print_table(args: &Args, table: &[(&str, (f64, f64))]) {
     println!(
         "\n{} tasks, {} connections, {:?} per row; accounts' GetByToken statement, 10,000 rows\n",
         args.concurrency, args.connections, args.duration
@@ -181,5 +193,99 @@ async fn rows(args: &Args, url: &str) -> anyhow::Result<()> {
     for (name, (rate, cpu)) in table {
         println!("| {name} | {rate:.0} | {:.2}× | {cpu:.1} |", rate / first);
     }
+}
+
+/// The same rows on an SQLite file (WAL, as the platform opens it).
+async fn sqlite_rows(args: &Args) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("keel-bench-db-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    let outcome = sqlite_rows_in(args, &dir).await;
+    std::fs::remove_dir_all(&dir)?;
+    outcome
+}
+
+async fn sqlite_rows_in(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::str::FromStr;
+    let url = format!("sqlite://{}/bench.db?mode=rwc", dir.display());
+    let typed = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(args.connections)
+        .connect_with(
+            sqlx::sqlite::SqliteConnectOptions::from_str(&url)?
+                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(5)),
+        )
+        .await?;
+    typed
+        .execute(
+            "CREATE TABLE bench_accounts (id TEXT PRIMARY KEY, name TEXT NOT NULL, \
+             token_hash TEXT NOT NULL UNIQUE, max_cache_keys BIGINT NOT NULL, used_cache_keys BIGINT NOT NULL)",
+        )
+        .await?;
+    let mut tx = typed.begin().await?;
+    for i in 0..ACCOUNTS {
+        sqlx::query("INSERT INTO bench_accounts VALUES ($1, $2, $3, 100, 0)")
+            .bind(i.to_string())
+            .bind(format!("account {i}"))
+            .bind(token(i))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    let mut table = Vec::new();
+    let pool = typed.clone();
+    table.push((
+        "sqlx SqlitePool (typed)",
+        measure(args, move |i| {
+            let pool = pool.clone();
+            async move {
+                let row = sqlx::query(QUERY).bind(token(i)).fetch_one(&pool).await?;
+                let _: String = row.try_get(1)?;
+                Ok(())
+            }
+        })
+        .await?,
+    ));
+    sqlx::any::install_default_drivers();
+    let any = sqlx::any::AnyPoolOptions::new()
+        .max_connections(args.connections)
+        .connect(&url)
+        .await?;
+    let pool = any.clone();
+    table.push((
+        "sqlx AnyPool",
+        measure(args, move |i| {
+            let pool = pool.clone();
+            async move {
+                let row = sqlx::query(QUERY).bind(token(i)).fetch_one(&pool).await?;
+                let _: String = row.try_get(1)?;
+                anyhow::Ok(())
+            }
+        })
+        .await?,
+    ));
+    any.close().await;
+    let keel = db::connect_url(
+        &url,
+        args.connections,
+        Duration::from_secs(3),
+        &sqlx::migrate::Migrator::DEFAULT,
+    )
+    .await?;
+    let pool = keel.clone();
+    table.push((
+        "keel pool (db::connect)",
+        measure(args, move |i| {
+            let pool = pool.clone();
+            async move {
+                let row = sqlx::query(QUERY).bind(token(i)).fetch_one(&pool).await?;
+                let _: String = row.try_get(1)?;
+                anyhow::Ok(())
+            }
+        })
+        .await?,
+    ));
+    keel.close().await;
+    typed.close().await;
+    print_table(args, &table);
     Ok(())
 }
