@@ -565,6 +565,8 @@ impl EventBus {
                 let bus = self.clone();
                 tokio::spawn(async move {
                     ensure_topics(&admin, &topics).await;
+                    // A librdkafka client of its own: not kept for the life of the consumer.
+                    drop(admin);
                     bus.consume_kafka(consumer, group, handler).await;
                 });
                 Ok(())

@@ -112,6 +112,20 @@ pub async fn rows(root: &Path, dir: &Path, shape: &Shape) -> anyhow::Result<(Row
     )
     .await
     .map_err(|e| anyhow::anyhow!("video-catalog of the cluster does not answer: {e}"))?;
+    // Every service process of the cluster, idle (the load has not begun): the largest is the row's.
+    let idle = idle_rss();
+    let largest = idle
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .cloned()
+        .unwrap_or_default();
+    eprintln!(
+        "  make up cluster idle RSS, MB: {}",
+        idle.iter()
+            .map(|(name, mb)| format!("{name} {mb:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let pids = pids("video-catalog");
     let cpu = |pids: &[u32]| {
         pids.iter()
@@ -134,16 +148,23 @@ pub async fn rows(root: &Path, dir: &Path, shape: &Shape) -> anyhow::Result<(Row
     eprintln!("  make up cluster GetVideo: {:.0} calls/s", measured.rate);
     // Both runs of `in_process` (warm-up and measure) used the CPU: count its calls at the measured rate.
     let calls = measured.rate * (shape.duration.as_secs_f64() + 1.0);
+    let peak = pids
+        .iter()
+        .map(|p| crate::procs::rss_mb_of(*p).1)
+        .fold(0.0, f64::max);
     let ours = Row {
         name: format!(
-            "KillrVideo GetVideo, `make up` cluster ({} instances via Consul DNS, PostgreSQL)",
-            pids.len()
+            "KillrVideo GetVideo, `make up` cluster ({} instances via Consul DNS, PostgreSQL; idle RSS: the \
+             largest of its {} processes, {})",
+            pids.len(),
+            idle.len(),
+            largest.0
         ),
         cpu_per_1k: (calls > 0.0).then(|| used * 1000.0 / calls),
         measured,
         against: None,
         beside: None,
-        rss: None,
+        rss: Some((largest.1, peak)),
     };
     let db = format!(
         "{}/kv_video_catalog",
@@ -165,12 +186,43 @@ pub async fn rows(root: &Path, dir: &Path, shape: &Shape) -> anyhow::Result<(Row
     Ok((base, ours))
 }
 
-/// The pids of `service`'s instances in the cluster's run directory.
-fn pids(service: &str) -> Vec<u32> {
-    let run = std::env::var("KEEL_RUN_DIR").map_or_else(
+/// The cluster's run directory (`scripts/cluster.sh`): `<service>-<n>.pid` and `.log` per instance.
+fn run_dir() -> std::path::PathBuf {
+    std::env::var("KEEL_RUN_DIR").map_or_else(
         |_| Path::new("/var/tmp/keel").join("cluster"),
         |d| Path::new(&d).join("cluster"),
-    );
+    )
+}
+
+/// Resident memory now of every running instance of the cluster, MB, by instance (`video-catalog-1`), in
+/// name order.
+fn idle_rss() -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = std::fs::read_dir(run_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e
+                .file_name()
+                .to_string_lossy()
+                .strip_suffix(".pid")?
+                .to_owned();
+            let pid: u32 = std::fs::read_to_string(e.path())
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            let (rss, _) = crate::procs::rss_mb_of(pid);
+            (rss > 0.0).then_some((name, rss))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// The pids of `service`'s instances in the cluster's run directory.
+fn pids(service: &str) -> Vec<u32> {
+    let run = run_dir();
     (1..=9)
         .filter_map(|i| std::fs::read_to_string(run.join(format!("{service}-{i}.pid"))).ok())
         .filter_map(|p| p.trim().parse().ok())

@@ -9,6 +9,9 @@
 //! - `keel pool, in a call with a deadline`: the same inside a request context, so the timeout set is what is
 //!   left of the call's deadline.
 //!
+//! With `--sqlite`, the same statement and table on an SQLite file in WAL mode (no server needed): sqlx's typed
+//! `SqlitePool`, its `AnyPool`, and the platform's pool, each beside the first.
+//!
 //! Columns: queries/s, the ratio to the first row, CPU µs of this process per query (`/proc/self/stat`).
 
 use std::time::{Duration, Instant};

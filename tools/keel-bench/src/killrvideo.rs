@@ -86,7 +86,7 @@ pub async fn rows(
         dir,
         "killrvideo-server",
     )?;
-    let idle = server.rss_mib().0;
+    let idle = server.idle_rss_mb();
     let user = uuid::Uuid::new_v4();
     let video = uuid::Uuid::new_v4();
     let mut out = Vec::new();

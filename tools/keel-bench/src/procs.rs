@@ -79,25 +79,40 @@ impl Proc {
         cpu_seconds_of(self.child.id())
     }
 
-    /// Resident memory now (`VmRSS`) and at its peak (`VmHWM`), in MiB.
-    pub fn rss_mib(&self) -> (f64, f64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        let kib = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix(key)?
-                        .trim()
-                        .strip_suffix("kB")?
-                        .trim()
-                        .parse::<f64>()
-                        .ok()
-                })
-                .unwrap_or(0.0)
-        };
-        (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+    /// Resident memory now (`VmRSS`) and at its peak (`VmHWM`), in MB (10⁶ bytes, the unit of the issue's
+    /// target).
+    pub fn rss_mb(&self) -> (f64, f64) {
+        rss_mb_of(self.child.id())
     }
+
+    /// Resident memory once idle, MB: read [`SETTLE`] after the call, so that what a service does in its first
+    /// seconds (connecting to Kafka and StatsD, the first flush of its metrics) is counted.
+    pub fn idle_rss_mb(&self) -> f64 {
+        std::thread::sleep(SETTLE);
+        self.rss_mb().0
+    }
+}
+
+/// How long a process is left to settle before its idle memory is read.
+pub const SETTLE: Duration = Duration::from_secs(3);
+
+/// `(VmRSS, VmHWM)` of process `pid` in MB (10⁶ bytes); zeros when it is gone.
+pub fn rss_mb_of(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(key)?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    (kib("VmRSS:") * 1024.0 / 1e6, kib("VmHWM:") * 1024.0 / 1e6)
 }
 
 impl Drop for Proc {

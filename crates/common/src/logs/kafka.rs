@@ -139,6 +139,8 @@ impl Shipper {
             .spawn(move || {
                 // Lines queue (up to `log.buffer_lines`) while the topic is being made.
                 prepare_topic(&admin, &topic, &spec, &stop);
+                // A librdkafka client of its own (threads, buffers, a connection): not kept past its one job.
+                drop(admin);
                 run_shipper(rx, producer, topic, key, thread_stats, stop)
             })?;
         Ok((
