@@ -272,9 +272,29 @@ enum Transport {
     Local(LocalSubscriptions),
     Kafka {
         brokers: String,
-        producer: FutureProducer,
+        producer: LazyProducer,
         delivery_timeout: Duration,
     },
+}
+
+/// The bus's Kafka producer, made at its first event: a librdkafka client costs a process threads, buffers, a
+/// connection and ~2 MB of memory, which a service that never publishes (echo, search, a consumer that
+/// dead-letters nothing) should not pay.
+struct LazyProducer {
+    config: ClientConfig,
+    made: std::sync::OnceLock<FutureProducer>,
+}
+
+impl LazyProducer {
+    /// The producer, made now if this is the first event.
+    fn get(&self) -> Result<&FutureProducer, rdkafka::error::KafkaError> {
+        if let Some(p) = self.made.get() {
+            return Ok(p);
+        }
+        let made: FutureProducer = self.config.create()?;
+        // Two first events at once may both make one: the one kept is the first set, the other is dropped.
+        Ok(self.made.get_or_init(|| made))
+    }
 }
 
 impl EventBus {
@@ -306,7 +326,8 @@ impl EventBus {
         delivery_timeout: Duration,
         max_attempts: u32,
     ) -> anyhow::Result<Self> {
-        let producer: FutureProducer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", brokers)
             .set("client.id", client_id)
             .set("acks", "all")
@@ -317,12 +338,16 @@ impl EventBus {
             )
             .set("socket.timeout.ms", "3000")
             .set("reconnect.backoff.max.ms", "1000")
-            .set("log_level", "3")
-            .create()?;
+            .set("log_level", "3");
+        // Checked now (a setting librdkafka refuses fails the start), made at the first event.
+        drop(config.create::<FutureProducer>()?);
         Ok(Self::with(
             Transport::Kafka {
                 brokers: brokers.to_owned(),
-                producer,
+                producer: LazyProducer {
+                    config,
+                    made: std::sync::OnceLock::new(),
+                },
                 delivery_timeout,
             },
             max_attempts,
@@ -425,6 +450,7 @@ impl EventBus {
                 delivery_timeout,
                 ..
             } => {
+                let producer = producer.get().map_err(|e| kafka_publish_error(topic, &e))?;
                 let mut record = FutureRecord::<str, [u8]>::to(topic).payload(payload);
                 if let Some(key) = key {
                     record = record.key(key);
@@ -461,6 +487,7 @@ impl EventBus {
             return Ok(());
         };
         let dlt = dead_letter_topic(topic);
+        let producer = producer.get().map_err(|e| kafka_publish_error(&dlt, &e))?;
         let mut all: Vec<(&str, &str)> = vec![(headers::ORIGINAL_TOPIC, topic)];
         all.extend(headers.iter().map(|(k, v)| (*k, v.as_str())));
         let size = payload.len().to_string();

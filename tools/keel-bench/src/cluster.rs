@@ -112,7 +112,10 @@ pub async fn rows(root: &Path, dir: &Path, shape: &Shape) -> anyhow::Result<(Row
     )
     .await
     .map_err(|e| anyhow::anyhow!("video-catalog of the cluster does not answer: {e}"))?;
-    // Every service process of the cluster, idle (the load has not begun): the largest is the row's.
+    // Every service process of the cluster, idle (the load has not begun), read once each serves and has
+    // settled: the largest is the row's.
+    serving(Duration::from_secs(60));
+    std::thread::sleep(crate::procs::SETTLE);
     let idle = idle_rss();
     let largest = idle
         .iter()
@@ -192,6 +195,25 @@ fn run_dir() -> std::path::PathBuf {
         |_| Path::new("/var/tmp/keel").join("cluster"),
         |d| Path::new(&d).join("cluster"),
     )
+}
+
+/// Waits, at most `limit`, until every instance of the cluster has logged that it serves (`health SERVING`).
+fn serving(limit: Duration) {
+    let start = std::time::Instant::now();
+    let all_serve = || {
+        std::fs::read_dir(run_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .all(|e| {
+                std::fs::read_to_string(e.path())
+                    .is_ok_and(|log| log.contains(r#""message":"health SERVING""#))
+            })
+    };
+    while !all_serve() && start.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// Resident memory now of every running instance of the cluster, MB, by instance (`video-catalog-1`), in

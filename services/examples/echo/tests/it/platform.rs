@@ -516,6 +516,26 @@ async fn log_lines_with_trace_id_reach_the_service_kafka_topic() {
         keel_common::testsuite::topic_shape(&infra.kafka, &format!("logs.{name}")),
         (2, "7200000".to_owned())
     );
+    // Each librdkafka client is a thread `rdk:main` of its own (plus one per broker, buffers, connections):
+    // once the log topic exists, the shipper's producer is the only one. The admin client that made the topic
+    // is gone, and the event bus makes its producer at its first event, which echo never publishes.
+    let pid = p.pid();
+    let clients = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks
+                    .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                    .filter(|comm| comm.trim() == "rdk:main")
+                    .count()
+            })
+            .unwrap_or_default()
+    };
+    eventually(
+        "one librdkafka client in echo",
+        Duration::from_secs(10),
+        || async { (clients() == 1).then_some(()) },
+    )
+    .await;
     p.signal("TERM");
     assert!(p.wait_exit(Duration::from_secs(20)).await.success());
 }
