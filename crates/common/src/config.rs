@@ -679,10 +679,16 @@ impl Settings {
         builder = builder
             .add_source(KvSettings::source(KvSettings::DEFAULTS, &kv.defaults))
             .add_source(KvSettings::source("service", &kv.service));
+        // Every setting is `section.key`: a `KEEL_` variable without `__` names none. The project's own scripts
+        // export such variables (`KEEL_CACHE`, the tools' directory; `KEEL_RUN_DIR`), and one named like a
+        // section (`KEEL_CACHE` and the cache service's `cache` section) would otherwise replace the section.
         let keel_vars: HashMap<String, String> = env
             .0
             .iter()
-            .filter(|(k, _)| k.starts_with("KEEL_") && *k != "KEEL_CONFIG_FILE")
+            .filter(|(k, _)| {
+                k.strip_prefix("KEEL_")
+                    .is_some_and(|rest| rest.contains("__"))
+            })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         layers.env.extend(keel_vars.keys().filter_map(|k| {
@@ -893,6 +899,25 @@ mod tests {
             }
         );
         assert_eq!(s.section::<Cache>("absent").unwrap(), Cache::default());
+        // A variable without `__` is no setting, even one named like the section (`scripts/infra.sh env`
+        // exports KEEL_CACHE, a directory): the section stays whole.
+        for _ in 0..8 {
+            let s = Settings::from_env(
+                "cache",
+                &Env::default()
+                    .with("KEEL_CACHE", "/root/.cache/keel")
+                    .with("KEEL_CACHE__MAX_BYTES", "1048576")
+                    .with("KEEL_CACHE__NAME", "c"),
+            )
+            .unwrap();
+            assert_eq!(
+                s.section::<Cache>("cache").unwrap(),
+                Cache {
+                    max_bytes: 1_048_576,
+                    name: "c".into()
+                }
+            );
+        }
         let s = Settings::from_env(
             "cache",
             &Env::default().with("KEEL_CACHE__MAX_BYTES", "lots"),

@@ -197,21 +197,36 @@ fn run_dir() -> std::path::PathBuf {
     )
 }
 
-/// Waits, at most `limit`, until every instance of the cluster has logged that it serves (`health SERVING`).
+/// Waits, at most `limit`, until every instance of the cluster has logged that it serves (`health SERVING`);
+/// those that never did are printed with their log's last line.
 fn serving(limit: Duration) {
     let start = std::time::Instant::now();
-    let all_serve = || {
+    let not_serving = || -> Vec<(String, String)> {
         std::fs::read_dir(run_dir())
             .into_iter()
             .flatten()
             .flatten()
             .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
-            .all(|e| {
-                std::fs::read_to_string(e.path())
-                    .is_ok_and(|log| log.contains(r#""message":"health SERVING""#))
+            .filter_map(|e| {
+                let log = std::fs::read_to_string(e.path()).unwrap_or_default();
+                (!log.contains(r#""message":"health SERVING""#)).then(|| {
+                    let name = e.file_name().to_string_lossy().replace(".log", "");
+                    (name, log.lines().last().unwrap_or_default().to_owned())
+                })
             })
+            .collect()
     };
-    while !all_serve() && start.elapsed() < limit {
+    loop {
+        let left = not_serving();
+        if left.is_empty() {
+            return;
+        }
+        if start.elapsed() >= limit {
+            for (name, last) in left {
+                eprintln!("  WARNING: {name} of the cluster does not serve; its log ends: {last}");
+            }
+            return;
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
 }
