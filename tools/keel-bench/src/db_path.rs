@@ -38,7 +38,35 @@ pub struct Args {
 
 const QUERY: &str = "SELECT id, name, max_cache_keys, used_cache_keys, token_hash FROM bench_accounts \
                      WHERE token_hash = $1";
+const TABLE: &str = "CREATE TABLE bench_accounts (id TEXT PRIMARY KEY, name TEXT NOT NULL, \
+                     token_hash TEXT NOT NULL UNIQUE, max_cache_keys BIGINT NOT NULL, \
+                     used_cache_keys BIGINT NOT NULL)";
 const ACCOUNTS: u64 = 10_000;
+
+/// The work of a row on `$pool` (any sqlx pool, or `&db::Pool`'s executor): GetByToken's statement for
+/// account `i`, its name read. A macro, not a function: the pools are of three sqlx databases.
+macro_rules! get_by_token {
+    ($pool:expr) => {{
+        let pool = $pool;
+        move |i| {
+            let pool = pool.clone();
+            async move {
+                let row = sqlx::query(QUERY).bind(token(i)).fetch_one(&pool).await?;
+                let _: String = row.try_get(1)?;
+                anyhow::Ok(())
+            }
+        }
+    }};
+}
+
+/// sqlx's `AnyPool` of `args.connections` to `url`.
+async fn any_pool(args: &Args, url: &str) -> anyhow::Result<sqlx::AnyPool> {
+    sqlx::any::install_default_drivers();
+    Ok(sqlx::any::AnyPoolOptions::new()
+        .max_connections(args.connections)
+        .connect(url)
+        .await?)
+}
 
 fn token(i: u64) -> String {
     format!("{:064x}", i % ACCOUNTS)
@@ -93,12 +121,7 @@ async fn rows(args: &Args, url: &str) -> anyhow::Result<()> {
         .max_connections(args.connections)
         .connect(url)
         .await?;
-    typed
-        .execute(
-            "CREATE TABLE bench_accounts (id TEXT PRIMARY KEY, name TEXT NOT NULL, \
-             token_hash TEXT NOT NULL UNIQUE, max_cache_keys BIGINT NOT NULL, used_cache_keys BIGINT NOT NULL)",
-        )
-        .await?;
+    typed.execute(TABLE).await?;
     typed
         .execute(sqlx::AssertSqlSafe(format!(
             "INSERT INTO bench_accounts SELECT i::text, 'account ' || i, lpad(to_hex(i), 64, '0'), 100, 0 \
@@ -108,37 +131,15 @@ async fn rows(args: &Args, url: &str) -> anyhow::Result<()> {
         .await?;
     let mut table = Vec::new();
 
-    let pool = typed.clone();
     table.push((
         "sqlx PgPool (typed), no hooks",
-        measure(args, move |i| {
-            let pool = pool.clone();
-            async move {
-                let row = sqlx::query(QUERY).bind(token(i)).fetch_one(&pool).await?;
-                let _: String = row.try_get(1)?;
-                Ok(())
-            }
-        })
-        .await?,
+        measure(args, get_by_token!(typed.clone())).await?,
     ));
 
-    sqlx::any::install_default_drivers();
-    let any = sqlx::any::AnyPoolOptions::new()
-        .max_connections(args.connections)
-        .connect(url)
-        .await?;
-    let pool = any.clone();
+    let any = any_pool(args, url).await?;
     table.push((
         "sqlx AnyPool, no hooks",
-        measure(args, move |i| {
-            let pool = pool.clone();
-            async move {
-                let row = sqlx::query(QUERY).bind(token(i)).fetch_one(&pool).await?;
-                let _: String = row.try_get(1)?;
-                anyhow::Ok(())
-            }
-        })
-        .await?,
+        measure(args, get_by_token!(any.clone())).await?,
     ));
     any.close().await;
 
@@ -152,21 +153,11 @@ async fn rows(args: &Args, url: &str) -> anyhow::Result<()> {
             ),
     )?;
     let keel = db::connect(&settings, "bench", &sqlx::migrate::Migrator::DEFAULT).await?;
-    let any_query = |pool: db::Pool| {
-        move |i| {
-            let pool = pool.clone();
-            async move {
-                let row = sqlx::query(QUERY).bind(token(i)).fetch_one(&pool).await?;
-                let _: String = row.try_get(1)?;
-                anyhow::Ok(())
-            }
-        }
-    };
     table.push((
         "keel pool (db::connect), outside a call",
-        measure(args, any_query(keel.clone())).await?,
+        measure(args, get_by_token!(keel.clone())).await?,
     ));
-    let in_call = any_query(keel.clone());
+    let in_call = get_by_token!(keel.clone());
     table.push((
         "keel pool, in a call with a 2 s deadline",
         measure(args, move |i| {
@@ -218,12 +209,7 @@ async fn sqlite_rows_in(args: &Args, dir: &std::path::Path) -> anyhow::Result<()
                 .busy_timeout(Duration::from_secs(5)),
         )
         .await?;
-    typed
-        .execute(
-            "CREATE TABLE bench_accounts (id TEXT PRIMARY KEY, name TEXT NOT NULL, \
-             token_hash TEXT NOT NULL UNIQUE, max_cache_keys BIGINT NOT NULL, used_cache_keys BIGINT NOT NULL)",
-        )
-        .await?;
+    typed.execute(TABLE).await?;
     let mut tx = typed.begin().await?;
     for i in 0..ACCOUNTS {
         sqlx::query("INSERT INTO bench_accounts VALUES ($1, $2, $3, 100, 0)")
@@ -235,36 +221,14 @@ async fn sqlite_rows_in(args: &Args, dir: &std::path::Path) -> anyhow::Result<()
     }
     tx.commit().await?;
     let mut table = Vec::new();
-    let pool = typed.clone();
     table.push((
         "sqlx SqlitePool (typed)",
-        measure(args, move |i| {
-            let pool = pool.clone();
-            async move {
-                let row = sqlx::query(QUERY).bind(token(i)).fetch_one(&pool).await?;
-                let _: String = row.try_get(1)?;
-                Ok(())
-            }
-        })
-        .await?,
+        measure(args, get_by_token!(typed.clone())).await?,
     ));
-    sqlx::any::install_default_drivers();
-    let any = sqlx::any::AnyPoolOptions::new()
-        .max_connections(args.connections)
-        .connect(&url)
-        .await?;
-    let pool = any.clone();
+    let any = any_pool(args, &url).await?;
     table.push((
         "sqlx AnyPool",
-        measure(args, move |i| {
-            let pool = pool.clone();
-            async move {
-                let row = sqlx::query(QUERY).bind(token(i)).fetch_one(&pool).await?;
-                let _: String = row.try_get(1)?;
-                anyhow::Ok(())
-            }
-        })
-        .await?,
+        measure(args, get_by_token!(any.clone())).await?,
     ));
     any.close().await;
     let keel = db::connect_url(
@@ -274,18 +238,9 @@ async fn sqlite_rows_in(args: &Args, dir: &std::path::Path) -> anyhow::Result<()
         &sqlx::migrate::Migrator::DEFAULT,
     )
     .await?;
-    let pool = keel.clone();
     table.push((
         "keel pool (db::connect)",
-        measure(args, move |i| {
-            let pool = pool.clone();
-            async move {
-                let row = sqlx::query(QUERY).bind(token(i)).fetch_one(&pool).await?;
-                let _: String = row.try_get(1)?;
-                anyhow::Ok(())
-            }
-        })
-        .await?,
+        measure(args, get_by_token!(keel.clone())).await?,
     ));
     keel.close().await;
     typed.close().await;
