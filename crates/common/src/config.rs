@@ -1087,7 +1087,6 @@ mod tests {
             "grpc.keepalive_timeout",
             "consul.check",
             "consul.failures_before_critical",
-            "statsd.queue_capacity",
             "statsd.timer_samples",
             "log.buffer_lines",
             "log.topic",

@@ -32,6 +32,7 @@ pub mod layers;
 pub mod limits;
 pub mod live;
 pub mod logs;
+pub mod memory;
 pub mod metrics;
 pub mod outbox;
 pub mod retry;

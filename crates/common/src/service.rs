@@ -586,6 +586,7 @@ impl App {
             .metrics
             .spawn_flusher(Duration::from_secs(1), move || stats.dropped());
         logs::spawn_drop_reporter(telemetry.stats(), Duration::from_secs(1));
+        crate::memory::spawn_trimmer();
         let code = match self.build(&platform).await {
             Ok(server) => match server.serve(listener, stop).await {
                 Ok(()) => ExitCode::SUCCESS,

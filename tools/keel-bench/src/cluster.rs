@@ -197,22 +197,48 @@ fn run_dir() -> std::path::PathBuf {
     )
 }
 
+/// One instance of the cluster: its name (`video-catalog-1`), its pid, and its log file.
+struct Instance {
+    name: String,
+    pid: Option<u32>,
+    log: std::path::PathBuf,
+}
+
+/// Every instance in the cluster's run directory (a `.pid` file each), in name order.
+fn instances() -> Vec<Instance> {
+    let run = run_dir();
+    let mut out: Vec<Instance> = std::fs::read_dir(&run)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e
+                .file_name()
+                .to_string_lossy()
+                .strip_suffix(".pid")?
+                .to_owned();
+            let pid = std::fs::read_to_string(e.path())
+                .ok()
+                .and_then(|p| p.trim().parse().ok());
+            let log = run.join(format!("{name}.log"));
+            Some(Instance { name, pid, log })
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
 /// Waits, at most `limit`, until every instance of the cluster has logged that it serves (`health SERVING`);
 /// those that never did are printed with their log's last line.
 fn serving(limit: Duration) {
     let start = std::time::Instant::now();
     let not_serving = || -> Vec<(String, String)> {
-        std::fs::read_dir(run_dir())
+        instances()
             .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
-            .filter_map(|e| {
-                let log = std::fs::read_to_string(e.path()).unwrap_or_default();
-                (!log.contains(r#""message":"health SERVING""#)).then(|| {
-                    let name = e.file_name().to_string_lossy().replace(".log", "");
-                    (name, log.lines().last().unwrap_or_default().to_owned())
-                })
+            .filter_map(|i| {
+                let log = std::fs::read_to_string(&i.log).unwrap_or_default();
+                (!log.contains(r#""message":"health SERVING""#))
+                    .then(|| (i.name, log.lines().last().unwrap_or_default().to_owned()))
             })
             .collect()
     };
@@ -234,34 +260,25 @@ fn serving(limit: Duration) {
 /// Resident memory now of every running instance of the cluster, MB, by instance (`video-catalog-1`), in
 /// name order.
 fn idle_rss() -> Vec<(String, f64)> {
-    let mut out: Vec<(String, f64)> = std::fs::read_dir(run_dir())
+    instances()
         .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e
-                .file_name()
-                .to_string_lossy()
-                .strip_suffix(".pid")?
-                .to_owned();
-            let pid: u32 = std::fs::read_to_string(e.path())
-                .ok()?
-                .trim()
-                .parse()
-                .ok()?;
-            let (rss, _) = crate::procs::rss_mb_of(pid);
-            (rss > 0.0).then_some((name, rss))
+        .filter_map(|i| {
+            let (rss, _) = crate::procs::rss_mb_of(i.pid?);
+            (rss > 0.0).then_some((i.name, rss))
         })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+        .collect()
 }
 
-/// The pids of `service`'s instances in the cluster's run directory.
+/// The pids of `service`'s instances in the cluster (`<service>-<n>`).
 fn pids(service: &str) -> Vec<u32> {
-    let run = run_dir();
-    (1..=9)
-        .filter_map(|i| std::fs::read_to_string(run.join(format!("{service}-{i}.pid"))).ok())
-        .filter_map(|p| p.trim().parse().ok())
+    instances()
+        .into_iter()
+        .filter(|i| {
+            i.name
+                .strip_prefix(service)
+                .and_then(|n| n.strip_prefix('-'))
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .filter_map(|i| i.pid)
         .collect()
 }

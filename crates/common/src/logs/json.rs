@@ -10,14 +10,14 @@ use std::{fmt, io::Write};
 use tracing::{Event, Subscriber, field::Field, span};
 use tracing_subscriber::{Layer, layer::Context, registry::LookupSpan};
 
-use super::{SELF_TARGET, kafka::Shipper};
+use super::{SELF_TARGET, kafka::Shipper, stdout::Stdout};
 
 /// The `tracing` layer that renders JSON lines and hands them to stdout and the shipper.
 pub(super) struct JsonLayer {
     /// `"service":"…","instance":"…"`, rendered once.
     identity: Vec<u8>,
-    /// The stdout writer thread's handle, when `log.stdout` is on.
-    stdout: Option<tracing_appender::non_blocking::NonBlocking>,
+    /// The stdout writer's queue, when `log.stdout` is on.
+    stdout: Option<Stdout>,
     shipper: Option<Shipper>,
 }
 
@@ -25,7 +25,7 @@ impl JsonLayer {
     pub(super) fn new(
         service: &str,
         instance: &str,
-        stdout: Option<tracing_appender::non_blocking::NonBlocking>,
+        stdout: Option<Stdout>,
         shipper: Option<Shipper>,
     ) -> Self {
         let mut identity = Vec::new();
@@ -242,16 +242,24 @@ where
         line.push(b'}');
         drop(spans);
 
+        let shipper = self
+            .shipper
+            .as_ref()
+            .filter(|_| !foreign && !meta.target().starts_with(SELF_TARGET));
         if let Some(stdout) = &self.stdout {
-            // One write per line: the writer thread takes each write as one message.
-            line.push(b'\n');
-            let _ = stdout.clone().write_all(&line);
-            line.pop();
+            let mut out = match shipper {
+                // The shipper takes the line itself: stdout gets a copy.
+                Some(_) => {
+                    let mut out = Vec::with_capacity(line.len() + 1);
+                    out.extend_from_slice(&line);
+                    out
+                }
+                None => std::mem::take(&mut line),
+            };
+            out.push(b'\n');
+            stdout.offer(out);
         }
-        if let Some(shipper) = &self.shipper
-            && !foreign
-            && !meta.target().starts_with(SELF_TARGET)
-        {
+        if let Some(shipper) = shipper {
             let trace_id = trace_id_value(&line);
             shipper.offer(super::kafka::Line {
                 json: line,
@@ -271,33 +279,20 @@ fn trace_id_value(line: &[u8]) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     use tracing_subscriber::prelude::*;
 
     use super::*;
 
-    /// A writer into a shared buffer, for the stdout writer thread.
-    #[derive(Clone, Default)]
-    struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Buffer {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// The lines `emit` logs through a [`JsonLayer`] writing to stdout, parsed.
     fn lines(emit: impl FnOnce()) -> Vec<serde_json::Value> {
-        let buffer = Buffer::default();
-        let (writer, guard) = tracing_appender::non_blocking(buffer.clone());
-        let layer = JsonLayer::new("svc", "svc-host-1", Some(writer), None);
+        let buffer = crate::logs::stdout::tests::Buffer::default();
+        let stats = Arc::new(crate::logs::ShipperStats::default());
+        let (stdout, worker) = Stdout::start(buffer.clone(), 100, stats).unwrap();
+        let layer = JsonLayer::new("svc", "svc-host-1", Some(stdout), None);
         tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), emit);
-        drop(guard);
+        worker.stop();
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
         text.lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))

@@ -13,11 +13,10 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    thread::JoinHandle,
     time::Duration,
 };
 
-use flume::{Receiver, Sender, TryRecvError, TrySendError};
+use flume::{Sender, TrySendError};
 use rdkafka::{
     ClientConfig, ClientContext,
     error::KafkaError,
@@ -33,7 +32,7 @@ use rdkafka::{
     message::{Header, OwnedHeaders},
 };
 
-use super::{LogSettings, ShipperStats};
+use super::{LogSettings, ShipperStats, Worker, drain};
 
 /// Header of a shipped line: its level (`TRACE` … `ERROR`).
 pub const HEADER_LEVEL: &str = "level";
@@ -88,7 +87,7 @@ pub(super) struct Shipper {
 
 impl Shipper {
     /// Starts the shipper thread, producing to `topic` on `brokers` as client `instance`; lines queue up to
-    /// `log.buffer_lines`. Stops (after draining and flushing) once `stop` is set.
+    /// `log.buffer_lines`. [`Worker::stop`] stops it after it has drained its queue and flushed the producer.
     ///
     /// # Errors
     /// The Kafka producer cannot be configured (bad broker list), or the thread cannot start.
@@ -98,8 +97,7 @@ impl Shipper {
         topic: String,
         instance: &str,
         stats: Arc<ShipperStats>,
-        stop: Arc<AtomicBool>,
-    ) -> anyhow::Result<(Self, JoinHandle<()>)> {
+    ) -> anyhow::Result<(Self, Worker)> {
         let stderr_fallback = !settings.stdout;
         let producer: BaseProducer<DeliveryContext> = ClientConfig::new()
             .set("bootstrap.servers", brokers)
@@ -136,14 +134,25 @@ impl Shipper {
         let (tx, rx) = flume::bounded(settings.buffer_lines);
         let thread_stats = stats.clone();
         let key = instance.to_owned();
-        let handle = std::thread::Builder::new()
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
             .name("log-shipper".into())
             .spawn(move || {
                 // Lines queue (up to `log.buffer_lines`) while the topic is being made.
-                prepare_topic(&admin, &topic, &spec, &stop);
+                prepare_topic(&admin, &topic, &spec, &thread_stop);
                 // A librdkafka client of its own (threads, buffers, a connection): not kept past its one job.
                 drop(admin);
-                run_shipper(rx, producer, topic, key, thread_stats, stop)
+                drain(
+                    &rx,
+                    &thread_stop,
+                    &mut &producer,
+                    |producer, line| produce(producer, &topic, &key, &thread_stats, line),
+                    |producer| {
+                        producer.poll(Duration::ZERO);
+                    },
+                );
+                finish(&producer, &thread_stats);
             })?;
         Ok((
             Self {
@@ -151,7 +160,7 @@ impl Shipper {
                 stats,
                 stderr_fallback,
             },
-            handle,
+            Worker { stop, thread },
         ))
     }
 
@@ -215,42 +224,6 @@ fn prepare_topic(
         std::thread::sleep(Duration::from_secs(1));
     }
 }
-
-fn run_shipper(
-    rx: Receiver<Line>,
-    producer: BaseProducer<DeliveryContext>,
-    topic: String,
-    key: String,
-    stats: Arc<ShipperStats>,
-    stop: Arc<AtomicBool>,
-) {
-    // The thread takes what has queued every SHIP_INTERVAL instead of blocking on the queue: a logging call
-    // then never has a sleeping receiver to wake (a futex wake and a context switch per line, measured at
-    // ~10% of a busy process's CPU), and lines reach librdkafka in batches, which lingers anyway.
-    loop {
-        let stopping = stop.load(Ordering::Acquire);
-        loop {
-            match rx.try_recv() {
-                Ok(line) => produce(&producer, &topic, &key, &stats, line),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    producer.poll(Duration::ZERO);
-                    return finish(&producer, &stats);
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
-        // Stop once asked and the queue has been drained.
-        if stopping {
-            break;
-        }
-        std::thread::sleep(SHIP_INTERVAL);
-    }
-    finish(&producer, &stats);
-}
-
-/// How often the shipper takes the lines queued for Kafka.
-const SHIP_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Hands one line to the producer; a refusal is counted.
 fn produce(
