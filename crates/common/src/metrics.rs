@@ -38,9 +38,7 @@ use std::{
     time::Duration,
 };
 
-use cadence::{
-    BufferedUdpMetricSink, Counted, Gauged, NopMetricSink, StatsdClient, Timed,
-};
+use cadence::{BufferedUdpMetricSink, Counted, Gauged, NopMetricSink, StatsdClient, Timed};
 use tonic::Code;
 
 use crate::config::{Reader, Settings};
