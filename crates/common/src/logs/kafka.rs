@@ -160,7 +160,10 @@ impl Shipper {
                 stats,
                 stderr_fallback,
             },
-            Worker { stop, thread },
+            Worker {
+                stop,
+                thread: Some(thread),
+            },
         ))
     }
 

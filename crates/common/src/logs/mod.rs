@@ -108,10 +108,10 @@ impl ShipperStats {
     }
 }
 
-/// The installed logging pipeline; call [`Telemetry::shutdown`] before exiting to flush stdout and Kafka.
+/// The installed logging pipeline; [`Telemetry::shutdown`] (or dropping it) flushes stdout and Kafka.
 pub struct Telemetry {
     stats: Arc<ShipperStats>,
-    /// The Kafka shipper's thread, when logs are shipped.
+    /// The Kafka shipper's thread, when logs are shipped (dropped, so stopped, before stdout's).
     shipper: Option<Worker>,
     /// The stdout writer's thread, when `log.stdout` is on.
     stdout: Option<Worker>,
@@ -272,17 +272,26 @@ fn drain<T, S>(
     }
 }
 
-/// A writer thread and the flag that stops it.
+/// A writer thread and the flag that stops it; dropping it stops the thread (it writes what is queued first)
+/// and waits for it, so the lines logged last (an error before exiting) are not lost.
 struct Worker {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Worker {
     /// Asks the thread to stop (it writes what is queued first) and waits for it.
     fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        let _ = self.thread.join();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

@@ -60,7 +60,13 @@ impl Stdout {
                     );
                 })?
         };
-        Ok((Self { tx, stats }, Worker { stop, thread }))
+        Ok((
+            Self { tx, stats },
+            Worker {
+                stop,
+                thread: Some(thread),
+            },
+        ))
     }
 
     /// Queues `line`, which ends with its newline; a full queue drops it, counted.
