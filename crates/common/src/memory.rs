@@ -20,8 +20,11 @@ pub const FIRST_TRIM: Duration = Duration::from_secs(1);
 /// How often the trimmer runs after the first trim.
 pub const TRIM_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Releases the allocator's free pages to the operating system now. Returns whether this build can
-/// (glibc on Linux); the allocator's own answer (whether any memory was released) is not a failure.
+/// Whether this build can give memory back (glibc on Linux).
+pub const SUPPORTED: bool = cfg!(all(target_os = "linux", target_env = "gnu"));
+
+/// Releases the allocator's free pages to the operating system now. Returns [`SUPPORTED`]; the allocator's
+/// own answer (whether any memory was released) is not a failure.
 #[allow(
     unsafe_code,
     reason = "the workspace's one exception: glibc's malloc_trim, no maintained crate wraps it"
@@ -46,7 +49,7 @@ pub fn release_free_memory() -> bool {
 /// until the runtime stops. Runs on the runtime's threads: a trim is shorter than a call (module docs), and a
 /// blocking thread for it would cost more memory than it gives back.
 pub fn spawn_trimmer() {
-    if !release_free_memory() {
+    if !SUPPORTED {
         return;
     }
     tokio::spawn(async {

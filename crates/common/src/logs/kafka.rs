@@ -134,36 +134,29 @@ impl Shipper {
         let (tx, rx) = flume::bounded(settings.buffer_lines);
         let thread_stats = stats.clone();
         let key = instance.to_owned();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread_stop = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("log-shipper".into())
-            .spawn(move || {
-                // Lines queue (up to `log.buffer_lines`) while the topic is being made.
-                prepare_topic(&admin, &topic, &spec, &thread_stop);
-                // A librdkafka client of its own (threads, buffers, a connection): not kept past its one job.
-                drop(admin);
-                drain(
-                    &rx,
-                    &thread_stop,
-                    &mut &producer,
-                    |producer, line| produce(producer, &topic, &key, &thread_stats, line),
-                    |producer| {
-                        producer.poll(Duration::ZERO);
-                    },
-                );
-                finish(&producer, &thread_stats);
-            })?;
+        let worker = Worker::spawn("log-shipper", move |stop| {
+            // Lines queue (up to `log.buffer_lines`) while the topic is being made.
+            prepare_topic(&admin, &topic, &spec, stop);
+            // A librdkafka client of its own (threads, buffers, a connection): not kept past its one job.
+            drop(admin);
+            drain(
+                &rx,
+                stop,
+                &mut &producer,
+                |producer, line| produce(producer, &topic, &key, &thread_stats, line),
+                |producer| {
+                    producer.poll(Duration::ZERO);
+                },
+            );
+            finish(&producer, &thread_stats);
+        })?;
         Ok((
             Self {
                 tx,
                 stats,
                 stderr_fallback,
             },
-            Worker {
-                stop,
-                thread: Some(thread),
-            },
+            worker,
         ))
     }
 

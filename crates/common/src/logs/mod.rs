@@ -280,6 +280,24 @@ struct Worker {
 }
 
 impl Worker {
+    /// Starts thread `name` running `body` with the flag that [`Worker::stop`] sets.
+    ///
+    /// # Errors
+    /// The thread cannot be started.
+    fn spawn(name: &str, body: impl FnOnce(&AtomicBool) + Send + 'static) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || body(&stop))?
+        };
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
     /// Asks the thread to stop (it writes what is queued first) and waits for it.
     fn stop(self) {
         drop(self);

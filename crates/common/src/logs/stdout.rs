@@ -10,10 +10,7 @@
 
 use std::{
     io::Write,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
 };
 
 use flume::Sender;
@@ -40,33 +37,21 @@ impl Stdout {
         stats: Arc<ShipperStats>,
     ) -> std::io::Result<(Self, Worker)> {
         let (tx, rx) = flume::bounded::<Vec<u8>>(buffer_lines);
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("keel-stdout".into())
-                .spawn(move || {
-                    let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, out);
-                    drain(
-                        &rx,
-                        &stop,
-                        &mut out,
-                        |out, line| {
-                            let _ = out.write_all(&line);
-                        },
-                        |out| {
-                            let _ = out.flush();
-                        },
-                    );
-                })?
-        };
-        Ok((
-            Self { tx, stats },
-            Worker {
+        let worker = Worker::spawn("keel-stdout", move |stop| {
+            let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, out);
+            drain(
+                &rx,
                 stop,
-                thread: Some(thread),
-            },
-        ))
+                &mut out,
+                |out, line| {
+                    let _ = out.write_all(&line);
+                },
+                |out| {
+                    let _ = out.flush();
+                },
+            );
+        })?;
+        Ok((Self { tx, stats }, worker))
     }
 
     /// Queues `line`, which ends with its newline; a full queue drops it, counted.
