@@ -56,9 +56,15 @@ pub async fn scope<F: Future>(ctx: RequestContext, fut: F) -> F::Output {
     CONTEXT.scope(ctx, fut).await
 }
 
-/// A new trace id: 32 lowercase hex digits.
+/// A new trace id: 32 lowercase hex digits (a version 4 UUID, RFC 9562, without its dashes).
+///
+/// The random bytes come from `rand`'s thread-local generator (seeded once from the OS), not from a
+/// `getrandom(2)` system call per id as `Uuid::new_v4` makes: this runs once per call served.
 pub fn new_trace_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    uuid::Builder::from_random_bytes(rand::random())
+        .into_uuid()
+        .simple()
+        .to_string()
 }
 
 /// Parses a `grpc-timeout` header value; `None` if malformed.
@@ -147,6 +153,22 @@ pub fn is_dry_run<T>(request: &tonic::Request<T>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trace_ids_are_distinct_version_4_uuids_in_32_lowercase_hex_digits() {
+        let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_trace_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(
+                id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+                "{id}"
+            );
+            let uuid = uuid::Uuid::parse_str(id).unwrap();
+            assert_eq!(uuid.get_version_num(), 4, "{id}");
+            assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122, "{id}");
+        }
+    }
 
     #[test]
     fn grpc_timeout_round_trips() {

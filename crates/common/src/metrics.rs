@@ -174,7 +174,7 @@ impl MethodStats {
     }
 }
 
-/// Per side, per method (`Service.Method`).
+/// Per side, per method (`Service.Method`) or per path.
 type MethodTable = std::sync::RwLock<std::collections::HashMap<String, Arc<MethodStats>>>;
 
 struct Inner {
@@ -184,6 +184,9 @@ struct Inner {
     dropped: Arc<AtomicU64>,
     inflight: [AtomicI64; 2],
     methods: [MethodTable; 2],
+    /// Per side, the stats of each path named so far (`/package.Service/Method`), so a call finds its
+    /// method's without making its name.
+    paths: [MethodTable; 2],
     /// Gauges sampled by the flusher: name (under the prefix) and how to read the value.
     gauges: std::sync::Mutex<Vec<(String, Sampler)>>,
 }
@@ -250,6 +253,7 @@ impl Metrics {
                 dropped,
                 inflight: [AtomicI64::new(0), AtomicI64::new(0)],
                 methods: Default::default(),
+                paths: Default::default(),
                 gauges: Default::default(),
             }),
         })
@@ -265,6 +269,7 @@ impl Metrics {
                 dropped: Arc::new(AtomicU64::new(0)),
                 inflight: [AtomicI64::new(0), AtomicI64::new(0)],
                 methods: Default::default(),
+                paths: Default::default(),
                 gauges: Default::default(),
             }),
         }
@@ -363,25 +368,45 @@ impl Metrics {
         self.inner.inflight[side as usize].fetch_add(delta, Ordering::Relaxed);
     }
 
-    /// Records a finished call of `method` (`Service.Method`) that sent and received `messages` (gRPC
-    /// messages, as this side counts them): its latency and counters are sent at the next flush.
+    /// Records a finished call to `path` (`/package.Service/Method`) that sent and received `messages` (gRPC
+    /// messages, as this side counts them): its latency and counters are sent at the next flush, under the
+    /// name [`method_metric_name`] gives with `known`. A path is named once and then found by a lookup
+    /// (no string is made per call). A path never named before whose call ended UNIMPLEMENTED is counted as
+    /// `unknown.unknown` and not remembered, so a scanner calling made-up methods of a served service
+    /// cannot grow the metric namespace (tonic answers an unknown method UNIMPLEMENTED).
     pub(crate) fn record(
         &self,
         side: Side,
-        method: &str,
+        path: &str,
+        known: &HashSet<String>,
         code: Code,
         elapsed: Duration,
         messages: (u64, u64),
     ) {
-        let table = &self.inner.methods[side as usize];
-        let known = table.read().expect("metrics").get(method).cloned();
-        let stats = known.unwrap_or_else(|| {
-            table
+        let found = self.inner.paths[side as usize]
+            .read()
+            .expect("metrics")
+            .get(path)
+            .cloned();
+        let stats = found.unwrap_or_else(|| {
+            let name = if code == Code::Unimplemented {
+                UNKNOWN_METHOD.to_owned()
+            } else {
+                method_metric_name(path, known)
+            };
+            let stats = self.inner.methods[side as usize]
                 .write()
                 .expect("metrics")
-                .entry(method.to_owned())
-                .or_insert_with(|| Arc::new(MethodStats::new(side, method)))
-                .clone()
+                .entry(name.clone())
+                .or_insert_with(|| Arc::new(MethodStats::new(side, &name)))
+                .clone();
+            if name != UNKNOWN_METHOD {
+                self.inner.paths[side as usize]
+                    .write()
+                    .expect("metrics")
+                    .insert(path.to_owned(), stats.clone());
+            }
+            stats
         });
         stats.requests.fetch_add(1, Ordering::Relaxed);
         stats.status[(code as usize).min(16)].fetch_add(1, Ordering::Relaxed);
@@ -397,6 +422,9 @@ impl Metrics {
             .add(ms, self.inner.timer_samples);
     }
 }
+
+/// The name of every path that is not a method served (module docs).
+const UNKNOWN_METHOD: &str = "unknown.unknown";
 
 /// The in-flight gauges' names, by [`Side`].
 const INFLIGHT: [&str; 2] = ["grpc.server.inflight", "grpc.client.inflight"];
@@ -441,11 +469,11 @@ pub fn sanitize(s: &str) -> String {
 /// `unknown.unknown`. An empty `known` accepts every well-formed path (client side).
 pub fn method_metric_name(path: &str, known: &HashSet<String>) -> String {
     let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
-        return "unknown.unknown".into();
+        return UNKNOWN_METHOD.into();
     };
     if method.is_empty() || method.contains('/') || (!known.is_empty() && !known.contains(service))
     {
-        return "unknown.unknown".into();
+        return UNKNOWN_METHOD.into();
     }
     let short = service.rsplit('.').next().unwrap_or(service);
     format!("{}.{}", sanitize(short), sanitize(method))
@@ -523,6 +551,51 @@ mod tests {
             "unknown.unknown"
         );
         assert_eq!(method_metric_name("/a.B/C", &HashSet::new()), "B.C");
+    }
+
+    #[test]
+    fn made_up_methods_of_a_served_service_fold_into_unknown_and_are_not_remembered() {
+        let m = Metrics::disabled();
+        let known: HashSet<String> = ["keel.example.v1.Echo".to_owned()].into();
+        let ms = Duration::from_millis(1);
+        for i in 0..100 {
+            let path = format!("/keel.example.v1.Echo/Probe{i}");
+            m.record(Side::Server, &path, &known, Code::Unimplemented, ms, (0, 1));
+        }
+        m.record(
+            Side::Server,
+            "/keel.example.v1.Echo/Echo",
+            &known,
+            Code::Ok,
+            ms,
+            (1, 1),
+        );
+        // Once named, a path keeps its name whatever its calls end with.
+        m.record(
+            Side::Server,
+            "/keel.example.v1.Echo/Echo",
+            &known,
+            Code::Unimplemented,
+            ms,
+            (0, 1),
+        );
+        let methods = m.inner.methods[Side::Server as usize].read().unwrap();
+        let mut names: Vec<_> = methods.keys().cloned().collect();
+        names.sort();
+        assert_eq!(names, ["Echo.Echo", "unknown.unknown"]);
+        assert_eq!(
+            methods["unknown.unknown"].requests.load(Ordering::Relaxed),
+            100
+        );
+        assert_eq!(methods["Echo.Echo"].requests.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            methods["Echo.Echo"].status[Code::Unimplemented as usize].load(Ordering::Relaxed),
+            1
+        );
+        assert_eq!(
+            m.inner.paths[Side::Server as usize].read().unwrap().len(),
+            1
+        );
     }
 
     #[test]

@@ -24,8 +24,6 @@ use tower::{Layer, Service};
 
 use crate::{context::CallDeadline, error::layer_status};
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
 /// The message of the UNAVAILABLE status that ends the calls still running when the drain timeout passes.
 pub const SHUTTING_DOWN: &str = "server shutting down";
 
@@ -68,14 +66,11 @@ pub struct Deadline<S> {
 
 impl<S, B> Service<Request<B>> for Deadline<S>
 where
-    S: Service<Request<B>, Response = Response<Body>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    B: Send + 'static,
+    S: Service<Request<B>, Response = Response<Body>>,
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
+    type Future = DeadlineFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -90,39 +85,92 @@ where
         // For the message: the time the call had when it arrived, to the millisecond.
         let limit =
             Duration::from_millis(deadline.saturating_duration_since(now).as_millis() as u64);
-        let closing = self.closing.clone();
-        let fut = self.inner.call(req);
-        Box::pin(async move {
+        DeadlineFuture {
+            inner: self.inner.call(req),
+            deadline,
+            limit,
+            sleep: None,
+            closing: Some(self.closing.clone()),
+            closed: None,
+        }
+    }
+}
+
+pin_project! {
+    /// The handler's answer, or DEADLINE_EXCEEDED at the call's deadline, or UNAVAILABLE at the drain's end;
+    /// the answer's body is bounded the same way ([`BoundedBody`]). The timer and the shutdown watch are
+    /// armed only if the handler has to wait: a handler ready at its first poll costs neither.
+    pub struct DeadlineFuture<F> {
+        #[pin]
+        inner: F,
+        deadline: tokio::time::Instant,
+        limit: Duration,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+        // Handed to the answer's body when the handler answers.
+        closing: Option<CancellationToken>,
+        closed: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    }
+}
+
+impl<F, E> Future for DeadlineFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = Result<Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let limit = *this.limit;
+        // The handler first: an answer ready when its deadline passes is still the answer.
+        if let Poll::Ready(r) = this.inner.poll(cx) {
+            let closing = this
+                .closing
+                .take()
+                .expect("DeadlineFuture polled after it completed");
+            let deadline = *this.deadline;
             // Polled inside the request's span (the context layer instruments this future).
             let span = tracing::Span::current();
-            tokio::select! {
-                biased;
-                r = tokio::time::timeout_at(deadline, fut) => match r {
-                    Ok(r) => r.map(|resp| {
-                        resp.map(|body| {
-                            Body::new(BoundedBody {
-                                inner: body,
-                                deadline,
-                                limit,
-                                sleep: None,
-                                closing,
-                                closed: None,
-                                ended: false,
-                                span,
-                            })
-                        })
-                    }),
-                    Err(_) => {
-                        tracing::info!(limit = ?limit, "deadline exceeded; handler stopped");
-                        Ok(exceeded(limit).into_http())
-                    }
-                },
-                () = closing.cancelled() => {
-                    tracing::info!("server shutting down; handler stopped");
-                    Ok(layer_status::unavailable(SHUTTING_DOWN).into_http())
-                }
-            }
-        })
+            return Poll::Ready(r.map(|resp| {
+                resp.map(|body| {
+                    Body::new(BoundedBody {
+                        inner: body,
+                        deadline,
+                        limit,
+                        sleep: None,
+                        closing,
+                        closed: None,
+                        ended: false,
+                        span,
+                    })
+                })
+            }));
+        }
+        let deadline = *this.deadline;
+        if this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)))
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+        {
+            tracing::info!(limit = ?limit, "deadline exceeded; handler stopped");
+            return Poll::Ready(Ok(exceeded(limit).into_http()));
+        }
+        let closing = this
+            .closing
+            .as_ref()
+            .expect("DeadlineFuture polled after it completed");
+        if this
+            .closed
+            .get_or_insert_with(|| Box::pin(closing.clone().cancelled_owned()))
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+        {
+            tracing::info!("server shutting down; handler stopped");
+            return Poll::Ready(Ok(layer_status::unavailable(SHUTTING_DOWN).into_http()));
+        }
+        Poll::Pending
     }
 }
 

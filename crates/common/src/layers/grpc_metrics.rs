@@ -18,13 +18,16 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{
+    Request, Response,
+    uri::{Authority, PathAndQuery},
+};
 use http_body::{Body as HttpBody, Frame};
 use pin_project_lite::pin_project;
 use tonic::{Code, body::Body};
 use tower::{Layer, Service};
 
-use crate::metrics::{Metrics, Side, code_name, method_metric_name};
+use crate::metrics::{Metrics, Side, code_name};
 
 /// Records count, latency, status and in-flight for every call through it.
 #[derive(Clone, Debug)]
@@ -64,13 +67,12 @@ pub struct GrpcMetrics<S> {
 
 /// Records once, when the call ends however it ends (trailers, error, or the body dropped early: CANCELLED).
 struct CallRecord {
-    metrics: Metrics,
-    side: Side,
-    method: String,
-    /// `/package.Service/Method`, for the call log line.
-    path: String,
+    /// The layer's metrics, side and served services.
+    layer: GrpcMetricsLayer,
+    /// `/package.Service/Method`: the metrics' method and the call log's `method` (shares the request's bytes).
+    path: Option<PathAndQuery>,
     /// The remote address (server side: the caller; client side: the target's authority when known).
-    peer: String,
+    peer: Peer,
     /// The deadline the call carried (`grpc-timeout`), in ms; logged so a call's budget can be traced hop by hop.
     deadline_ms: Option<f64>,
     /// The call's trace id (server side: the request context's; client side: the `x-trace-id` sent), logged
@@ -83,6 +85,25 @@ struct CallRecord {
     response_messages: MessageCounter,
     start: Instant,
     code: Option<Code>,
+}
+
+/// Who is at the other end of a call, kept as it came and written into the call log line as text.
+enum Peer {
+    /// The caller's address (server side).
+    Addr(std::net::SocketAddr),
+    /// The target's authority (client side).
+    Authority(Authority),
+    Unknown,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Addr(a) => a.fmt(f),
+            Peer::Authority(a) => a.fmt(f),
+            Peer::Unknown => Ok(()),
+        }
+    }
 }
 
 impl CallRecord {
@@ -104,19 +125,22 @@ impl Drop for CallRecord {
             self.response_messages.count,
         );
         // Sent and received as this side sees them.
-        let (messages_sent, messages_received) = match self.side {
+        let (messages_sent, messages_received) = match self.layer.side {
             Side::Server => (responses, requests),
             Side::Client => (requests, responses),
         };
-        self.metrics.record(
-            self.side,
-            &self.method,
+        let method = self.path.as_ref().map_or("", |p| p.path());
+        let layer = &self.layer;
+        layer.metrics.record(
+            layer.side,
+            method,
+            &layer.known,
             code,
             elapsed,
             (messages_sent, messages_received),
         );
-        self.metrics.inflight(self.side, -1);
-        let (side, method, peer) = (self.side.as_str(), self.path.as_str(), self.peer.as_str());
+        layer.metrics.inflight(layer.side, -1);
+        let (side, peer) = (layer.side.as_str(), &self.peer);
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
         let status = code_name(code);
         let deadline_ms = self.deadline_ms;
@@ -124,14 +148,14 @@ impl Drop for CallRecord {
         let encoding = self.encoding.as_deref();
         if code == Code::Ok && method.starts_with("/grpc.health.v1.Health/") {
             // Consul's GRPC check calls every few seconds: not worth a line each at INFO.
-            tracing::debug!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
+            tracing::debug!(target: "keel::calls", side, method, %peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
         } else if matches!(
             code,
             Code::Ok | Code::NotFound | Code::AlreadyExists | Code::InvalidArgument
         ) {
-            tracing::info!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
+            tracing::info!(target: "keel::calls", side, method, %peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
         } else {
-            tracing::warn!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
+            tracing::warn!(target: "keel::calls", side, method, %peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
         }
     }
 }
@@ -152,20 +176,22 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let method = method_metric_name(req.uri().path(), &self.layer.known);
-        let metrics = self.layer.metrics.clone();
-        metrics.inflight(self.layer.side, 1);
-        let peer = req
+        let layer = self.layer.clone();
+        layer.metrics.inflight(layer.side, 1);
+        let peer = match req
             .extensions()
             .get::<tonic::transport::server::TcpConnectInfo>()
             .and_then(|i| i.remote_addr())
-            .map(|a| a.to_string())
-            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-            .unwrap_or_default();
+        {
+            Some(addr) => Peer::Addr(addr),
+            None => req
+                .uri()
+                .authority()
+                .map_or(Peer::Unknown, |a| Peer::Authority(a.clone())),
+        };
         let mut record = CallRecord {
-            metrics,
-            side: self.layer.side,
-            path: req.uri().path().to_owned(),
+            layer,
+            path: req.uri().path_and_query().cloned(),
             peer,
             deadline_ms: req
                 .headers()
@@ -188,7 +214,6 @@ where
                 .get("grpc-encoding")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
-            method,
             request_messages: Arc::default(),
             response_messages: MessageCounter::default(),
             start: Instant::now(),

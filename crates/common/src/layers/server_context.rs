@@ -84,8 +84,11 @@ where
             .get(GRPC_TIMEOUT)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout);
-        let method = req.uri().path().to_owned();
-        let span = tracing::info_span!("grpc.request", trace_id = %trace_id, method = %method);
+        let span = tracing::info_span!(
+            "grpc.request",
+            trace_id = trace_id.as_str(),
+            method = req.uri().path()
+        );
         if timeout == Some(Duration::ZERO) {
             return Box::pin(async move {
                 let _g = span.enter();

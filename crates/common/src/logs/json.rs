@@ -7,6 +7,7 @@
 
 use std::{fmt, io::Write};
 
+use smallvec::SmallVec;
 use tracing::{Event, Subscriber, field::Field, span};
 use tracing_subscriber::{Layer, layer::Context, registry::LookupSpan};
 
@@ -79,63 +80,113 @@ impl Rendered {
 struct SpanFields(Rendered);
 
 /// What a visit collects: the event's message and the bridged `log` record's target apart, the rest rendered.
+///
+/// Events reuse one per thread ([`SCRATCH`]), cleared between lines, so rendering a line allocates only the
+/// line itself once the buffers have grown to the lines this thread logs.
 #[derive(Default)]
 struct Visitor {
-    message: String,
+    /// The message as a JSON string (quoted and escaped); empty when the event has none.
+    message: Vec<u8>,
     log_target: Option<String>,
     fields: Rendered,
+    /// Where a `Debug` or `Display` value is formatted before it is escaped.
+    text: String,
+}
+
+/// Where a visited field goes.
+enum Slot {
+    Message,
+    LogTarget,
+    /// `log` crate bookkeeping: dropped.
+    Skip,
+    Field(&'static str),
+}
+
+fn slot(field: &Field) -> Slot {
+    match field.name() {
+        "message" => Slot::Message,
+        "log.target" => Slot::LogTarget,
+        "log.file" | "log.line" | "log.module_path" => Slot::Skip,
+        name => Slot::Field(name),
+    }
+}
+
+/// Buffers of the scratch visitor larger than this after a line are freed, so one huge line does not keep
+/// its memory for the life of the thread.
+const SCRATCH_KEPT_BYTES: usize = 16 * 1024;
+
+thread_local! {
+    /// The visitor events on this thread render with (see [`Visitor`]).
+    static SCRATCH: std::cell::RefCell<Visitor> = std::cell::RefCell::default();
 }
 
 impl Visitor {
-    /// Whether `field` is the message or `log` crate bookkeeping, handled here rather than rendered.
-    fn special(&mut self, field: &Field, value: impl FnOnce() -> String) -> bool {
-        match field.name() {
-            "message" => self.message = value(),
-            "log.target" => self.log_target = Some(value()),
-            "log.file" | "log.line" | "log.module_path" => {}
-            _ => return false,
+    fn clear(&mut self) {
+        if self.message.capacity() > SCRATCH_KEPT_BYTES
+            || self.fields.json.capacity() > SCRATCH_KEPT_BYTES
+            || self.text.capacity() > SCRATCH_KEPT_BYTES
+        {
+            *self = Self::default();
+            return;
         }
-        true
+        self.message.clear();
+        self.log_target = None;
+        self.fields.members.clear();
+        self.fields.json.clear();
+        self.text.clear();
+    }
+
+    fn str(&mut self, field: &Field, value: &str) {
+        match slot(field) {
+            Slot::Message => string(&mut self.message, value),
+            Slot::LogTarget => self.log_target = Some(value.to_owned()),
+            Slot::Skip => {}
+            Slot::Field(name) => self.fields.push(name, |b| string(b, value)),
+        }
+    }
+
+    /// A value that is not text: a field gets `json` (a number, a bool), the message or target its text.
+    fn value(&mut self, field: &Field, json: impl FnOnce(&mut Vec<u8>), text: &dyn fmt::Display) {
+        match slot(field) {
+            Slot::Field(name) => self.fields.push(name, json),
+            Slot::Skip => {}
+            Slot::Message | Slot::LogTarget => self.formatted(field, format_args!("{text}")),
+        }
+    }
+
+    /// Formats `value` into the scratch text, then takes it as a string.
+    fn formatted(&mut self, field: &Field, value: fmt::Arguments<'_>) {
+        let mut text = std::mem::take(&mut self.text);
+        text.clear();
+        let _ = fmt::Write::write_fmt(&mut text, value);
+        self.str(field, &text);
+        self.text = text;
     }
 }
 
 impl tracing::field::Visit for Visitor {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if !self.special(field, || format!("{value:?}")) {
-            let text = format!("{value:?}");
-            self.fields.push(field.name(), |b| string(b, &text));
-        }
+        self.formatted(field, format_args!("{value:?}"));
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        if !self.special(field, || value.to_owned()) {
-            self.fields.push(field.name(), |b| string(b, value));
-        }
+        self.str(field, value);
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        if !self.special(field, || value.to_string()) {
-            self.fields
-                .push(field.name(), |b| drop(write!(b, "{value}")));
-        }
+        self.value(field, |b| drop(write!(b, "{value}")), &value);
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        if !self.special(field, || value.to_string()) {
-            self.fields
-                .push(field.name(), |b| drop(write!(b, "{value}")));
-        }
+        self.value(field, |b| drop(write!(b, "{value}")), &value);
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        if !self.special(field, || value.to_string()) {
-            self.fields
-                .push(field.name(), |b| drop(write!(b, "{value}")));
-        }
+        self.value(field, |b| drop(write!(b, "{value}")), &value);
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        if !self.special(field, || value.to_string()) {
-            // serde_json writes a non-finite number as null.
-            self.fields.push(field.name(), |b| {
-                drop(serde_json::to_writer(&mut *b, &value))
-            });
-        }
+        // serde_json writes a non-finite number as null.
+        self.value(
+            field,
+            |b| drop(serde_json::to_writer(&mut *b, &value)),
+            &value,
+        );
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         let mut chain = value.to_string();
@@ -145,9 +196,7 @@ impl tracing::field::Visit for Visitor {
             chain.push_str(&s.to_string());
             src = s.source();
         }
-        if !self.special(field, || chain.clone()) {
-            self.fields.push(field.name(), |b| string(b, &chain));
-        }
+        self.str(field, &chain);
     }
 }
 
@@ -156,7 +205,14 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
-        let mut visit = Visitor::default();
+        // Its own buffers, sized once: they live as long as the span.
+        let mut visit = Visitor {
+            fields: Rendered {
+                members: Vec::with_capacity(attrs.fields().len()),
+                json: Vec::with_capacity(32 * attrs.fields().len()),
+            },
+            ..Visitor::default()
+        };
         attrs.record(&mut visit);
         if let Some(span) = ctx.span(id) {
             span.extensions_mut().insert(SpanFields(visit.fields));
@@ -177,9 +233,30 @@ where
     }
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let rendered = SCRATCH.try_with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut visit) => {
+                visit.clear();
+                self.render(event, &ctx, &mut visit);
+            }
+            // Only if an event were rendered inside another on this thread (`tracing` does not dispatch
+            // inside a dispatch, so a field's `Debug` that logs is dropped before it gets here).
+            Err(_) => self.render(event, &ctx, &mut Visitor::default()),
+        });
+        if rendered.is_err() {
+            // The thread is exiting and its scratch is gone.
+            self.render(event, &ctx, &mut Visitor::default());
+        }
+    }
+}
+
+impl JsonLayer {
+    /// Renders `event` as one line with `visit`'s buffers and hands it on.
+    fn render<S>(&self, event: &Event<'_>, ctx: &Context<'_, S>, visit: &mut Visitor)
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
         let meta = event.metadata();
-        let mut visit = Visitor::default();
-        event.record(&mut visit);
+        event.record(visit);
         // Records of the `log` crate (librdkafka's, through rdkafka) arrive with target `log` and their own
         // target in `log.target`: that one is the line's target.
         let target = match (&visit.log_target, meta.target()) {
@@ -187,11 +264,12 @@ where
             (_, t) => t,
         };
         let foreign = target.starts_with("rdkafka") || target.starts_with("librdkafka");
-        let scope: Vec<_> = ctx.event_scope(event).into_iter().flatten().collect();
-        let spans: Vec<_> = scope.iter().map(|s| s.extensions()).collect();
+        let scope: SmallVec<[_; 4]> = ctx.event_scope(event).into_iter().flatten().collect();
+        let spans: SmallVec<[_; 4]> = scope.iter().map(|s| s.extensions()).collect();
         let span_fields = || spans.iter().filter_map(|e| e.get::<SpanFields>());
 
-        let mut line = Vec::with_capacity(256 + visit.fields.json.len());
+        let mut line =
+            Vec::with_capacity(256 + visit.message.len() + visit.fields.json.len() + target.len());
         line.push(b'{');
         // A trace id the event names itself (the call log, logged after its request's span closed) is the
         // line's; otherwise the nearest span's.
@@ -203,26 +281,27 @@ where
             line.extend_from_slice(member);
             line.push(b',');
         }
-        member(&mut line, "timestamp", |b| {
-            string(
-                b,
-                &humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-            );
-        });
-        line.push(b',');
+        // RFC 3339 with microseconds, UTC: digits and punctuation, nothing to escape.
+        let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+        let _ = write!(line, "\"timestamp\":\"{now}\",");
         member(&mut line, "level", |b| string(b, meta.level().as_str()));
         line.push(b',');
         line.extend_from_slice(&self.identity);
         line.push(b',');
         member(&mut line, "target", |b| string(b, target));
-        line.push(b',');
-        member(&mut line, "message", |b| string(b, &visit.message));
+        line.extend_from_slice(b",\"message\":");
+        if visit.message.is_empty() {
+            line.extend_from_slice(b"\"\"");
+        } else {
+            line.extend_from_slice(&visit.message);
+        }
         if let Some(first) = scope.first() {
             line.push(b',');
             member(&mut line, "span", |b| string(b, first.name()));
         }
         // The event's fields, then those of its spans, innermost first, each name once; trace_id is above.
-        let mut written: Vec<&str> = vec!["trace_id"];
+        let mut written: SmallVec<[&str; 16]> = SmallVec::new();
+        written.push("trace_id");
         let mut open = false;
         let sources = std::iter::once(&visit.fields).chain(span_fields().map(|f| &f.0));
         for rendered in sources {
@@ -339,6 +418,41 @@ mod tests {
             "an event's own trace id wins"
         );
         assert_eq!(got[1]["level"], "WARN");
+    }
+
+    #[test]
+    fn lines_rendered_one_after_another_on_a_thread_share_nothing() {
+        /// A value whose `Debug` logs a line of its own while the line that holds it is being rendered
+        /// (`tracing` drops that one: a thread does not dispatch inside a dispatch).
+        struct Chatty;
+        impl fmt::Debug for Chatty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                tracing::info!(inner = 1, "from inside Debug");
+                f.write_str("chatty")
+            }
+        }
+        let big = "x".repeat(SCRATCH_KEPT_BYTES * 2);
+        let got = lines(|| {
+            tracing::info!(a = 1, b = "two", "first");
+            tracing::info!(c = 3.5, "second");
+            tracing::info!(big = big.as_str(), "big");
+            tracing::info!(value = ?Chatty, "outer");
+            tracing::info!("last");
+        });
+        let messages: Vec<_> = got.iter().map(|l| l["message"].as_str().unwrap()).collect();
+        assert_eq!(messages, ["first", "second", "big", "outer", "last"]);
+        assert_eq!(got[0]["fields"], serde_json::json!({"a": 1, "b": "two"}));
+        assert_eq!(
+            got[1]["fields"],
+            serde_json::json!({"c": 3.5}),
+            "nothing of the line before"
+        );
+        assert_eq!(
+            got[2]["fields"]["big"].as_str().map(str::len),
+            Some(big.len())
+        );
+        assert_eq!(got[3]["fields"], serde_json::json!({"value": "chatty"}));
+        assert!(got[4].get("fields").is_none(), "{}", got[4]);
     }
 
     #[test]
