@@ -14,7 +14,8 @@
 //! | `outbox.<service>.backlog`, `outbox.<service>.dead_letters` | gauge | events waiting in a service's outbox, and in its dead-letter table ([`crate::outbox`]) |
 //!
 //! `<side>` is `server` or `client`; `<Service>` is the proto service name without its package. Paths the
-//! server does not serve are recorded as `unknown.unknown` so a scanner cannot blow up the metric namespace.
+//! server does not serve (an unknown service, or a method of a served one answered UNIMPLEMENTED) are recorded
+//! as `unknown.unknown` so a scanner cannot blow up the metric namespace.
 //! Sending never blocks a request, and a call sends nothing: counters and the in-flight gauge are kept in
 //! memory (atomics), latencies in a bounded per-method buffer ([`Latencies`]), all sent once per flush (every
 //! second) by the flusher task, which packs them into UDP datagrams of up to [`DATAGRAM_BYTES`] and sends

@@ -190,42 +190,40 @@ impl Store {
                 .await?
                 .map_or(Reserved::Refused, Reserved::Taken));
         };
+        // BEGIN, the UPDATE, the INSERT of the id with what it took, COMMIT: four round trips. The id's row is
+        // written after the UPDATE, so a second transaction with the same id waits on the account's row, then
+        // on the id's key, and finds it taken: it rolls back what it took and answers the first one's outcome.
         let mut tx = self.pool.begin().await?;
-        if !Self::record(&mut tx, reservation_id, id, 0).await? {
-            // Sent before: answer what it did (the transaction only read).
-            let row = sqlx::query(
-                "SELECT o.key_count, o.cancelled, a.used_cache_keys, a.max_cache_keys \
-                 FROM quota_operations o JOIN accounts a ON a.id = o.account_id \
-                 WHERE o.id = $1 AND o.account_id = $2",
-            )
-            .bind(reservation_id)
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(row) = row else {
-                return Ok(Reserved::IdInUse);
-            };
-            let (granted, cancelled): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
-            return Ok(match (cancelled, granted) {
-                (1, _) => Reserved::Cancelled,
-                (_, 0) => Reserved::Refused,
-                _ => Reserved::Taken(Reservation {
-                    used_cache_keys: row.try_get(2)?,
-                    max_cache_keys: row.try_get(3)?,
-                    granted,
-                }),
-            });
-        }
         let taken = Self::take(&mut tx, id, count, up_to).await?;
-        if let Some(t) = taken {
-            sqlx::query("UPDATE quota_operations SET key_count = $1 WHERE id = $2")
-                .bind(t.granted)
-                .bind(reservation_id)
-                .execute(&mut *tx)
-                .await?;
+        let granted = taken.map_or(0, |t| t.granted);
+        if Self::record(&mut tx, reservation_id, id, granted).await? {
+            tx.commit().await?;
+            return Ok(taken.map_or(Reserved::Refused, Reserved::Taken));
         }
-        tx.commit().await?;
-        Ok(taken.map_or(Reserved::Refused, Reserved::Taken))
+        // Sent before (or cancelled first): undo this take, then answer what that one did, as committed.
+        tx.rollback().await?;
+        let row = sqlx::query(
+            "SELECT o.key_count, o.cancelled, a.used_cache_keys, a.max_cache_keys \
+             FROM quota_operations o JOIN accounts a ON a.id = o.account_id \
+             WHERE o.id = $1 AND o.account_id = $2",
+        )
+        .bind(reservation_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Reserved::IdInUse);
+        };
+        let (granted, cancelled): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        Ok(match (cancelled, granted) {
+            (1, _) => Reserved::Cancelled,
+            (_, 0) => Reserved::Refused,
+            _ => Reserved::Taken(Reservation {
+                used_cache_keys: row.try_get(2)?,
+                max_cache_keys: row.try_get(3)?,
+                granted,
+            }),
+        })
     }
 
     /// The conditional UPDATE of [`Store::reserve`] on `conn`. `None`: refused (over the limit, or no such
