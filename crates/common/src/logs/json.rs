@@ -111,8 +111,8 @@ fn slot(field: &Field) -> Slot {
     }
 }
 
-/// Buffers of the scratch visitor larger than this after a line are freed, so one huge line does not keep
-/// its memory for the life of the thread.
+/// Buffers of the scratch visitor that grew past this are freed when the thread's next line starts, so one
+/// huge line does not keep its memory for the life of the thread.
 const SCRATCH_KEPT_BYTES: usize = 16 * 1024;
 
 thread_local! {
