@@ -395,12 +395,17 @@ impl Metrics {
             } else {
                 method_metric_name(path, known)
             };
-            let stats = self.inner.methods[side as usize]
-                .write()
-                .expect("metrics")
-                .entry(name.clone())
-                .or_insert_with(|| Arc::new(MethodStats::new(side, &name)))
-                .clone();
+            let table = &self.inner.methods[side as usize];
+            // Read first: paths that are not remembered (`unknown.unknown`) come here on every call.
+            let existing = table.read().expect("metrics").get(&name).cloned();
+            let stats = existing.unwrap_or_else(|| {
+                table
+                    .write()
+                    .expect("metrics")
+                    .entry(name.clone())
+                    .or_insert_with(|| Arc::new(MethodStats::new(side, &name)))
+                    .clone()
+            });
             if name != UNKNOWN_METHOD {
                 self.inner.paths[side as usize]
                     .write()
