@@ -13,6 +13,7 @@
 
 use std::{
     future::Future,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -28,8 +29,9 @@ pub struct CallDeadline(pub tokio::time::Instant);
 /// What a handler knows about the call it serves.
 #[derive(Clone, Debug)]
 pub struct RequestContext {
-    /// Trace id: from `x-trace-id`, else a new 32-hex-digit id.
-    pub trace_id: String,
+    /// Trace id: from `x-trace-id`, else a new 32-hex-digit id. Shared, not copied, by the context's clones
+    /// (the task-local, the request's extension, the call log line, the calls a handler makes).
+    pub trace_id: Arc<str>,
     /// When the caller stops waiting, from `grpc-timeout`; `None` when the caller sent none.
     pub deadline: Option<Instant>,
 }
@@ -60,11 +62,14 @@ pub async fn scope<F: Future>(ctx: RequestContext, fut: F) -> F::Output {
 ///
 /// The random bytes come from `rand`'s thread-local generator (seeded once from the OS), not from a
 /// `getrandom(2)` system call per id as `Uuid::new_v4` makes: this runs once per call served.
-pub fn new_trace_id() -> String {
-    uuid::Builder::from_random_bytes(rand::random())
-        .into_uuid()
-        .simple()
-        .to_string()
+pub fn new_trace_id() -> Arc<str> {
+    let mut digits = [0u8; uuid::fmt::Simple::LENGTH];
+    Arc::from(
+        &*uuid::Builder::from_random_bytes(rand::random())
+            .into_uuid()
+            .simple()
+            .encode_lower(&mut digits),
+    )
 }
 
 /// Parses a `grpc-timeout` header value; `None` if malformed.
@@ -156,7 +161,7 @@ mod tests {
 
     #[test]
     fn trace_ids_are_distinct_version_4_uuids_in_32_lowercase_hex_digits() {
-        let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_trace_id()).collect();
+        let ids: std::collections::HashSet<Arc<str>> = (0..1000).map(|_| new_trace_id()).collect();
         assert_eq!(ids.len(), 1000);
         for id in &ids {
             assert_eq!(id.len(), 32, "{id}");

@@ -27,7 +27,10 @@ use tonic::{
     body::Body, server::NamedService, service::RoutesBuilder, transport::server::TcpIncoming,
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
-use tower::{Service, ServiceBuilder};
+use tower::{
+    Service, ServiceBuilder,
+    layer::util::{Identity, Stack},
+};
 
 use crate::{
     Platform,
@@ -37,7 +40,7 @@ use crate::{
         AnswerEncodingLayer, ConcurrencyLimitLayer, DeadlineLayer, GrpcMetricsLayer, Readiness,
         ReadinessGateLayer, ServerContextLayer,
     },
-    metrics::Side,
+    metrics::{Metrics, Side},
 };
 
 /// The gRPC server: address, HTTP/2 and resource limits, shutdown.
@@ -99,6 +102,61 @@ impl GrpcSettings {
 pub type ReadinessCheck =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
+/// The server's tower stack, outermost first: [`ServerContextLayer`], [`GrpcMetricsLayer`],
+/// [`ReadinessGateLayer`], [`DeadlineLayer`], [`ConcurrencyLimitLayer`], [`AnswerEncodingLayer`] (what each does:
+/// [`crate::layers`]).
+pub type ServerStack = Stack<
+    AnswerEncodingLayer,
+    Stack<
+        ConcurrencyLimitLayer,
+        Stack<
+            DeadlineLayer,
+            Stack<ReadinessGateLayer, Stack<GrpcMetricsLayer, Stack<ServerContextLayer, Identity>>>,
+        >,
+    >,
+>;
+
+/// What [`stack`] is made of besides the settings, each shared with whoever drives it.
+pub struct StackParts<'a> {
+    /// `grpc.request_timeout` (the deadline of a call without `grpc-timeout`) and `grpc.gzip_responses`.
+    pub settings: &'a GrpcSettings,
+    /// Where the calls are counted.
+    pub metrics: Metrics,
+    /// The services served, by full name (`keel.example.v1.Echo`): calls to any other path are counted as
+    /// `unknown.unknown`, so made-up paths cannot make metrics without bound.
+    pub known: HashSet<String>,
+    /// What the readiness checks last found.
+    pub readiness: Readiness,
+    /// Cancelled when the drain timeout passes: calls still running end with UNAVAILABLE.
+    pub closing: CancellationToken,
+    /// The concurrency limit, kept by the caller to follow `grpc.max_concurrent_requests` live.
+    pub limit: ConcurrencyLimitLayer,
+}
+
+/// The server stack every service runs, assembled here only ([`Server::serve`] uses it; the per-call allocation
+/// tests and `keel-bench layers` drive it in process).
+///
+/// Outermost first. Context first, so even shed calls carry a trace id in logs; metrics before the deadline
+/// layer, so a call it ends (deadline, drain's end) is recorded with the status the client got, and before the
+/// limit, so shed calls are counted as RESOURCE_EXHAUSTED; the deadline bounds the whole response stream; the
+/// readiness gate before it, so a call refused for a dependency that is down is counted and never waits; the
+/// limit sheds (never queues) and holds a slot until the response's last message; last, the choice of who gets
+/// gzip answers, next to the codecs that compress.
+pub fn stack(parts: StackParts<'_>) -> ServerStack {
+    let g = parts.settings;
+    ServiceBuilder::new()
+        .layer(ServerContextLayer::new(g.request_timeout))
+        .layer(GrpcMetricsLayer::new(
+            parts.metrics,
+            Side::Server,
+            parts.known,
+        ))
+        .layer(ReadinessGateLayer::new(parts.readiness))
+        .layer(DeadlineLayer::new(g.request_timeout, parts.closing))
+        .layer(parts.limit)
+        .layer(AnswerEncodingLayer::new(g.gzip_responses))
+        .into_inner()
+}
 /// Collects a process's gRPC services, then serves them.
 pub struct Server {
     platform: Platform,
@@ -193,12 +251,6 @@ impl Server {
         known.insert("grpc.health.v1.Health".into());
         known.insert("grpc.reflection.v1.ServerReflection".into());
         known.insert("grpc.reflection.v1alpha.ServerReflection".into());
-        // Outermost first. Context first, so even shed calls carry a trace id in logs; metrics before the
-        // deadline layer, so a call it ends (deadline, drain's end) is recorded with the status the client got,
-        // and before the limit, so shed calls are counted as RESOURCE_EXHAUSTED; the deadline bounds the whole
-        // response stream; the readiness gate before it, so a call refused for a dependency that is down is
-        // counted and never waits; the limit sheds (never queues) and holds a slot until the response's last message;
-        // last, the choice of who gets gzip answers, next to the codecs that compress.
         let limit = ConcurrencyLimitLayer::new(g.max_concurrent_requests, g.request_timeout);
         // `grpc.max_concurrent_requests` follows the live settings (Consul KV).
         let mut changes = platform.live.changes();
@@ -214,18 +266,14 @@ impl Server {
         // What the readiness checks last found; calls are refused while one fails (from the first round, run as
         // the server starts: a call before it is served, as health still says NOT_SERVING to Consul).
         let readiness = Readiness::default();
-        let stack = ServiceBuilder::new()
-            .layer(ServerContextLayer::new(g.request_timeout))
-            .layer(GrpcMetricsLayer::new(
-                platform.metrics.clone(),
-                Side::Server,
-                known,
-            ))
-            .layer(ReadinessGateLayer::new(readiness.clone()))
-            .layer(DeadlineLayer::new(g.request_timeout, closing.clone()))
-            .layer(limit)
-            .layer(AnswerEncodingLayer::new(g.gzip_responses))
-            .into_inner();
+        let stack = stack(StackParts {
+            settings: g,
+            metrics: platform.metrics.clone(),
+            known,
+            readiness: readiness.clone(),
+            closing: closing.clone(),
+            limit,
+        });
 
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = crate::tls::server_config(&settings.tls)? {

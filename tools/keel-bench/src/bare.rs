@@ -23,7 +23,8 @@ use keel_protos::{
 use sqlx::Row as _;
 use tonic::{Request, Response, Status};
 
-struct BareEcho;
+/// Answers Echo at once: the handler of the bare server and of `keel-bench layers`.
+pub(crate) struct BareEcho;
 
 #[tonic::async_trait]
 impl Echo for BareEcho {

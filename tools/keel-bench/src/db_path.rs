@@ -162,7 +162,7 @@ async fn rows(args: &Args, url: &str) -> anyhow::Result<()> {
         "keel pool, in a call with a 2 s deadline",
         measure(args, move |i| {
             let ctx = context::RequestContext {
-                trace_id: String::new(),
+                trace_id: "".into(),
                 deadline: Some(Instant::now() + Duration::from_secs(2)),
             };
             context::scope(ctx, in_call(i))

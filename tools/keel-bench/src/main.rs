@@ -22,6 +22,7 @@ mod client_stack;
 mod cluster;
 mod db_path;
 mod killrvideo;
+mod layers;
 mod load;
 mod procs;
 
@@ -88,6 +89,8 @@ enum Cmd {
     ClientStack(client_stack::Args),
     /// What each piece of the platform's database path costs per query, in process on PostgreSQL.
     DbPath(db_path::Args),
+    /// What each layer of the server stack costs per call, one by one, in process.
+    Layers(layers::Args),
 }
 
 /// One row of the table.
@@ -116,6 +119,10 @@ async fn main() -> anyhow::Result<()> {
         }) => bare::serve(proto, addr, database.as_deref()).await,
         Some(Cmd::ClientStack(args)) => client_stack::run(args).await,
         Some(Cmd::DbPath(args)) => db_path::run(args).await,
+        Some(Cmd::Layers(args)) => {
+            // Its own current-thread runtimes, one per row: calls one after another on this thread.
+            tokio::task::spawn_blocking(move || layers::run(&args)).await?
+        }
         None => run(&cli).await,
     }
 }

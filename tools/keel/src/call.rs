@@ -85,7 +85,10 @@ pub async fn run(args: &Args) -> anyhow::Result<i32> {
     let channel = ClientFactory::new(&settings, Metrics::disabled())
         .channel(&args.service)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let trace_id = args.trace_id.clone().unwrap_or_else(new_trace_id);
+    let trace_id = args
+        .trace_id
+        .clone()
+        .unwrap_or_else(|| new_trace_id().to_string());
     let Some(method) = &args.method else {
         for line in list(channel, args).await? {
             println!("{line}");

@@ -132,7 +132,7 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = LimitFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // Readiness errors of the routes surface on the call.
@@ -147,7 +147,9 @@ where
             let shed = layer_status::overloaded(
                 "server overloaded: concurrency limit reached; retry later",
             );
-            return Box::pin(async move { Ok(shed.into_http()) });
+            return LimitFuture::Shed {
+                answer: Some(shed.into_http()),
+            };
         };
         // Set by the server context outside this layer; the default bound only without it.
         let deadline = req.extensions().get::<CallDeadline>().map_or_else(
@@ -158,24 +160,95 @@ where
             permit: Some(permit),
             limit: self.limit.clone(),
         };
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            Ok(match fut.await {
-                Ok(resp) => resp.map(|body| {
-                    Body::new(PermitBody {
-                        inner: body,
-                        slot: Arc::new(Mutex::new(Some(slot))),
-                        deadline,
-                        reaper: false,
-                        frames: 0,
-                    })
-                }),
-                Err(e) => {
-                    let e: BoxError = e.into();
-                    layer_status::internal(anyhow::anyhow!("server stack error: {e}")).into_http()
-                }
-            })
-        })
+        LimitFuture::Called {
+            inner: self.inner.call(req),
+            slot: Some(slot),
+            deadline,
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`ConcurrencyLimit`]: a shed call's answer, ready at once, or the handler's future holding
+    /// the call's slot (given back if the call is dropped before it answers), which the answer's body then
+    /// holds. Nothing is allocated for it.
+    #[project = LimitProjection]
+    pub enum LimitFuture<F> {
+        /// Over the limit: RESOURCE_EXHAUSTED.
+        Shed { answer: Option<Response<Body>> },
+        /// Within it.
+        Called {
+            #[pin]
+            inner: F,
+            slot: Option<Slot>,
+            deadline: tokio::time::Instant,
+        },
+    }
+}
+
+impl<F, E> Future for LimitFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            LimitProjection::Shed { answer } => Poll::Ready(Ok(answer
+                .take()
+                .expect("LimitFuture polled after it answered"))),
+            LimitProjection::Called {
+                inner,
+                slot,
+                deadline,
+            } => {
+                let answered = std::task::ready!(inner.poll(cx));
+                Poll::Ready(Ok(match answered {
+                    Ok(resp) => resp.map(|body| {
+                        Body::new(PermitBody {
+                            inner: body,
+                            slot: Held::Own(slot.take()),
+                            deadline: *deadline,
+                            reaper: false,
+                            frames: 0,
+                        })
+                    }),
+                    Err(e) => {
+                        let e: BoxError = e.into();
+                        layer_status::internal(anyhow::anyhow!("server stack error: {e}"))
+                            .into_http()
+                    }
+                }))
+            }
+        }
+    }
+}
+
+/// Where a response body keeps its call's slot: in itself, until a deadline timer needs a share of it.
+enum Held {
+    Own(Option<Slot>),
+    Shared(Arc<Mutex<Option<Slot>>>),
+}
+
+impl Held {
+    /// Gives the slot back (once; later calls do nothing).
+    fn release(&mut self) {
+        match self {
+            Held::Own(slot) => drop(slot.take()),
+            Held::Shared(slot) => drop(slot.lock().expect("slot").take()),
+        }
+    }
+
+    /// A share of the slot for a timer, made on the first request.
+    fn share(&mut self) -> Arc<Mutex<Option<Slot>>> {
+        if let Held::Own(slot) = self {
+            *self = Held::Shared(Arc::new(Mutex::new(slot.take())));
+        }
+        match self {
+            Held::Shared(slot) => slot.clone(),
+            Held::Own(_) => unreachable!("made shared above"),
+        }
     }
 }
 
@@ -183,11 +256,12 @@ pin_project! {
     /// A response body that gives its call's slot back when it ends, is dropped, or reaches its deadline —
     /// whichever comes first. The deadline needs a timer of its own: a stream whose reader stalled is not
     /// polled at all (HTTP/2 flow control), so it cannot notice the time itself. The timer starts only when
-    /// the body first waits or sends its second message; a unary answer, ready at once, starts none.
+    /// the body first waits or sends its second message; a unary answer, ready at once, starts none (and its
+    /// slot is not shared: nothing allocated).
     struct PermitBody {
         #[pin]
         inner: Body,
-        slot: Arc<Mutex<Option<Slot>>>,
+        slot: Held,
         deadline: tokio::time::Instant,
         reaper: bool,
         frames: u32,
@@ -195,7 +269,7 @@ pin_project! {
 
     impl PinnedDrop for PermitBody {
         fn drop(this: Pin<&mut Self>) {
-            this.slot.lock().expect("slot").take();
+            this.project().slot.release();
         }
     }
 }
@@ -211,9 +285,7 @@ impl HttpBody for PermitBody {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
         match &polled {
-            Poll::Ready(None | Some(Err(_))) => {
-                this.slot.lock().expect("slot").take();
-            }
+            Poll::Ready(None | Some(Err(_))) => this.slot.release(),
             // A body that waits, or sends a second message (a stream, which HTTP/2 flow control may stop
             // polling), gets its deadline timer.
             Poll::Ready(Some(Ok(f))) if f.is_data() => *this.frames += 1,
@@ -221,7 +293,7 @@ impl HttpBody for PermitBody {
         }
         if !*this.reaper && (polled.is_pending() || *this.frames >= 2) {
             *this.reaper = true;
-            let (slot, deadline) = (this.slot.clone(), *this.deadline);
+            let (slot, deadline) = (this.slot.share(), *this.deadline);
             tokio::spawn(async move {
                 tokio::time::sleep_until(deadline).await;
                 slot.lock().expect("slot").take();

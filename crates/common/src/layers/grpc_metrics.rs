@@ -77,7 +77,7 @@ struct CallRecord {
     deadline_ms: Option<f64>,
     /// The call's trace id (server side: the request context's; client side: the `x-trace-id` sent), logged
     /// with the line because the line is written when the body ends, after the request's span closed.
-    trace_id: Option<String>,
+    trace_id: Option<Arc<str>>,
     /// The request's `grpc-encoding` (`gzip`) when it was compressed.
     encoding: Option<String>,
     /// gRPC messages of the request (counted by its body as it passes) and of the response.
@@ -169,7 +169,7 @@ where
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
+    type Future = MetricsFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -189,7 +189,7 @@ where
                 .authority()
                 .map_or(Peer::Unknown, |a| Peer::Authority(a.clone())),
         };
-        let mut record = CallRecord {
+        let record = CallRecord {
             layer,
             path: req.uri().path_and_query().cloned(),
             peer,
@@ -207,7 +207,7 @@ where
                     req.headers()
                         .get(crate::context::TRACE_ID_HEADER)
                         .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned)
+                        .map(Arc::from)
                 }),
             encoding: req
                 .headers()
@@ -227,26 +227,53 @@ where
                 total: counted,
             })
         });
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            match fut.await {
-                Ok(resp) => {
-                    if let Some(code) = super::grpc_status(resp.headers()) {
-                        record.finish(code); // trailers-only response
-                    }
-                    let (parts, body) = resp.into_parts();
-                    Ok(Response::from_parts(
-                        parts,
-                        Body::new(MeteredBody {
-                            inner: body,
-                            record,
-                        }),
-                    ))
+        MetricsFuture {
+            inner: self.inner.call(req),
+            record: Some(record),
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`GrpcMetrics`]: the inner call's, then its answer's body carries the call's record (a
+    /// call dropped before it answers is recorded as CANCELLED). Nothing is allocated for it.
+    pub struct MetricsFuture<F> {
+        #[pin]
+        inner: F,
+        record: Option<CallRecord>,
+    }
+}
+
+impl<F, E> Future for MetricsFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let answered = std::task::ready!(this.inner.poll(cx));
+        let mut record = this
+            .record
+            .take()
+            .expect("MetricsFuture polled after it answered");
+        Poll::Ready(match answered {
+            Ok(resp) => {
+                if let Some(code) = super::grpc_status(resp.headers()) {
+                    record.finish(code); // trailers-only response
                 }
-                Err(e) => {
-                    record.finish(Code::Unavailable);
-                    Err(e)
-                }
+                let (parts, body) = resp.into_parts();
+                Ok(Response::from_parts(
+                    parts,
+                    Body::new(MeteredBody {
+                        inner: body,
+                        record,
+                    }),
+                ))
+            }
+            Err(e) => {
+                record.finish(Code::Unavailable);
+                Err(e)
             }
         })
     }

@@ -11,12 +11,11 @@
 //! seen it leave DNS.
 
 use std::{
-    future::Future,
-    pin::Pin,
     sync::{Arc, RwLock},
     task::{Context, Poll},
 };
 
+use futures::future::{Either, Ready, ready};
 use http::{Request, Response};
 use tonic::body::Body;
 use tower::{Layer, Service};
@@ -81,7 +80,8 @@ where
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
+    /// The handler's own future when served (nothing allocated per call), the refusal ready at once when not.
+    type Future = Either<Ready<Result<Response<Body>, S::Error>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -96,9 +96,9 @@ where
                 "grpc-retry-pushback-ms",
                 tonic::metadata::MetadataValue::from_static("0"),
             );
-            return Box::pin(async move { Ok(status.into_http()) });
+            return Either::Left(ready(Ok(status.into_http())));
         }
-        Box::pin(self.inner.call(req))
+        Either::Right(self.inner.call(req))
     }
 }
 

@@ -5,16 +5,17 @@
 //! ([`crate::context::current`]).
 
 use std::{
-    future::Future,
-    pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::{Duration, Instant},
 };
 
+use futures::future::{Either, Ready, ready};
 use http::{Request, Response};
+use tokio::task::futures::TaskLocalFuture;
 use tonic::body::Body;
 use tower::{Layer, Service};
-use tracing::Instrument;
+use tracing::{Instrument, instrument::Instrumented};
 
 use crate::{
     context::{
@@ -23,8 +24,6 @@ use crate::{
     },
     error::layer_status,
 };
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// Server side: see the module docs.
 #[derive(Clone, Debug)]
@@ -65,7 +64,12 @@ where
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
+    /// The inner call's future in the call's context and span (nothing allocated for it), or DEADLINE_EXCEEDED
+    /// at once.
+    type Future = Either<
+        Ready<Result<Response<Body>, S::Error>>,
+        TaskLocalFuture<RequestContext, Instrumented<S::Future>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -77,7 +81,7 @@ where
             .get(TRACE_ID_HEADER)
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128)
-            .map(str::to_owned)
+            .map(Arc::from)
             .unwrap_or_else(new_trace_id);
         let timeout = req
             .headers()
@@ -86,18 +90,16 @@ where
             .and_then(parse_grpc_timeout);
         let span = tracing::info_span!(
             "grpc.request",
-            trace_id = trace_id.as_str(),
+            trace_id = &*trace_id,
             method = req.uri().path()
         );
         if timeout == Some(Duration::ZERO) {
-            return Box::pin(async move {
-                let _g = span.enter();
-                tracing::debug!("deadline already passed; call not started");
-                Ok(
-                    layer_status::deadline_exceeded("deadline exceeded before the call started")
-                        .into_http(),
-                )
-            });
+            let _g = span.enter();
+            tracing::debug!("deadline already passed; call not started");
+            return Either::Left(ready(Ok(layer_status::deadline_exceeded(
+                "deadline exceeded before the call started",
+            )
+            .into_http())));
         }
         let ctx = RequestContext {
             trace_id,
@@ -110,6 +112,6 @@ where
             .insert(CallDeadline(tokio::time::Instant::now() + limit));
         // The call log (inside) logs the trace id when the response ends, outside this span.
         req.extensions_mut().insert(ctx.clone());
-        Box::pin(CONTEXT.scope(ctx, self.inner.call(req).instrument(span)))
+        Either::Right(CONTEXT.scope(ctx, self.inner.call(req).instrument(span)))
     }
 }

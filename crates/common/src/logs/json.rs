@@ -57,7 +57,8 @@ fn member(buf: &mut Vec<u8>, name: &str, value: impl FnOnce(&mut Vec<u8>)) {
 #[derive(Default)]
 struct Rendered {
     /// Each field's name and where its member starts and ends in `json`.
-    members: Vec<(&'static str, std::ops::Range<usize>)>,
+    /// Inline up to four (a span's fields, most events'): a span's are then one allocation less.
+    members: SmallVec<[(&'static str, std::ops::Range<usize>); 4]>,
     json: Vec<u8>,
 }
 
@@ -208,7 +209,7 @@ where
         // Its own buffers, sized once: they live as long as the span.
         let mut visit = Visitor {
             fields: Rendered {
-                members: Vec::with_capacity(attrs.fields().len()),
+                members: SmallVec::with_capacity(attrs.fields().len()),
                 json: Vec::with_capacity(32 * attrs.fields().len()),
             },
             ..Visitor::default()

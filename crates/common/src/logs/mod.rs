@@ -158,6 +158,38 @@ impl Telemetry {
     /// # Errors
     /// The Kafka producer cannot be configured (bad broker list).
     pub fn init(settings: &Settings, instance: &str) -> anyhow::Result<Self> {
+        let (subscriber, mut telemetry, handle) =
+            Self::build(settings, instance, std::io::stdout())?;
+        if subscriber.try_init().is_ok() {
+            telemetry.filter = Some(handle);
+        }
+        Ok(telemetry)
+    }
+
+    /// The subscriber [`Telemetry::init`] installs, not installed, with the lines that would go to stdout
+    /// written to `out` (with `log.stdout` on): for benches and tests that measure logging per call, through
+    /// [`tracing::dispatcher::with_default`]. The returned [`Telemetry`] owns the writer threads.
+    ///
+    /// # Errors
+    /// As [`Telemetry::init`].
+    pub fn to_writer(
+        settings: &Settings,
+        instance: &str,
+        out: impl std::io::Write + Send + 'static,
+    ) -> anyhow::Result<(tracing::Dispatch, Self)> {
+        let (subscriber, telemetry, _) = Self::build(settings, instance, out)?;
+        Ok((tracing::Dispatch::new(subscriber), telemetry))
+    }
+
+    fn build(
+        settings: &Settings,
+        instance: &str,
+        out: impl std::io::Write + Send + 'static,
+    ) -> anyhow::Result<(
+        impl tracing::Subscriber + Send + Sync + 'static,
+        Self,
+        FilterHandle,
+    )> {
         let stats = Arc::new(ShipperStats::default());
         let (shipper, shipper_worker) = match &settings.log.kafka_brokers {
             Some(brokers) => {
@@ -173,8 +205,7 @@ impl Telemetry {
             None => (None, None),
         };
         let (stdout, stdout_worker) = if settings.log.stdout {
-            let (stdout, worker) =
-                Stdout::start(std::io::stdout(), settings.log.buffer_lines, stats.clone())?;
+            let (stdout, worker) = Stdout::start(out, settings.log.buffer_lines, stats.clone())?;
             (Some(stdout), Some(worker))
         } else {
             (None, None)
@@ -183,17 +214,16 @@ impl Telemetry {
         let filter =
             EnvFilter::try_new(&settings.log.level).unwrap_or_else(|_| EnvFilter::new("info"));
         let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-        let installed = tracing_subscriber::registry()
-            .with(filter)
-            .with(layer)
-            .try_init()
-            .is_ok();
-        Ok(Self {
-            stats,
-            shipper: shipper_worker,
-            stdout: stdout_worker,
-            filter: installed.then_some(handle),
-        })
+        Ok((
+            tracing_subscriber::registry().with(filter).with(layer),
+            Self {
+                stats,
+                shipper: shipper_worker,
+                stdout: stdout_worker,
+                filter: None,
+            },
+            handle,
+        ))
     }
 
     /// A handle that changes the level filter of the running subscriber (`log.level` changed live).

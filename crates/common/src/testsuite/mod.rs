@@ -6,6 +6,7 @@
 //! `KEEL_DATABASE_URL` (`scripts/infra.sh env`). When it is not set the PostgreSQL half of a test fails with a
 //! message saying so: tests never skip.
 
+pub mod calls;
 pub mod fuzz;
 
 use crate::db::sqlx::{self, Connection};

@@ -111,7 +111,7 @@ impl Echo for EchoService {
         Ok(Response::new(EchoResponse {
             message: req.message,
             instance_id: self.instance_id.clone(),
-            trace_id: ctx.map(|c| c.trace_id).unwrap_or_default(),
+            trace_id: ctx.map(|c| c.trace_id.to_string()).unwrap_or_default(),
             deadline_remaining_ms,
             downstream,
         }))

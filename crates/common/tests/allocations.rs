@@ -1,0 +1,180 @@
+//! Allocations per call through the server stack, layer by layer, counted (not timed) around a handler that
+//! answers at once: what each layer adds to the same call without it. A layer that starts allocating per call
+//! again (a boxed future, a formatted metric name, a `String` per log field) fails here.
+//!
+//! Calls are driven in process ([`keel_common::testsuite::calls`]) on a current-thread runtime with the
+//! platform's logging subscriber, writing its lines to a sink, so every allocation a call makes is on the test's
+//! thread and counted (`allocation_counter` counts the current thread's).
+
+use std::{collections::HashSet, time::Duration};
+
+use keel_common::{
+    Metrics, Settings,
+    config::Env,
+    layers::{
+        AnswerEncodingLayer, ConcurrencyLimitLayer, DeadlineLayer, GrpcMetricsLayer, Readiness,
+        ReadinessGateLayer, ServerContextLayer,
+    },
+    logs::Telemetry,
+    metrics::Side,
+    server::{self, StackParts},
+    testsuite::calls,
+};
+use keel_protos::keel::example::v1::{
+    EchoRequest, EchoResponse,
+    echo_server::{Echo, EchoServer},
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, body::Body};
+use tower::{Layer, Service};
+
+const PATH: &str = "/keel.example.v1.Echo/Echo";
+
+/// Calls counted, after as many calls to warm caches (a method's metrics, a thread's log buffers, span slots).
+/// A buffer that grows now and then (the latency samples kept until the next flush) adds a fraction of an
+/// allocation per call: rounded away.
+const CALLS: u64 = 1_000;
+
+/// Answers at once, allocating nothing of its own.
+struct Answer;
+
+#[tonic::async_trait]
+impl Echo for Answer {
+    async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoResponse>, Status> {
+        Ok(Response::new(EchoResponse {
+            message: request.into_inner().message,
+            ..Default::default()
+        }))
+    }
+}
+
+fn settings(log_level: &str) -> Settings {
+    Settings::from_env(
+        "echo",
+        &Env::from_pairs([("KEEL_LOG__LEVEL", log_level), ("KEEL_LOG__STDOUT", "true")]),
+    )
+    .expect("settings")
+}
+
+fn known() -> HashSet<String> {
+    HashSet::from(["keel.example.v1.Echo".to_owned()])
+}
+
+/// Allocations per call (rounded to the nearest) of `service`, on a current-thread runtime under the platform's logging
+/// subscriber at `log_level`; every call must end OK.
+fn allocations_per_call<S>(log_level: &str, mut service: S) -> u64
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Error: Into<tower::BoxError>,
+{
+    let (dispatch, telemetry) =
+        Telemetry::to_writer(&settings(log_level), "echo-1", std::io::sink()).expect("logs");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let request = EchoRequest {
+        message: "bench".into(),
+        ..Default::default()
+    };
+    let counted = tracing::dispatcher::with_default(&dispatch, || {
+        let mut calls_of = |n: u64| {
+            runtime
+                .block_on(calls::repeat(&mut service, n, || {
+                    calls::unary(PATH, &request)
+                }))
+                .expect("every call answered OK")
+        };
+        calls_of(CALLS);
+        allocation_counter::measure(|| calls_of(CALLS))
+    });
+    telemetry.shutdown();
+    (counted.count_total + CALLS / 2) / CALLS
+}
+
+/// What `layer` adds to a call of the bare handler, in allocations per call.
+fn added_by<L>(layer: L) -> u64
+where
+    L: Layer<EchoServer<Answer>>,
+    L::Service: Service<http::Request<Body>, Response = http::Response<Body>>,
+    <L::Service as Service<http::Request<Body>>>::Error: Into<tower::BoxError>,
+{
+    let bare = allocations_per_call("info", EchoServer::new(Answer));
+    let layered = allocations_per_call("info", layer.layer(EchoServer::new(Answer)));
+    layered.saturating_sub(bare)
+}
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Each layer's count is what it needs today; a layer that allocates more per call fails its test.
+#[test]
+fn the_deadline_layer_allocates_only_its_response_body_for_a_handler_that_answers_at_once() {
+    // The body that stops the response stream at the deadline (tonic's `Body` boxes it); no timer, no boxed
+    // future.
+    let added = added_by(DeadlineLayer::new(TIMEOUT, CancellationToken::new()));
+    assert!(added <= 1, "{added} allocations per call");
+}
+
+#[test]
+fn the_concurrency_limit_allocates_only_its_response_body() {
+    // The body that holds the slot until the answer's end; the slot is shared (an `Arc`) only with a timer that
+    // a unary answer, ready at once, never needs.
+    let added = added_by(ConcurrencyLimitLayer::new(100, TIMEOUT));
+    assert!(added <= 1, "{added} allocations per call");
+}
+
+#[test]
+fn the_readiness_gate_allocates_nothing_per_call() {
+    assert_eq!(added_by(ReadinessGateLayer::new(Readiness::default())), 0);
+}
+
+#[test]
+fn the_answer_encoding_layer_allocates_nothing_per_call() {
+    assert_eq!(added_by(AnswerEncodingLayer::new(false)), 0);
+}
+
+#[test]
+fn the_server_context_allocates_its_trace_id_its_two_extensions_and_its_span() {
+    // The trace id (shared by the context's clones), the call's deadline and context in the request's
+    // extensions, the span's fields rendered once (a buffer, kept in the span's extensions).
+    let added = added_by(ServerContextLayer::new(TIMEOUT));
+    assert!(added <= 6, "{added} allocations per call");
+}
+
+#[test]
+fn the_metrics_layer_allocates_its_two_counted_bodies_and_the_call_log_line() {
+    // The request's message counter (shared with its body) and the two bodies that count messages, and the
+    // call log line; the method's metrics are found by its path, the peer written into the line.
+    let added = added_by(GrpcMetricsLayer::new(
+        Metrics::disabled(),
+        Side::Server,
+        known(),
+    ));
+    assert!(added <= 4, "{added} allocations per call");
+}
+
+#[test]
+fn the_whole_server_stack_adds_a_dozen_allocations_per_call_one_of_them_the_call_log_line() {
+    let g = settings("info").grpc;
+    let stack = || {
+        server::stack(StackParts {
+            settings: &g,
+            metrics: Metrics::disabled(),
+            known: known(),
+            readiness: Readiness::default(),
+            closing: CancellationToken::new(),
+            limit: ConcurrencyLimitLayer::new(100, TIMEOUT),
+        })
+    };
+    let bare = allocations_per_call("info", EchoServer::new(Answer));
+    let logged = allocations_per_call("info", stack().layer(EchoServer::new(Answer)));
+    let quiet = allocations_per_call(
+        "info,keel::calls=warn",
+        stack().layer(EchoServer::new(Answer)),
+    );
+    assert!(
+        logged - bare <= 12,
+        "{bare} allocations per call without the stack, {logged} with it"
+    );
+    assert_eq!(logged - quiet, 1, "the call log line is one allocation");
+}
