@@ -18,7 +18,7 @@ use keel_common::{
     logs::Telemetry,
     metrics::Side,
     server::{self, StackParts},
-    testsuite::calls,
+    testsuite::{self, calls},
 };
 use keel_protos::keel::example::v1::{
     EchoRequest, EchoResponse,
@@ -56,19 +56,54 @@ fn settings(log_level: &str) -> Settings {
     .expect("settings")
 }
 
+/// As [`settings`] at `info`, with the lines shipped to the real Kafka of `scripts/infra.sh` too.
+fn shipping_settings() -> Settings {
+    let brokers = testsuite::infra_var("KEEL_KAFKA_BROKERS");
+    Settings::from_env(
+        "echo",
+        &Env::from_pairs([
+            ("KEEL_LOG__LEVEL", "info"),
+            ("KEEL_LOG__STDOUT", "true"),
+            ("KEEL_KAFKA__BROKERS", brokers.as_str()),
+        ]),
+    )
+    .expect("settings")
+}
+
 fn known() -> HashSet<String> {
     HashSet::from(["keel.example.v1.Echo".to_owned()])
 }
 
-/// Allocations per call (rounded to the nearest) of `service`, on a current-thread runtime under the platform's logging
-/// subscriber at `log_level`; every call must end OK.
-fn allocations_per_call<S>(log_level: &str, mut service: S) -> u64
+/// The server stack as every service runs it.
+fn stack() -> server::ServerStack {
+    server::stack(StackParts {
+        settings: &settings("info").grpc,
+        metrics: Metrics::disabled(),
+        known: known(),
+        readiness: Readiness::default(),
+        closing: CancellationToken::new(),
+        limit: ConcurrencyLimitLayer::new(100, TIMEOUT),
+    })
+}
+
+/// Allocations per call (rounded to the nearest) of `service`, on a current-thread runtime under the platform's
+/// logging subscriber at `log_level`; every call must end OK.
+fn allocations_per_call<S>(log_level: &str, service: S) -> u64
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Error: Into<tower::BoxError>,
+{
+    allocations_logging_as(&settings(log_level), service)
+}
+
+/// As [`allocations_per_call`], logging as `settings` say.
+fn allocations_logging_as<S>(settings: &Settings, mut service: S) -> u64
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>>,
     S::Error: Into<tower::BoxError>,
 {
     let (dispatch, telemetry) =
-        Telemetry::to_writer(&settings(log_level), "echo-1", std::io::sink()).expect("logs");
+        Telemetry::to_writer(settings, "echo-1", std::io::sink()).expect("logs");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -155,17 +190,6 @@ fn the_metrics_layer_allocates_its_two_counted_bodies_and_the_call_log_line() {
 
 #[test]
 fn the_whole_server_stack_adds_a_dozen_allocations_per_call_one_of_them_the_call_log_line() {
-    let g = settings("info").grpc;
-    let stack = || {
-        server::stack(StackParts {
-            settings: &g,
-            metrics: Metrics::disabled(),
-            known: known(),
-            readiness: Readiness::default(),
-            closing: CancellationToken::new(),
-            limit: ConcurrencyLimitLayer::new(100, TIMEOUT),
-        })
-    };
     let bare = allocations_per_call("info", EchoServer::new(Answer));
     let logged = allocations_per_call("info", stack().layer(EchoServer::new(Answer)));
     let quiet = allocations_per_call(
@@ -177,4 +201,18 @@ fn the_whole_server_stack_adds_a_dozen_allocations_per_call_one_of_them_the_call
         "{bare} allocations per call without the stack, {logged} with it"
     );
     assert_eq!(logged - quiet, 1, "the call log line is one allocation");
+}
+
+#[test]
+fn a_call_log_line_shipped_to_kafka_too_costs_one_allocation_more_stdouts_copy() {
+    // The shipper reads the trace id for its record's header back from the line on its own thread: nothing
+    // is parsed or copied for it on the call's.
+    let stdout = allocations_per_call("info", stack().layer(EchoServer::new(Answer)));
+    let shipped =
+        allocations_logging_as(&shipping_settings(), stack().layer(EchoServer::new(Answer)));
+    assert_eq!(
+        shipped - stdout,
+        1,
+        "{stdout} allocations per call logging to stdout, {shipped} to stdout and Kafka"
+    );
 }

@@ -96,13 +96,65 @@ enum Peer {
     Unknown,
 }
 
-impl std::fmt::Display for Peer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl Peer {
+    /// The peer as the call log writes it (`127.0.0.1:40000`, `[::1]:40000`, a target's authority, or empty),
+    /// written into `buf` when it is an address: an IPv4 one digit by digit (every call writes one), an IPv6 one
+    /// through `fmt`.
+    fn text<'a>(&'a self, buf: &'a mut PeerText) -> &'a str {
         match self {
-            Peer::Addr(a) => a.fmt(f),
-            Peer::Authority(a) => a.fmt(f),
-            Peer::Unknown => Ok(()),
+            Peer::Addr(std::net::SocketAddr::V4(a)) => {
+                let mut digits = itoa::Buffer::new();
+                for (i, octet) in a.ip().octets().into_iter().enumerate() {
+                    if i > 0 {
+                        buf.push(b".");
+                    }
+                    buf.push(digits.format(octet).as_bytes());
+                }
+                buf.push(b":");
+                buf.push(digits.format(a.port()).as_bytes());
+                buf.as_str()
+            }
+            Peer::Addr(a) => {
+                let _ = std::fmt::Write::write_fmt(buf, format_args!("{a}"));
+                buf.as_str()
+            }
+            Peer::Authority(a) => a.as_str(),
+            Peer::Unknown => "",
         }
+    }
+}
+
+/// Room for a socket address as text: the longest, `[ffff:…:ffff%4294967295]:65535`, is 58 bytes.
+struct PeerText {
+    bytes: [u8; 64],
+    len: usize,
+}
+
+impl PeerText {
+    fn new() -> Self {
+        Self {
+            bytes: [0; 64],
+            len: 0,
+        }
+    }
+
+    /// Appends `s`, or as much of it as fits (an address always does).
+    fn push(&mut self, s: &[u8]) {
+        let n = s.len().min(self.bytes.len() - self.len);
+        self.bytes[self.len..self.len + n].copy_from_slice(&s[..n]);
+        self.len += n;
+    }
+
+    fn as_str(&self) -> &str {
+        // Only whole `&str`s and ASCII digits are pushed, and an address fits whole: a cut cannot happen.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
+    }
+}
+
+impl std::fmt::Write for PeerText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.push(s.as_bytes());
+        Ok(())
     }
 }
 
@@ -140,7 +192,8 @@ impl Drop for CallRecord {
             (messages_sent, messages_received),
         );
         layer.metrics.inflight(layer.side, -1);
-        let (side, peer) = (layer.side.as_str(), &self.peer);
+        let mut text = PeerText::new();
+        let (side, peer) = (layer.side.as_str(), self.peer.text(&mut text));
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
         let status = code_name(code);
         let deadline_ms = self.deadline_ms;
@@ -148,14 +201,14 @@ impl Drop for CallRecord {
         let encoding = self.encoding.as_deref();
         if code == Code::Ok && method.starts_with("/grpc.health.v1.Health/") {
             // Consul's GRPC check calls every few seconds: not worth a line each at INFO.
-            tracing::debug!(target: "keel::calls", side, method, %peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
+            tracing::debug!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
         } else if matches!(
             code,
             Code::Ok | Code::NotFound | Code::AlreadyExists | Code::InvalidArgument
         ) {
-            tracing::info!(target: "keel::calls", side, method, %peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
+            tracing::info!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
         } else {
-            tracing::warn!(target: "keel::calls", side, method, %peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
+            tracing::warn!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
         }
     }
 }
@@ -406,6 +459,34 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_peer_is_written_as_std_writes_its_address() {
+        let addrs: [std::net::SocketAddr; 5] = [
+            "127.0.0.1:40000".parse().unwrap(),
+            "0.0.0.0:0".parse().unwrap(),
+            "255.255.255.255:65535".parse().unwrap(),
+            "[::1]:40000".parse().unwrap(),
+            std::net::SocketAddrV6::new(
+                "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap(),
+                65535,
+                0,
+                u32::MAX,
+            )
+            .into(),
+        ];
+        for addr in addrs {
+            let mut text = PeerText::new();
+            assert_eq!(Peer::Addr(addr).text(&mut text), addr.to_string());
+        }
+        let authority: Authority = "video-catalog.service.consul:50051".parse().unwrap();
+        let mut text = PeerText::new();
+        assert_eq!(
+            Peer::Authority(authority).text(&mut text),
+            "video-catalog.service.consul:50051"
+        );
+        assert_eq!(Peer::Unknown.text(&mut PeerText::new()), "");
+    }
 
     #[test]
     fn messages_are_counted_however_frames_cut_them() {

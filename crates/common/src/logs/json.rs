@@ -165,6 +165,15 @@ impl Visitor {
     }
 }
 
+/// `value` as serde_json writes it: ryu's shortest form, `null` when not finite (JSON has no NaN or infinity).
+fn finite_or_null(b: &mut Vec<u8>, value: f64) {
+    if value.is_finite() {
+        b.extend_from_slice(ryu::Buffer::new().format_finite(value).as_bytes());
+    } else {
+        b.extend_from_slice(b"null");
+    }
+}
+
 impl tracing::field::Visit for Visitor {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.formatted(field, format_args!("{value:?}"));
@@ -172,22 +181,31 @@ impl tracing::field::Visit for Visitor {
     fn record_str(&mut self, field: &Field, value: &str) {
         self.str(field, value);
     }
+    // Numbers are written by itoa and ryu, the formatters serde_json uses, without `fmt`'s machinery (a call
+    // log line has four of them).
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.value(field, |b| drop(write!(b, "{value}")), &value);
-    }
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.value(field, |b| drop(write!(b, "{value}")), &value);
-    }
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.value(field, |b| drop(write!(b, "{value}")), &value);
-    }
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        // serde_json writes a non-finite number as null.
         self.value(
             field,
-            |b| drop(serde_json::to_writer(&mut *b, &value)),
+            |b| b.extend_from_slice(itoa::Buffer::new().format(value).as_bytes()),
             &value,
         );
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.value(
+            field,
+            |b| b.extend_from_slice(itoa::Buffer::new().format(value).as_bytes()),
+            &value,
+        );
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.value(
+            field,
+            |b| b.extend_from_slice(if value { b"true" } else { b"false" }),
+            &value,
+        );
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.value(field, |b| finite_or_null(b, value), &value);
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         let mut chain = value.to_string();
@@ -340,21 +358,28 @@ impl JsonLayer {
             stdout.offer(out);
         }
         if let Some(shipper) = shipper {
-            let trace_id = trace_id_value(&line);
             shipper.offer(super::kafka::Line {
                 json: line,
                 level: meta.level().as_str(),
-                trace_id,
             });
         }
     }
 }
 
-/// The line's `trace_id` (its first member when it has one), for the Kafka record's header.
-fn trace_id_value(line: &[u8]) -> Option<String> {
-    let rest = line.strip_prefix(b"{\"trace_id\":")?;
-    let mut de = serde_json::Deserializer::from_slice(rest).into_iter::<String>();
-    de.next()?.ok()
+/// The line's `trace_id` (its first member when it has one), for the Kafka record's header: the line's own
+/// bytes when the id needed no escaping in JSON (every id the platform makes, and every header a client sends
+/// without `"` or `\\`), decoded otherwise.
+pub(super) fn trace_id_value(line: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
+    let member = line.strip_prefix(b"{\"trace_id\":")?;
+    let text = member.strip_prefix(b"\"")?;
+    let end = text.iter().position(|&b| b == b'"' || b == b'\\')?;
+    if text[end] == b'"' {
+        return std::str::from_utf8(&text[..end])
+            .ok()
+            .map(std::borrow::Cow::Borrowed);
+    }
+    let mut de = serde_json::Deserializer::from_slice(member).into_iter::<String>();
+    de.next()?.ok().map(std::borrow::Cow::Owned)
 }
 
 #[cfg(test)]
@@ -457,6 +482,40 @@ mod tests {
     }
 
     #[test]
+    fn numbers_and_bools_are_written_as_serde_json_writes_them() {
+        let got = lines(|| {
+            tracing::info!(
+                zero = 0u64,
+                max = u64::MAX,
+                min = i64::MIN,
+                negative = -42i64,
+                half = 1.5f64,
+                tenth = 0.1f64,
+                tiny = 1e-7f64,
+                huge = 1e300f64,
+                whole = 3.0f64,
+                nan = f64::NAN,
+                infinite = f64::INFINITY,
+                yes = true,
+                no = false,
+                "numbers"
+            )
+        });
+        let fields = &got[0]["fields"];
+        let expected = serde_json::json!({
+            "zero": 0u64, "max": u64::MAX, "min": i64::MIN, "negative": -42,
+            "half": 1.5, "tenth": 0.1, "tiny": 1e-7, "huge": 1e300, "whole": 3.0,
+            "nan": null, "infinite": null, "yes": true, "no": false,
+        });
+        assert_eq!(fields, &expected);
+        assert!(
+            fields["whole"].is_f64(),
+            "3.0 stays a float: {}",
+            fields["whole"]
+        );
+    }
+
+    #[test]
     fn a_line_outside_any_span_has_neither_span_nor_fields() {
         let got = lines(|| tracing::info!("plain"));
         let line = got[0].as_object().unwrap();
@@ -471,9 +530,18 @@ mod tests {
 
     #[test]
     fn the_trace_id_for_the_kafka_header_is_read_back_from_the_line() {
+        let plain = trace_id_value(br#"{"trace_id":"4bf92f35","timestamp":"t"}"#);
+        assert!(
+            matches!(plain, Some(std::borrow::Cow::Borrowed("4bf92f35"))),
+            "read in place: {plain:?}"
+        );
         assert_eq!(
             trace_id_value(br#"{"trace_id":"ab\"c","timestamp":"t"}"#).as_deref(),
             Some("ab\"c")
+        );
+        assert_eq!(
+            trace_id_value(br#"{"trace_id":"\u00e9t\u00e9","timestamp":"t"}"#).as_deref(),
+            Some("été")
         );
         assert_eq!(trace_id_value(br#"{"timestamp":"t"}"#), None);
     }

@@ -43,7 +43,6 @@ pub const HEADER_TRACE_ID: &str = "trace_id";
 pub(super) struct Line {
     pub(super) json: Vec<u8>,
     pub(super) level: &'static str,
-    pub(super) trace_id: Option<String>,
 }
 
 pub(super) struct DeliveryContext {
@@ -233,10 +232,11 @@ fn produce(
         key: HEADER_LEVEL,
         value: Some(line.level),
     });
-    if let Some(id) = &line.trace_id {
+    // Read back on this thread, off the logging call's: borrowed from the line unless it was escaped.
+    if let Some(id) = super::json::trace_id_value(&line.json) {
         headers = headers.insert(Header {
             key: HEADER_TRACE_ID,
-            value: Some(id.as_str()),
+            value: Some(id.as_ref()),
         });
     }
     let record: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic)
@@ -273,7 +273,6 @@ mod tests {
         Line {
             json: format!(r#"{{"n":{n}}}"#).into_bytes(),
             level: "INFO",
-            trace_id: None,
         }
     }
 

@@ -92,9 +92,9 @@ impl Echo for EchoService {
             .and_then(|c| c.remaining())
             .map_or(0, |d| d.as_millis() as u64);
         tracing::info!(
-            text = %req.message,
+            text = req.message.as_str(),
             delay_ms = req.delay_ms,
-            forward_to = %req.forward_to,
+            forward_to = req.forward_to.as_str(),
             deadline_remaining_ms,
             "echo"
         );
