@@ -215,6 +215,15 @@ fn measure<S: Shared>(
     ))
 }
 
+/// [`measure`] of `layer` around the bare handler (one layer, or the whole stack).
+fn layered<L>(log_level: &str, layer: L, calls: u64) -> anyhow::Result<(f64, f64)>
+where
+    L: Layer<EchoServer<BareEcho>>,
+    L::Service: Shared,
+{
+    measure(log_level, || layer.layer(handler()), calls)
+}
+
 /// A row's measurement: see [`measure`].
 type Row<'a> = Box<dyn Fn() -> anyhow::Result<(f64, f64)> + 'a>;
 
@@ -232,60 +241,42 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         ),
         (
             "server context (trace id, deadline, span)",
-            Box::new(|| {
-                measure(
-                    CALL_LOG,
-                    || ServerContextLayer::new(TIMEOUT).layer(handler()),
-                    n,
-                )
-            }),
+            Box::new(|| layered(CALL_LOG, ServerContextLayer::new(TIMEOUT), n)),
         ),
         (
             "metrics and call log line",
-            Box::new(|| measure(CALL_LOG, || metrics().layer(handler()), n)),
+            Box::new(|| layered(CALL_LOG, metrics(), n)),
         ),
         (
             "metrics, call log line off",
-            Box::new(|| measure(NO_CALL_LOG, || metrics().layer(handler()), n)),
+            Box::new(|| layered(NO_CALL_LOG, metrics(), n)),
         ),
         (
             "readiness gate",
-            Box::new(|| {
-                let layer = ReadinessGateLayer::new(Readiness::default());
-                measure(CALL_LOG, || layer.layer(handler()), n)
-            }),
+            Box::new(|| layered(CALL_LOG, ReadinessGateLayer::new(Readiness::default()), n)),
         ),
         (
             "deadline",
             Box::new(|| {
                 let layer = DeadlineLayer::new(TIMEOUT, CancellationToken::new());
-                measure(CALL_LOG, || layer.layer(handler()), n)
+                layered(CALL_LOG, layer, n)
             }),
         ),
         (
             "concurrency limit",
-            Box::new(|| {
-                let layer = ConcurrencyLimitLayer::new(1_000, TIMEOUT);
-                measure(CALL_LOG, || layer.layer(handler()), n)
-            }),
+            Box::new(|| layered(CALL_LOG, ConcurrencyLimitLayer::new(1_000, TIMEOUT), n)),
         ),
         (
             "answer encoding",
-            Box::new(|| {
-                measure(
-                    CALL_LOG,
-                    || AnswerEncodingLayer::new(false).layer(handler()),
-                    n,
-                )
-            }),
+            Box::new(|| layered(CALL_LOG, AnswerEncodingLayer::new(false), n)),
         ),
         (
             "whole server stack",
-            Box::new(|| measure(CALL_LOG, || stack(&with_log).layer(handler()), n)),
+            Box::new(|| layered(CALL_LOG, stack(&with_log), n)),
         ),
         (
             "whole server stack, call log line off",
-            Box::new(|| measure(NO_CALL_LOG, || stack(&with_log).layer(handler()), n)),
+            Box::new(|| layered(NO_CALL_LOG, stack(&with_log), n)),
         ),
     ];
     let mut figures = vec![Vec::with_capacity(args.rounds); rows.len()];

@@ -242,12 +242,13 @@ impl Held {
 
     /// A share of the slot for a timer, made on the first request.
     fn share(&mut self) -> Arc<Mutex<Option<Slot>>> {
-        if let Held::Own(slot) = self {
-            *self = Held::Shared(Arc::new(Mutex::new(slot.take())));
-        }
         match self {
             Held::Shared(slot) => slot.clone(),
-            Held::Own(_) => unreachable!("made shared above"),
+            Held::Own(slot) => {
+                let shared = Arc::new(Mutex::new(slot.take()));
+                *self = Held::Shared(shared.clone());
+                shared
+            }
         }
     }
 }

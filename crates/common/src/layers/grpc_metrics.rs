@@ -192,8 +192,9 @@ impl Drop for CallRecord {
             (messages_sent, messages_received),
         );
         layer.metrics.inflight(layer.side, -1);
+        // The peer is written only into a line that is logged (tracing evaluates fields behind its level check).
         let mut text = PeerText::new();
-        let (side, peer) = (layer.side.as_str(), self.peer.text(&mut text));
+        let side = layer.side.as_str();
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
         let status = code_name(code);
         let deadline_ms = self.deadline_ms;
@@ -201,14 +202,14 @@ impl Drop for CallRecord {
         let encoding = self.encoding.as_deref();
         if code == Code::Ok && method.starts_with("/grpc.health.v1.Health/") {
             // Consul's GRPC check calls every few seconds: not worth a line each at INFO.
-            tracing::debug!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
+            tracing::debug!(target: "keel::calls", side, method, peer = self.peer.text(&mut text), duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
         } else if matches!(
             code,
             Code::Ok | Code::NotFound | Code::AlreadyExists | Code::InvalidArgument
         ) {
-            tracing::info!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
+            tracing::info!(target: "keel::calls", side, method, peer = self.peer.text(&mut text), duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
         } else {
-            tracing::warn!(target: "keel::calls", side, method, peer, duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
+            tracing::warn!(target: "keel::calls", side, method, peer = self.peer.text(&mut text), duration_ms, deadline_ms, status, trace_id, encoding, messages_sent, messages_received, "grpc call");
         }
     }
 }

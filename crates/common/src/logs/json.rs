@@ -165,6 +165,11 @@ impl Visitor {
     }
 }
 
+/// `value` in decimal, as serde_json writes it (itoa).
+fn integer(b: &mut Vec<u8>, value: impl itoa::Integer) {
+    b.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+}
+
 /// `value` as serde_json writes it: ryu's shortest form, `null` when not finite (JSON has no NaN or infinity).
 fn finite_or_null(b: &mut Vec<u8>, value: f64) {
     if value.is_finite() {
@@ -184,18 +189,10 @@ impl tracing::field::Visit for Visitor {
     // Numbers are written by itoa and ryu, the formatters serde_json uses, without `fmt`'s machinery (a call
     // log line has four of them).
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.value(
-            field,
-            |b| b.extend_from_slice(itoa::Buffer::new().format(value).as_bytes()),
-            &value,
-        );
+        self.value(field, |b| integer(b, value), &value);
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.value(
-            field,
-            |b| b.extend_from_slice(itoa::Buffer::new().format(value).as_bytes()),
-            &value,
-        );
+        self.value(field, |b| integer(b, value), &value);
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
         self.value(

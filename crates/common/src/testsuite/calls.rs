@@ -69,10 +69,9 @@ where
     let collected = body.collect().await?;
     let status = collected
         .trailers()
-        .and_then(|t| t.get("grpc-status"))
-        .or_else(|| head.headers.get("grpc-status"))
-        .and_then(|v| v.to_str().ok()?.parse::<i32>().ok())
-        .map_or(Code::Unknown, Code::from);
+        .and_then(crate::layers::grpc_status)
+        .or_else(|| crate::layers::grpc_status(&head.headers))
+        .unwrap_or(Code::Unknown);
     Ok((status, collected.to_bytes()))
 }
 
