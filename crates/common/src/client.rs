@@ -15,52 +15,42 @@
 //! 5. the picker ([`crate::routing`]): each call goes where the load-balancing policy of the target's service
 //!    config says (`loadBalancingConfig`), else the channel's default — p2c for [`ClientFactory::channel`],
 //!    key affinity for [`ClientFactory::keyed_channel`]:
-//!    - p2c: a `Buffer` (makes the balancer cloneable and shareable between tasks) over `Balance` (power of two
-//!      choices) over `PeakEwma` load: the less loaded of two random endpoints, by a peak-sensitive moving
+//!    - p2c: the less loaded of two random endpoints (power of two choices), by a peak-sensitive moving
 //!      average of round-trip time times outstanding requests;
 //!    - `round_robin`, `pick_first`, `key_affinity`: picked from the discovered list itself.
 //! 6. per endpoint, [`Ejecting`](crate::layers::Ejecting): after a transport failure the endpoint reports not-ready for a backoff
-//!    (1 s doubling to 30 s), so the balancer (and round robin, pick first) stops picking it; after the
-//!    backoff one call tries it again (half-open), and success brings it back. It never returns an error from
-//!    `poll_ready`, which would make the balancer drop the endpoint for good.
+//!    (1 s doubling to 30 s), so every policy of the picker stops picking it (key affinity hands its keys to the
+//!    next instance); after the backoff one call tries it again (half-open), and success brings it back. It
+//!    never returns an error from `poll_ready`: an endpoint leaves only when discovery says so.
 //! 7. a lazily connecting `tonic` channel per endpoint, shared by every policy (switching opens no connection).
 //!
 //! Endpoint sets come from [`discovery::watch`]: added instances are inserted, vanished ones removed.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     convert::Infallible,
     net::SocketAddr,
     sync::Arc,
     time::Duration,
 };
 
-use futures::{StreamExt, stream};
 use http::{Request, Response};
 use tokio::sync::watch;
-use tokio_stream::wrappers::WatchStream;
 use tonic::body::Body;
-use tower::{
-    BoxError, Service, ServiceBuilder,
-    balance::p2c::Balance,
-    buffer::Buffer,
-    discover::Change,
-    load::{CompleteOnResponse, PeakEwmaDiscover},
-    util::BoxCloneSyncService,
-};
+use tower::{BoxError, Service, ServiceBuilder, util::BoxCloneSyncService};
 
 use crate::{
     config::{Reader, Settings},
     connect::{Dial, connect},
     discovery::{self, Source, SrvResolver},
     layers::{
-        ClientContextLayer, CompressionLayer, Ejecting, ErrorToStatusLayer, GrpcMetricsLayer,
+        ClientContextLayer, CompressionLayer, ErrorToStatusLayer, GrpcMetricsLayer,
         MethodConfigLayer, NoEndpointFastFail, TransparentRetryLayer,
     },
     live::{LiveCount, LiveDuration, LiveSettings},
     metrics::{Metrics, Side},
     retry::{RetryBudget, RetryPolicy},
-    routing::{Conns, Picker, Router},
+    routing::Picker,
     service_config::{LbPolicy, ServiceConfigs},
 };
 
@@ -260,8 +250,10 @@ impl ClientFactory {
 
     /// A channel to Consul service `service` that sends each call to the instance owning its routing key
     /// ([`crate::routing`]: rendezvous hashing over the discovered instances), for sharded services: the
-    /// channel of [`Self::channel`] with key affinity as its default load-balancing policy. A call whose
-    /// owner is unreachable fails UNAVAILABLE (the owner changes once discovery drops it).
+    /// channel of [`Self::channel`] with key affinity as its default load-balancing policy. While a key's owner
+    /// is ejected (its connection refused or reset: it crashed, or is leaving), the key's calls go to the next
+    /// instance in rendezvous order ([`crate::routing::owner_among`]); once discovery drops it, that one is
+    /// the owner. A call to an owner that does not answer at all (a machine cut off) fails at its deadline.
     ///
     /// # Errors
     /// As [`Self::channel`].
@@ -271,8 +263,13 @@ impl ClientFactory {
         Ok(self.picked(service, endpoints, LbPolicy::KeyAffinity))
     }
 
-    /// The layers every channel shares (1–3 of the module docs) on top of `routing`, what picks the endpoint.
-    fn outer<S>(
+    /// The layers every channel of this factory shares (1–3 of the module docs: method config, client context,
+    /// metrics, transparent retry, errors to statuses, compression) on top of `routing`, what picks the endpoint:
+    /// the one place the client stack is assembled. `endpoints` are the target's instances as discovery
+    /// publishes them (`None` until its first answer), which transparent retries consult. [`Self::channel`]
+    /// puts it over the picker; benches and tests can put it over a service of their own (an in-process
+    /// server).
+    pub fn stack<S>(
         &self,
         service: &str,
         endpoints: watch::Receiver<Option<Vec<SocketAddr>>>,
@@ -354,44 +351,15 @@ impl ClientFactory {
         default: LbPolicy,
     ) -> Channel {
         let dial = self.dial();
-        let conns = Conns::new(Arc::new(move |addr| connect(addr, &dial)));
-        let shared = conns.clone();
-        let changes = WatchStream::new(endpoints.clone())
-            .filter_map(|v| async move { v })
-            .scan(BTreeSet::<SocketAddr>::new(), move |known, list| {
-                let next: BTreeSet<SocketAddr> = list.into_iter().collect();
-                let mut changes: Vec<Change<SocketAddr, Ejecting<crate::connect::Conn>>> =
-                    Vec::new();
-                for gone in known.difference(&next) {
-                    changes.push(Change::Remove(*gone));
-                }
-                if !changes.is_empty() {
-                    shared.retain(&next.iter().copied().collect::<Vec<_>>());
-                }
-                for new in next.difference(known) {
-                    changes.push(Change::Insert(*new, Ejecting::new(*new, shared.get(*new))));
-                }
-                *known = next;
-                futures::future::ready(Some(stream::iter(changes)))
-            })
-            .flatten()
-            .map(Ok::<_, Infallible>)
-            .boxed();
-        let discover = PeakEwmaDiscover::new(
-            changes,
-            Duration::from_millis(30),
-            Duration::from_secs(10),
-            CompleteOnResponse::default(),
-        );
-        let balance = Balance::new(discover);
-        let picker = Picker {
+        let picker = Picker::new(
+            service,
+            endpoints.clone(),
+            Arc::new(move |addr| connect(addr, &dial)),
             default,
-            p2c: Buffer::new(balance, 1024),
-            router: Router::new(Arc::from(service), endpoints.clone(), conns),
-        };
+        );
         let wait = &self.settings.client.wait_for_ready;
         let wait_for_ready = wait.iter().any(|s| s == "*" || s == service);
-        self.outer(
+        self.stack(
             service,
             endpoints.clone(),
             NoEndpointFastFail::new(picker, endpoints, Arc::from(service), wait_for_ready),

@@ -14,9 +14,6 @@ use http::{Request, Response};
 use tonic::{body::Body, transport::Endpoint};
 use tower::{Service, ServiceExt, util::Oneshot};
 
-/// Makes one endpoint's channel.
-pub(crate) type Connector = Arc<dyn Fn(SocketAddr) -> Conn + Send + Sync>;
-
 /// How endpoints are dialled (`client.*`).
 #[derive(Clone, Debug)]
 pub(crate) struct Dial {

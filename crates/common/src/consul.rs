@@ -708,22 +708,27 @@ impl Registrar {
     }
 
     /// Registers, retrying with backoff (250 ms doubling to 10 s) while the agent is unreachable; then checks
-    /// every `resync` that the agent still has the instance and registers it again if not. Ends on `cancel`.
+    /// every `resync` that the agent still has the instance and registers it again if not. A check that finds
+    /// the agent unreachable (restarting, say) is retried with the same backoff, not a whole `resync` later, so
+    /// the instance is back within ~10 s of its agent (which may come back without it). Ends on `cancel`.
     pub async fn run(self, resync: Duration, cancel: CancellationToken) {
         let mut backoff = Duration::from_millis(250);
         let mut registered = false;
         loop {
             let wait = if registered {
                 match self.agent.is_registered(self.id()).await {
-                    Ok(true) => resync,
+                    Ok(true) => {
+                        backoff = Duration::from_millis(250);
+                        resync
+                    }
                     Ok(false) => {
                         tracing::warn!(service_id = %self.id(), "consul agent lost the registration; registering again");
                         registered = false;
                         Duration::ZERO
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "consul agent unreachable");
-                        resync
+                        tracing::warn!(error = %e, retry_in = ?backoff, "consul agent unreachable");
+                        next_backoff(&mut backoff)
                     }
                 }
             } else {
@@ -736,9 +741,7 @@ impl Registrar {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, retry_in = ?backoff, "consul registration failed; serving anyway");
-                        let w = backoff;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
-                        w
+                        next_backoff(&mut backoff)
                     }
                 }
             };
@@ -756,6 +759,13 @@ impl Registrar {
             Err(e) => tracing::warn!(error = %e, "consul deregistration failed"),
         }
     }
+}
+
+/// The wait before the next attempt at the agent: `backoff` as it is, which doubles for the one after (to 10 s).
+fn next_backoff(backoff: &mut Duration) -> Duration {
+    let wait = *backoff;
+    *backoff = (*backoff * 2).min(Duration::from_secs(10));
+    wait
 }
 
 #[cfg(test)]

@@ -17,9 +17,16 @@ use std::{
     time::{Duration, Instant},
 };
 
+use http::{HeaderName, HeaderValue};
+
 /// Metadata key of the trace id.
 pub const TRACE_ID_HEADER: &str = "x-trace-id";
 pub(crate) const GRPC_TIMEOUT: &str = "grpc-timeout";
+/// [`TRACE_ID_HEADER`] as a header name, to insert with: a `&str` key is parsed and its bytes copied into a
+/// new name by every insert (an allocation per call), a `HeaderName` made from a static string is not.
+pub(crate) const TRACE_ID_NAME: HeaderName = HeaderName::from_static(TRACE_ID_HEADER);
+/// `grpc-timeout` as a header name, to insert with (see [`TRACE_ID_NAME`]).
+pub(crate) const GRPC_TIMEOUT_NAME: HeaderName = HeaderName::from_static(GRPC_TIMEOUT);
 
 /// The instant an incoming call must end by (its `grpc-timeout`, or `grpc.request_timeout` when it sent none),
 /// put on the request by [`ServerContextLayer`](crate::layers::ServerContextLayer) for the layers inside it.
@@ -63,13 +70,39 @@ pub async fn scope<F: Future>(ctx: RequestContext, fut: F) -> F::Output {
 /// The random bytes come from `rand`'s thread-local generator (seeded once from the OS), not from a
 /// `getrandom(2)` system call per id as `Uuid::new_v4` makes: this runs once per call served.
 pub fn new_trace_id() -> Arc<str> {
-    let mut digits = [0u8; uuid::fmt::Simple::LENGTH];
-    Arc::from(
-        &*uuid::Builder::from_random_bytes(rand::random())
-            .into_uuid()
-            .simple()
-            .encode_lower(&mut digits),
-    )
+    Arc::from(&*fresh_trace_id(&mut [0; uuid::fmt::Simple::LENGTH]))
+}
+
+/// [`new_trace_id`] as the value of an `x-trace-id` header, for a call that starts a trace: one allocation,
+/// the header's, shared by its clones.
+pub fn new_trace_id_value() -> HeaderValue {
+    let mut digits = [0; uuid::fmt::Simple::LENGTH];
+    fresh_trace_id(&mut digits);
+    shared_value(digits, uuid::fmt::Simple::LENGTH)
+}
+
+/// The first `len` bytes of `text` (visible ASCII) as a header value in a buffer of its own that its clones
+/// share (`Bytes::from_owner`): one allocation, and none for each clone. A value made from a `Vec` (what
+/// `HeaderValue::from_str` makes) is copied into a shared buffer the first time it is cloned, as the
+/// transparent retry layer clones a call's headers for every call.
+fn shared_value<const N: usize>(text: [u8; N], len: usize) -> HeaderValue {
+    /// The owner of the bytes: the array and how much of it is the value.
+    struct Text<const N: usize>([u8; N], usize);
+    impl<const N: usize> AsRef<[u8]> for Text<N> {
+        fn as_ref(&self) -> &[u8] {
+            &self.0[..self.1]
+        }
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(Text(text, len)))
+        .expect("visible ASCII is a valid header value")
+}
+
+/// A new trace id's digits, written into `digits`.
+fn fresh_trace_id(digits: &mut [u8; uuid::fmt::Simple::LENGTH]) -> &mut str {
+    uuid::Builder::from_random_bytes(rand::random())
+        .into_uuid()
+        .simple()
+        .encode_lower(digits)
 }
 
 /// Parses a `grpc-timeout` header value; `None` if malformed.
@@ -97,18 +130,36 @@ pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 
 /// Formats a duration as a `grpc-timeout` value, in the finest unit that fits 8 digits.
 pub fn format_grpc_timeout(d: Duration) -> String {
-    const MAX: u128 = 99_999_999;
-    let nanos = d.as_nanos();
-    if nanos <= MAX {
-        format!("{nanos}n")
-    } else if d.as_micros() <= MAX {
-        format!("{}u", d.as_micros())
-    } else if d.as_millis() <= MAX {
-        format!("{}m", d.as_millis())
-    } else if u128::from(d.as_secs()) <= MAX {
-        format!("{}S", d.as_secs())
+    let (amount, unit) = grpc_timeout_parts(d);
+    format!("{amount}{unit}")
+}
+
+/// [`format_grpc_timeout`] as a header value: one allocation, the header's, shared by its clones.
+pub fn grpc_timeout_value(d: Duration) -> HeaderValue {
+    let (amount, unit) = grpc_timeout_parts(d);
+    let mut digits = itoa::Buffer::new();
+    let mut text = [0u8; 9];
+    let amount = digits.format(amount).as_bytes();
+    text[..amount.len()].copy_from_slice(amount);
+    text[amount.len()] = unit as u8;
+    shared_value(text, amount.len() + 1)
+}
+
+/// A timeout as gRPC's wire format gives it: at most 8 digits and the finest unit they can hold
+/// (`n`, `u`, `m`, `S`, `H`; <https://github.com/grpc/grpc/blob/master/doc/PROTOCOL-HTTP2.md>).
+fn grpc_timeout_parts(d: Duration) -> (u64, char) {
+    const MAX: u64 = 99_999_999;
+    let fits = |n: u128| u64::try_from(n).ok().filter(|n| *n <= MAX);
+    if let Some(n) = fits(d.as_nanos()) {
+        (n, 'n')
+    } else if let Some(n) = fits(d.as_micros()) {
+        (n, 'u')
+    } else if let Some(n) = fits(d.as_millis()) {
+        (n, 'm')
+    } else if d.as_secs() <= MAX {
+        (d.as_secs(), 'S')
     } else {
-        format!("{}H", (d.as_secs() / 3600).min(MAX as u64))
+        ((d.as_secs() / 3600).min(MAX), 'H')
     }
 }
 

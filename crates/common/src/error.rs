@@ -193,6 +193,21 @@ pub(crate) mod layer_status {
         Status::unavailable(message)
     }
 
+    /// UNAVAILABLE: discovery lists no healthy instance of `service`, so the call was sent nowhere. It carries
+    /// `grpc-retry-pushback-ms: -1` (gRPC proposal A6's "do not retry"), which the call-site retries
+    /// ([`crate::retry`]) and the service config's retries honour: another attempt could only find the same
+    /// empty list (discovery looks again 100 ms later at the soonest), after a backoff that made a failure
+    /// that should be fast take ~45 ms (the chaos test's PostgreSQL outage: the cache's token lookups once
+    /// accounts had left DNS). The caller gets the failure at once.
+    pub(crate) fn no_instance(service: &str) -> Status {
+        let mut status = Status::unavailable(format!("no healthy instance of service {service:?}"));
+        status.metadata_mut().insert(
+            "grpc-retry-pushback-ms",
+            tonic::metadata::MetadataValue::from_static("-1"),
+        );
+        status
+    }
+
     /// RESOURCE_EXHAUSTED: shed at the concurrency limit before any handler ran.
     pub(crate) fn overloaded(message: impl Into<String>) -> Status {
         Status::resource_exhausted(message)

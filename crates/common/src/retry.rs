@@ -227,6 +227,32 @@ mod tests {
         assert_eq!(n.load(Ordering::SeqCst), 1, "a negative pushback: no retry");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_call_discovery_found_no_instance_for_fails_at_once_without_retries() {
+        use keel_protos::keel::example::v1::{EchoRequest, echo_client::EchoClient};
+        let settings =
+            crate::Settings::from_env("retry-test", &crate::config::Env::default()).unwrap();
+        let factory = crate::ClientFactory::new(&settings, crate::Metrics::disabled());
+        // Discovery answered: no healthy instance.
+        let (_tx, none) = tokio::sync::watch::channel(Some(Vec::new()));
+        let client = EchoClient::new(factory.balanced("echo", none));
+        let p = policy(3, RetryBudget::default());
+        let n = AtomicU32::new(0);
+        let start = tokio::time::Instant::now();
+        let err = p
+            .call(Idempotent::Yes, || {
+                n.fetch_add(1, Ordering::SeqCst);
+                let mut c = client.clone();
+                async move { c.echo(EchoRequest::default()).await }
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        assert!(err.message().contains("no healthy instance"), "{err:?}");
+        assert_eq!(n.load(Ordering::SeqCst), 1, "not retried");
+        assert_eq!(start.elapsed(), Duration::ZERO, "no backoff waited");
+    }
+
     #[tokio::test]
     async fn retries_unavailable_for_idempotent_calls_only() {
         let p = policy(3, RetryBudget::default());

@@ -11,7 +11,7 @@
 //! metrics, trace ids and deadlines, and Consul registration when Consul is configured.
 //!
 //! Shutdown order (Kratos, Linkerd and go-kit converged on it): health NOT_SERVING → Consul deregister → wait
-//! one discovery interval (clients re-resolve and stop sending) → stop accepting → drain in-flight calls, at
+//! one discovery interval and [`DISCOVERY_GRACE`] (clients re-resolve and stop sending) → stop accepting → drain in-flight calls, at
 //! most `grpc.drain_timeout`, then end the calls still running with UNAVAILABLE → flush metrics. Logs are flushed by the caller ([`crate::run`]) last.
 
 use std::{
@@ -354,8 +354,8 @@ impl Server {
         health.set(false).await;
         if let Some(r) = &registrar {
             r.deregister().await;
-            let wait = settings.consul.discovery_interval;
-            tracing::info!(wait = ?wait, "shutdown: waiting one discovery interval");
+            let wait = settings.consul.discovery_interval + DISCOVERY_GRACE;
+            tracing::info!(wait = ?wait, "shutdown: waiting for clients to re-resolve");
             tokio::time::sleep(wait).await;
         }
         tracing::info!(timeout = ?g.drain_timeout, "shutdown: draining in-flight calls");
@@ -379,6 +379,13 @@ impl Server {
         Ok(())
     }
 }
+
+/// How much longer than one discovery interval an instance leaving Consul keeps accepting calls: a client
+/// looks its peers up again one interval after its last lookup *ended* (so every interval plus the lookup's
+/// own time), and Consul's DNS may answer from a server a little behind the leader (stale reads, Consul's
+/// default). Waiting exactly one interval raced the clients' next lookup: a call sent just before it reached
+/// a closed listener (CI's rolling restart failed a cache Get so).
+pub const DISCOVERY_GRACE: Duration = Duration::from_secs(1);
 
 /// How long the statuses of the calls ended at the drain timeout get to reach their peers before the
 /// connections are cut.

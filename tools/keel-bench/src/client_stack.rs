@@ -1,7 +1,8 @@
 //! `keel-bench client-stack`: closed-loop load over real gRPC on 127.0.0.1 against servers started in this
 //! process (no external server: accounts on a temporary SQLite file), printing one table row per scenario:
-//! calls, calls per second, and latency percentiles (HdrHistogram, microseconds). It measures what ghz cannot:
-//! the platform's *client* stack.
+//! calls, calls per second, latency percentiles (HdrHistogram, microseconds) and the process's CPU per call
+//! (client and server together, from the scheduler's per-thread figures). It measures what ghz cannot: the
+//! platform's *client* stack.
 //!
 //! Scenarios:
 //! - `echo, plain tonic channel`: the platform's server stack (context, metrics, shedding, limits) behind a bare
@@ -73,6 +74,8 @@ struct Row {
     errors: u64,
     elapsed: Duration,
     latency: Histogram<u64>,
+    /// CPU time of the whole process over the run (client and server both), ns.
+    cpu_ns: u64,
 }
 
 /// Runs `call` from `concurrency` loops for 1 s (discarded), then for `duration`.
@@ -84,6 +87,7 @@ where
     let seq = Arc::new(AtomicU64::new(0));
     for (phase, length) in [("warm-up", Duration::from_secs(1)), ("run", args.duration)] {
         let started = Instant::now();
+        let cpu_before = crate::procs::cpu_ns_of_threads();
         let until = started + length;
         let workers: Vec<_> = (0..args.concurrency)
             .map(|_| {
@@ -117,6 +121,7 @@ where
                 errors,
                 elapsed: started.elapsed(),
                 latency,
+                cpu_ns: crate::procs::cpu_ns_of_threads().saturating_sub(cpu_before),
             };
         }
     }
@@ -131,12 +136,12 @@ fn print(rows: &[Row], args: &Args) {
         args.value_bytes
     );
     println!(
-        "| scenario | calls | errors | calls/s | p50 µs | p90 µs | p99 µs | max µs |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| scenario | calls | errors | calls/s | p50 µs | p90 µs | p99 µs | max µs | CPU µs / call (client and server) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in rows {
         let q = |p: f64| r.latency.value_at_quantile(p);
         println!(
-            "| {} | {} | {} | {:.0} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {:.1} |",
             r.scenario,
             r.calls,
             r.errors,
@@ -144,7 +149,8 @@ fn print(rows: &[Row], args: &Args) {
             q(0.5),
             q(0.9),
             q(0.99),
-            r.latency.max()
+            r.latency.max(),
+            r.cpu_ns as f64 / 1000.0 / r.calls.max(1) as f64
         );
     }
 }

@@ -1,18 +1,22 @@
-//! `keel-bench layers`: what each layer of the server stack costs per call, one by one, in process. Unary Echo
-//! calls go through each layer alone around the bare handler, then through the whole stack as
-//! [`keel_common::server::stack`] assembles it, with no socket and no HTTP/2 ([`keel_common::testsuite::calls`]),
-//! one after another on one thread, under the platform's logging subscriber writing its lines to a sink (stdout's
-//! writer thread, minus the `write(2)`).
+//! `keel-bench layers`: what each layer of the server and client stacks costs per call, one by one, in process.
+//! Server side: unary Echo calls go through each layer alone around the bare handler, then through the whole
+//! stack as [`keel_common::server::stack`] assembles it, as tonic's server hands requests on
+//! ([`keel_common::testsuite::calls`]). Client side: the generated client calls the bare handler through each
+//! client layer alone, then through the p2c balancer over two endpoints (each the handler), then through the
+//! whole client stack ([`keel_common::ClientFactory::stack`]) over that balancer. No socket and no HTTP/2; the
+//! platform's logging subscriber writes its lines to a sink (stdout's writer thread, minus the `write(2)`).
 //!
 //! Columns, each the fastest of `--rounds` rounds (rows interleaved, so the machine's swings hit every row
 //! alike): nanoseconds per call on one thread, and CPU nanoseconds per call of the process when 32 tasks on two
-//! worker threads make the calls, each through a clone of the service as hyper makes one per request (what
-//! shared state costs: a lock or a reference count every worker touches), each with its ratio to the bare
-//! handler and what the layer adds. The allocations each layer
+//! worker threads make the calls, each through a clone of the service (as hyper makes one per request) or of
+//! the client (as callers clone a channel), what shared state costs: a lock or a reference count every worker
+//! touches. Each with its ratio to its side's baseline and what the layer adds. The allocations each layer
 //! adds per call are counted, and held, by keel-common's `allocations` test.
 
 use std::{
     collections::HashSet,
+    future::Future,
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -20,19 +24,25 @@ use std::{
     time::{Duration, Instant},
 };
 
+use keel_common::service_config::ServiceConfigs;
 use keel_common::{
-    Metrics, Settings,
+    ClientFactory, Metrics, Settings,
     config::Env,
     layers::{
-        AnswerEncodingLayer, ConcurrencyLimitLayer, DeadlineLayer, GrpcMetricsLayer, Readiness,
-        ReadinessGateLayer, ServerContextLayer,
+        AnswerEncodingLayer, ClientContextLayer, CompressionLayer, ConcurrencyLimitLayer,
+        DeadlineLayer, ErrorToStatusLayer, GrpcMetricsLayer, MethodConfigLayer, NoEndpointFastFail,
+        Readiness, ReadinessGateLayer, ServerContextLayer, TransparentRetryLayer,
     },
     logs::Telemetry,
     metrics::Side,
+    routing::Picker,
     server::{self, StackParts},
     testsuite::calls,
 };
-use keel_protos::keel::example::v1::{EchoRequest, echo_server::EchoServer};
+use keel_protos::keel::example::v1::{
+    EchoRequest, echo_client::EchoClient, echo_server::EchoServer,
+};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tower::{Layer, Service};
@@ -49,6 +59,9 @@ pub struct Args {
     /// Rounds; a row's figure is its fastest.
     #[arg(long, default_value_t = 7)]
     rounds: usize,
+    /// Only the rows whose name contains this text, and the baselines (e.g. `client:`, for a profile).
+    #[arg(long)]
+    only: Option<String>,
 }
 
 const PATH: &str = "/keel.example.v1.Echo/Echo";
@@ -75,6 +88,21 @@ fn metrics() -> GrpcMetricsLayer {
     GrpcMetricsLayer::new(Metrics::disabled(), Side::Server, known())
 }
 
+fn client_metrics() -> GrpcMetricsLayer {
+    GrpcMetricsLayer::new(Metrics::disabled(), Side::Client, HashSet::new())
+}
+
+/// [`calls::ENDPOINTS`], as discovery publishes them (the list stays when its sender is gone).
+fn endpoints() -> watch::Receiver<Option<Vec<SocketAddr>>> {
+    watch::channel(Some(calls::ENDPOINTS.to_vec())).1
+}
+
+/// The channel's picker by p2c over two endpoints ([`calls::balanced`]), each the bare handler. Made inside a
+/// Tokio runtime.
+fn balanced() -> Picker<EchoServer<BareEcho>> {
+    calls::balanced(handler)
+}
+
 fn stack(settings: &Settings) -> server::ServerStack {
     server::stack(StackParts {
         settings: &settings.grpc,
@@ -86,35 +114,73 @@ fn stack(settings: &Settings) -> server::ServerStack {
     })
 }
 
-/// Nanoseconds per call of `service` over `calls` calls, on a current-thread runtime under the platform's
-/// logging subscriber at `log_level`.
-fn time_per_call<S>(log_level: &str, mut service: S, calls: u64) -> anyhow::Result<f64>
+/// Calls made the same way for every row: `n` unary Echo calls one after another, each answer read to its end.
+trait Calls: Clone + Send + Sync + 'static {
+    /// Makes `n` calls; fails on the first that fails or does not end OK.
+    fn calls(&mut self, n: u64) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// A server-side row: requests as tonic's server hands them on ([`calls::unary`]) into `S`.
+#[derive(Clone)]
+struct Serve<S>(S);
+
+impl<S: Shared> Calls for Serve<S> {
+    async fn calls(&mut self, n: u64) -> anyhow::Result<()> {
+        let request = echo_request();
+        calls::repeat(&mut self.0, n, || calls::unary(PATH, &request))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+}
+
+/// A client-side row: calls through the generated client over `S`, which ends in the server's handler in
+/// process (the request encoded by tonic's client, decoded by its server; no socket, no HTTP/2).
+#[derive(Clone)]
+struct Call<S>(EchoClient<S>);
+
+impl<S> Calls for Call<S>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>>,
-    S::Error: Into<tower::BoxError>,
+    S: Shared + tonic::client::GrpcService<Body, ResponseBody = Body>,
+    <S as tonic::client::GrpcService<Body>>::Future: Send,
 {
+    async fn calls(&mut self, n: u64) -> anyhow::Result<()> {
+        for _ in 0..n {
+            self.0.echo(echo_request()).await?;
+        }
+        Ok(())
+    }
+}
+
+fn echo_request() -> EchoRequest {
+    EchoRequest {
+        message: "bench".into(),
+        ..Default::default()
+    }
+}
+
+/// Nanoseconds per call over `calls` calls of the caller `make` gives (made inside the runtime), on a
+/// current-thread runtime under the platform's logging subscriber at `log_level`.
+fn time_per_call<C: Calls>(
+    log_level: &str,
+    make: impl Fn() -> C,
+    calls: u64,
+) -> anyhow::Result<f64> {
     let (dispatch, telemetry) =
         Telemetry::to_writer(&settings(log_level)?, "echo-1", std::io::sink())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let request = EchoRequest {
-        message: "bench".into(),
-        ..Default::default()
-    };
     let timed = tracing::dispatcher::with_default(&dispatch, || {
-        let mut run = |n| {
-            runtime
-                .block_on(calls::repeat(&mut service, n, || {
-                    calls::unary(PATH, &request)
-                }))
-                .map_err(|e| anyhow::anyhow!("{e}"))
+        let mut caller = {
+            let _in = runtime.enter();
+            make()
         };
-        run(2_000)?;
+        runtime.block_on(caller.calls(2_000))?;
         let start = Instant::now();
-        run(calls)?;
+        runtime.block_on(caller.calls(calls))?;
         anyhow::Ok(start.elapsed())
     })?;
+    drop(runtime);
     telemetry.shutdown();
     Ok(timed.as_nanos() as f64 / calls as f64)
 }
@@ -147,37 +213,39 @@ impl<S> Shared for S where
 }
 
 /// CPU nanoseconds per call of the whole process, `calls` calls made by [`TASKS`] tasks on a runtime of two
-/// worker threads, each call through a clone of `service` as hyper makes one per request: what a layer's
-/// shared state costs when every worker touches it (a lock, a reference count).
-fn cpu_per_call_shared<S: Shared>(log_level: &str, service: S, calls: u64) -> anyhow::Result<f64> {
+/// worker threads, each call through a clone of the caller `make` gives (as hyper clones the server's service
+/// per request, and callers clone a channel per call): what a layer's shared state costs when every worker
+/// touches it (a lock, a reference count).
+fn cpu_per_call_shared<C: Calls>(
+    log_level: &str,
+    make: impl Fn() -> C,
+    calls: u64,
+) -> anyhow::Result<f64> {
     let (dispatch, telemetry) =
         Telemetry::to_writer(&settings(log_level)?, "echo-1", std::io::sink())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let caller = tracing::dispatcher::with_default(&dispatch, || {
+        let _in = runtime.enter();
+        make()
+    });
     let run = |n: u64| -> anyhow::Result<()> {
         let left = Arc::new(AtomicU64::new(n));
         runtime.block_on(async {
             let tasks: Vec<_> = (0..TASKS)
                 .map(|_| {
-                    let (service, left) = (service.clone(), left.clone());
+                    let (caller, left) = (caller.clone(), left.clone());
                     tokio::spawn(
                         async move {
-                            let request = EchoRequest {
-                                message: "bench".into(),
-                                ..Default::default()
-                            };
                             while left
                                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
                                     l.checked_sub(1)
                                 })
                                 .is_ok()
                             {
-                                let mut service = service.clone();
-                                calls::repeat(&mut service, 1, || calls::unary(PATH, &request))
-                                    .await
-                                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                                caller.clone().calls(1).await?;
                             }
                             anyhow::Ok(())
                         }
@@ -195,6 +263,7 @@ fn cpu_per_call_shared<S: Shared>(log_level: &str, service: S, calls: u64) -> an
     let before = crate::procs::cpu_ns_of_threads();
     run(calls)?;
     let cpu = crate::procs::cpu_ns_of_threads().saturating_sub(before);
+    drop(caller);
     drop(runtime);
     telemetry.shutdown();
     Ok(cpu as f64 / calls as f64)
@@ -204,24 +273,37 @@ fn cpu_per_call_shared<S: Shared>(log_level: &str, service: S, calls: u64) -> an
 const TASKS: usize = 32;
 
 /// Both figures of a row: ns per call on one thread, CPU ns per call from two workers.
-fn measure<S: Shared>(
+fn measure<C: Calls>(
     log_level: &str,
-    make: impl Fn() -> S,
+    make: impl Fn() -> C,
     calls: u64,
 ) -> anyhow::Result<(f64, f64)> {
     Ok((
-        time_per_call(log_level, make(), calls)?,
-        cpu_per_call_shared(log_level, make(), calls)?,
+        time_per_call(log_level, &make, calls)?,
+        cpu_per_call_shared(log_level, &make, calls)?,
     ))
 }
 
-/// [`measure`] of `layer` around the bare handler (one layer, or the whole stack).
+/// [`measure`] of `layer` around the bare handler (one layer, or the whole stack), server side.
 fn layered<L>(log_level: &str, layer: L, calls: u64) -> anyhow::Result<(f64, f64)>
 where
     L: Layer<EchoServer<BareEcho>>,
     L::Service: Shared,
 {
-    measure(log_level, || layer.layer(handler()), calls)
+    measure(log_level, || Serve(layer.layer(handler())), calls)
+}
+
+/// [`measure`] of the generated client over what `make` wraps the bare handler in, client side.
+fn client<S>(
+    log_level: &str,
+    make: impl Fn(EchoServer<BareEcho>) -> S,
+    calls: u64,
+) -> anyhow::Result<(f64, f64)>
+where
+    S: Shared + tonic::client::GrpcService<Body, ResponseBody = Body>,
+    <S as tonic::client::GrpcService<Body>>::Future: Send,
+{
+    measure(log_level, || Call(EchoClient::new(make(handler()))), calls)
 }
 
 /// A row's measurement: see [`measure`].
@@ -237,7 +319,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let rows: Vec<(&str, Row<'_>)> = vec![
         (
             "bare handler (baseline)",
-            Box::new(|| measure(CALL_LOG, handler, n)),
+            Box::new(|| measure(CALL_LOG, || Serve(handler()), n)),
         ),
         (
             "server context (trace id, deadline, span)",
@@ -278,7 +360,79 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             "whole server stack, call log line off",
             Box::new(|| layered(NO_CALL_LOG, stack(&with_log), n)),
         ),
+        (
+            "client: generated client straight to the handler (baseline)",
+            Box::new(|| client(CALL_LOG, |h| h, n)),
+        ),
+        (
+            "client: method config",
+            Box::new(|| {
+                client(
+                    CALL_LOG,
+                    |h| MethodConfigLayer::new(ServiceConfigs::default(), "echo").layer(h),
+                    n,
+                )
+            }),
+        ),
+        (
+            "client: context (trace id, deadline out)",
+            Box::new(|| client(CALL_LOG, |h| ClientContextLayer::new(TIMEOUT).layer(h), n)),
+        ),
+        (
+            "client: metrics and call log line",
+            Box::new(|| client(CALL_LOG, |h| client_metrics().layer(h), n)),
+        ),
+        (
+            "client: transparent retry",
+            Box::new(|| {
+                client(
+                    CALL_LOG,
+                    |h| TransparentRetryLayer::new(Arc::default()).layer(h),
+                    n,
+                )
+            }),
+        ),
+        (
+            "client: errors to statuses",
+            Box::new(|| client(CALL_LOG, |h| ErrorToStatusLayer.layer(h), n)),
+        ),
+        (
+            "client: compression (gzip accepted, not sent)",
+            Box::new(|| client(CALL_LOG, |h| CompressionLayer::new(false).layer(h), n)),
+        ),
+        (
+            "client: p2c picker over 2 endpoints (PeakEWMA)",
+            Box::new(|| client(CALL_LOG, |_| balanced(), n)),
+        ),
+        (
+            "client: whole client stack over the p2c balancer",
+            Box::new(|| {
+                let factory = ClientFactory::new(&with_log, Metrics::disabled());
+                client(
+                    CALL_LOG,
+                    |_| {
+                        let endpoints = endpoints();
+                        let fast_fail = NoEndpointFastFail::new(
+                            balanced(),
+                            endpoints.clone(),
+                            Arc::from("echo"),
+                            false,
+                        );
+                        factory.stack("echo", endpoints, fast_fail)
+                    },
+                    n,
+                )
+            }),
+        ),
     ];
+    let rows: Vec<(&str, Row<'_>)> = rows
+        .into_iter()
+        .filter(|(name, _)| {
+            args.only
+                .as_deref()
+                .is_none_or(|only| name.contains(only) || name.ends_with("(baseline)"))
+        })
+        .collect();
     let mut figures = vec![Vec::with_capacity(args.rounds); rows.len()];
     for round in 0..args.rounds {
         eprintln!("round {} of {}", round + 1, args.rounds);
@@ -297,24 +451,28 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 })
         })
         .collect();
-    let (base, base_shared) = best[0];
     println!(
         "\nunary Echo in process (no socket, no HTTP/2), {n} calls per row and round, the fastest of {} rounds; \
          logs rendered to a sink. One thread: the calls one after another. Two workers: {TASKS} tasks on two \
-         worker threads, the service cloned per call as hyper does, CPU of the whole process\n",
+         worker threads, the service (the channel) cloned per call as hyper (a caller) does, CPU of the whole \
+         process. Each table against its first row.",
         args.rounds
     );
-    println!(
-        "| layer | ns / call, one thread | × bare handler | added | CPU ns / call, two workers | × bare handler | added |\n\
-         |---|---:|---:|---:|---:|---:|---:|"
-    );
-    for ((name, _), (ns, shared)) in rows.iter().zip(&best) {
+    let mut base = (1.0, 1.0);
+    for ((name, _), &(ns, shared)) in rows.iter().zip(&best) {
+        if name.ends_with("(baseline)") {
+            base = (ns, shared);
+            println!(
+                "\n| layer | ns / call, one thread | × baseline | added | CPU ns / call, two workers | × baseline | added |\n\
+                 |---|---:|---:|---:|---:|---:|---:|"
+            );
+        }
         println!(
             "| {name} | {ns:.0} | {:.2}× | {:+.0} | {shared:.0} | {:.2}× | {:+.0} |",
-            ns / base,
-            ns - base,
-            shared / base_shared,
-            shared - base_shared,
+            ns / base.0,
+            ns - base.0,
+            shared / base.1,
+            shared - base.1,
         );
     }
     Ok(())

@@ -85,11 +85,11 @@ enum Cmd {
         #[arg(long)]
         database: Option<String>,
     },
-    /// The platform's client stack, measured in process.
+    /// The platform's client stack against its server over real gRPC on 127.0.0.1, in one process (latency).
     ClientStack(client_stack::Args),
     /// What each piece of the platform's database path costs per query, in process on PostgreSQL.
     DbPath(db_path::Args),
-    /// What each layer of the server stack costs per call, one by one, in process.
+    /// What each layer of the server and client stacks costs per call, one by one, in process.
     Layers(layers::Args),
 }
 

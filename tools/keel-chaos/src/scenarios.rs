@@ -69,8 +69,10 @@ fn figure(scenario: &'static str, what: &str, value: String, target: &str, met: 
 }
 
 /// A progress line on stderr.
+/// A step of `scenario` on stderr, with the time (ms since the epoch, the clock of the calls' `at`), so a failed
+/// call can be placed among the steps.
 fn step(scenario: &str, what: &str) {
-    eprintln!("[chaos] {scenario}: {what}");
+    eprintln!("[chaos] {} {scenario}: {what}", now_ms());
 }
 
 fn now_ms() -> u64 {

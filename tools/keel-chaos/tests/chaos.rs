@@ -111,16 +111,16 @@ fn every_scenario_meets_its_targets_on_a_fleet_of_machines() {
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    println!("{table}");
     let progress = String::from_utf8_lossy(&out.stderr);
-    // The failed calls first, each with its message: a shortened view of the output still shows the cause.
+    // The failed calls first, each with its message, then the table: a view of the output cut after its
+    // first lines (CI's) still shows the cause.
     let failed: Vec<&str> = progress
         .lines()
         .filter(|l| l.contains("failed call at"))
         .collect();
+    println!("failed calls:\n{}\n{table}", failed.join("\n"));
     assert!(
         out.status.success(),
-        "a target was missed; failed calls:\n{}\n{table}\n{progress}",
-        failed.join("\n")
+        "a target was missed (the failed calls and the table above); progress:\n{progress}"
     );
 }

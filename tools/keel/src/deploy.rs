@@ -84,7 +84,8 @@ impl Fleet {
     }
 
     /// How long systemd and Kubernetes wait after SIGTERM before killing: the platform deregisters, waits one
-    /// discovery interval, drains for at most `grpc.drain_timeout`, then flushes; 10 s more for the flush.
+    /// discovery interval (and `server::DISCOVERY_GRACE`, 1 s), drains for at most `grpc.drain_timeout`, then
+    /// flushes; 10 s more for the grace and the flush.
     fn stop_timeout(&self) -> Duration {
         self.duration("KEEL_GRPC__DRAIN_TIMEOUT", Duration::from_secs(10))
             + self.duration("KEEL_CONSUL__DISCOVERY_INTERVAL", Duration::from_secs(2))

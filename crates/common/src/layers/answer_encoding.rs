@@ -10,11 +10,12 @@
 
 use std::task::{Context, Poll};
 
-use http::Request;
+use http::{HeaderName, Request};
 use tower::{Layer, Service};
 
-const ACCEPT: &str = "grpc-accept-encoding";
-const ENCODING: &str = "grpc-encoding";
+/// Header names as constants: a `&str` key is copied into a new name by every insert.
+const ACCEPT: HeaderName = HeaderName::from_static("grpc-accept-encoding");
+const ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
 
 /// Server side: see the module docs.
 #[derive(Clone, Copy, Debug)]

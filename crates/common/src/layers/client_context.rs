@@ -11,19 +11,18 @@ use std::{
 };
 
 use http::{HeaderValue, Request, Response};
+use pin_project_lite::pin_project;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
 use crate::{
     context::{
-        GRPC_TIMEOUT, RequestContext, TRACE_ID_HEADER, current, format_grpc_timeout, new_trace_id,
-        outgoing_timeout, parse_grpc_timeout,
+        GRPC_TIMEOUT, GRPC_TIMEOUT_NAME, RequestContext, TRACE_ID_HEADER, TRACE_ID_NAME, current,
+        grpc_timeout_value, new_trace_id_value, outgoing_timeout, parse_grpc_timeout,
     },
     error::layer_status,
     live::LiveDuration,
 };
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// Client side: see the module docs.
 #[derive(Clone, Debug)]
@@ -62,13 +61,11 @@ pub struct ClientContext<S> {
 
 impl<S> Service<Request<Body>> for ClientContext<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Service<Request<Body>, Response = Response<Body>>,
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
+    type Future = ClientContextFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -86,34 +83,66 @@ where
             incoming.as_ref().and_then(RequestContext::remaining),
             self.default_timeout.get(),
         );
-        let trace_id = incoming.map(|c| c.trace_id).unwrap_or_else(new_trace_id);
         let headers = req.headers_mut();
-        if !headers.contains_key(TRACE_ID_HEADER)
-            && let Ok(v) = HeaderValue::from_str(&trace_id)
-        {
-            headers.insert(TRACE_ID_HEADER, v);
+        if !headers.contains_key(TRACE_ID_HEADER) {
+            let trace_id = match incoming {
+                Some(c) => HeaderValue::from_str(&c.trace_id).ok(),
+                None => Some(new_trace_id_value()),
+            };
+            if let Some(v) = trace_id {
+                headers.insert(TRACE_ID_NAME, v);
+            }
         }
         if timeout.is_zero() {
-            return Box::pin(async {
-                Ok(
+            return ClientContextFuture::Expired {
+                answer: Some(
                     layer_status::deadline_exceeded("deadline exceeded before the call was sent")
                         .into_http(),
-                )
-            });
+                ),
+            };
         }
-        headers.insert(
-            GRPC_TIMEOUT,
-            HeaderValue::from_str(&format_grpc_timeout(timeout)).expect("ascii"),
-        );
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            match tokio::time::timeout(timeout, fut).await {
-                Ok(r) => r,
-                Err(_) => Ok(layer_status::deadline_exceeded(format!(
+        headers.insert(GRPC_TIMEOUT_NAME, grpc_timeout_value(timeout));
+        ClientContextFuture::Sent {
+            call: tokio::time::timeout(timeout, self.inner.call(req)),
+            timeout,
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`ClientContext`]: the call bounded by its deadline, or the answer to a call whose
+    /// deadline had passed before it was sent. Nothing is allocated for it.
+    #[project = Projected]
+    pub enum ClientContextFuture<F> {
+        /// Sent, with the time it may take.
+        Sent {
+            #[pin]
+            call: tokio::time::Timeout<F>,
+            timeout: Duration,
+        },
+        /// Not sent: DEADLINE_EXCEEDED.
+        Expired { answer: Option<Response<Body>> },
+    }
+}
+
+impl<F, E> Future for ClientContextFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = Result<Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            Projected::Sent { call, timeout } => match std::task::ready!(call.poll(cx)) {
+                Ok(answered) => Poll::Ready(answered),
+                Err(_) => Poll::Ready(Ok(layer_status::deadline_exceeded(format!(
                     "deadline of {timeout:?} exceeded"
                 ))
-                .into_http()),
-            }
-        })
+                .into_http())),
+            },
+            Projected::Expired { answer } => Poll::Ready(Ok(answer
+                .take()
+                .expect("ClientContextFuture polled after it answered"))),
+        }
     }
 }

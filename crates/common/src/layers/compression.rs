@@ -13,7 +13,7 @@ use std::{
 };
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tonic::body::Body;
@@ -24,8 +24,9 @@ use crate::error::layer_status;
 /// Largest message a compressed answer may decompress to (16 MiB, the server's default `grpc.max_response_bytes`).
 pub const MAX_DECOMPRESSED: usize = 16 << 20;
 
-const ENCODING: &str = "grpc-encoding";
-const ACCEPT: &str = "grpc-accept-encoding";
+const ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+/// Header names as constants: a `&str` key is copied into a new name by every insert.
+const ACCEPT: HeaderName = HeaderName::from_static("grpc-accept-encoding");
 
 /// Client side: see the module docs.
 #[derive(Clone, Debug)]
@@ -60,11 +61,10 @@ pub struct Compression<S> {
 impl<S> Service<Request<Body>> for Compression<S>
 where
     S: Service<Request<Body>, Response = Response<Body>>,
-    S::Future: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
+    type Future = CompressionFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -85,20 +85,38 @@ where
         } else {
             body
         };
-        let fut = self.inner.call(Request::from_parts(parts, body));
-        Box::pin(async move {
-            let resp = fut.await?;
+        CompressionFuture {
+            inner: self.inner.call(Request::from_parts(parts, body)),
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`Compression`]: the inner call's answer, its body decompressed when it came gzip-encoded.
+    /// Nothing is allocated for it.
+    pub struct CompressionFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F, E> Future for CompressionFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let resp = std::task::ready!(self.project().inner.poll(cx))?;
+        Poll::Ready(Ok(
             if resp.headers().get(ENCODING).is_some_and(|v| v == "gzip") {
                 let (mut parts, body) = resp.into_parts();
                 parts.headers.remove(ENCODING);
-                Ok(Response::from_parts(
-                    parts,
-                    Body::new(Reframe::new(body, Mode::Decompress)),
-                ))
+                Response::from_parts(parts, Body::new(Reframe::new(body, Mode::Decompress)))
             } else {
-                Ok(resp)
-            }
-        })
+                resp
+            },
+        ))
     }
 }
 

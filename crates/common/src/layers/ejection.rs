@@ -1,36 +1,84 @@
 //! Per-endpoint ejection: after a transport failure the endpoint reports not-ready for a backoff (1 s doubling
-//! to 30 s), so the balancer stops picking it. When the backoff ends, a TCP connect probes the address first
+//! to 30 s), so the channel's picker (every policy) stops picking it. When the backoff ends, a TCP connect probes the address first
 //! (at most [`PROBE_TIMEOUT`]): refused, the endpoint stays out for the next backoff without a call spent on
 //! it (an instance that crashed stays in DNS until its health check turns critical, several seconds); accepted,
-//! calls go to it again (half-open) and success brings it back. It never returns an error from `poll_ready`,
-//! which would make the balancer drop the endpoint for good (an endpoint leaves only when discovery says so).
+//! calls go to it again (half-open) and success brings it back. It never returns an error from `poll_ready`:
+//! an endpoint leaves only when discovery says so.
 
 use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use http::{Request, Response};
+use pin_project_lite::pin_project;
 use tonic::body::Body;
-use tower::{BoxError, Service, load::Load};
+use tower::{BoxError, Service};
 
 use crate::{connect::is_timeout, error::layer_status};
 
 #[derive(Debug, Default)]
-struct EjectState {
+struct Ejection {
     until: Option<Instant>,
     failures: u32,
+}
+
+/// An endpoint's ejection, shared by its clones and its calls' futures.
+#[derive(Debug, Default)]
+struct EjectState {
+    ejection: Mutex<Ejection>,
+    /// Whether `ejection` holds anything (failures, or a backoff): written under its lock, read without it, so a
+    /// healthy endpoint's calls and readiness checks take no lock (both workers make them).
+    troubled: AtomicBool,
+}
+
+impl EjectState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ejection> {
+        self.ejection.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The end of the endpoint's backoff, when it is out.
+    fn until(&self) -> Option<Instant> {
+        if self.troubled.load(Ordering::Acquire) {
+            self.lock().until
+        } else {
+            None
+        }
+    }
+
+    /// Half-open: the backoff is over and the address accepts connections.
+    fn let_in(&self) {
+        let mut e = self.lock();
+        e.until = None;
+        self.troubled.store(e.failures > 0, Ordering::Release);
+    }
+
+    /// A call succeeded: the failures in a row are over.
+    fn succeeded(&self, addr: SocketAddr) {
+        if !self.troubled.load(Ordering::Acquire) {
+            return;
+        }
+        let mut e = self.lock();
+        if e.failures > 0 {
+            tracing::info!(endpoint = %addr, "endpoint recovered");
+        }
+        e.failures = 0;
+        self.troubled.store(e.until.is_some(), Ordering::Release);
+    }
 }
 
 /// One endpoint that takes itself out of rotation after a transport failure; see the module docs.
 pub struct Ejecting<S> {
     inner: S,
     addr: SocketAddr,
-    state: Arc<Mutex<EjectState>>,
+    state: Arc<EjectState>,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The connect probe running once a backoff ended: whether the address accepted.
     probe: Option<Pin<Box<dyn Future<Output = bool> + Send>>>,
@@ -65,12 +113,14 @@ impl<S> Ejecting<S> {
     }
 }
 
-fn eject(state: &Mutex<EjectState>, addr: SocketAddr, why: &dyn std::fmt::Display) {
-    let mut s = state.lock().expect("eject state");
+fn eject(state: &EjectState, addr: SocketAddr, why: &dyn std::fmt::Display) {
+    let mut s = state.lock();
     s.failures = s.failures.saturating_add(1);
     let backoff = Duration::from_secs(1) * 2u32.saturating_pow(s.failures.min(6) - 1);
     let backoff = backoff.min(Duration::from_secs(30));
     s.until = Some(Instant::now() + backoff);
+    state.troubled.store(true, Ordering::Release);
+    drop(s);
     tracing::warn!(endpoint = %addr, error = %why, backoff = ?backoff, "endpoint ejected");
 }
 
@@ -78,16 +128,14 @@ impl<S> Service<Request<Body>> for Ejecting<S>
 where
     S: Service<Request<Body>, Response = Response<Body>>,
     S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+    type Future = EjectingFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         loop {
-            let until = self.state.lock().expect("eject state").until;
-            if let Some(until) = until {
+            if let Some(until) = self.state.until() {
                 let until = tokio::time::Instant::from_std(until);
                 let sleep = self
                     .sleep
@@ -116,7 +164,7 @@ where
                 self.sleep = None;
                 if accepted {
                     // Half-open: let calls through until one fails again.
-                    self.state.lock().expect("eject state").until = None;
+                    self.state.let_in();
                 } else {
                     eject(
                         &self.state,
@@ -135,37 +183,56 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let fut = self.inner.call(req);
-        let (state, addr) = (self.state.clone(), self.addr);
-        Box::pin(async move {
-            match fut.await {
-                Ok(resp) => {
-                    let mut s = state.lock().expect("eject state");
-                    if s.failures > 0 {
-                        tracing::info!(endpoint = %addr, "endpoint recovered");
-                    }
-                    s.failures = 0;
-                    Ok(resp)
-                }
-                Err(e) => {
-                    let e: BoxError = e.into();
-                    // tonic's channel enforces `grpc-timeout` itself and reports expiry as an error: that is the
-                    // caller's deadline, not a broken endpoint.
-                    if is_timeout(&*e) {
-                        return Ok(layer_status::deadline_exceeded("deadline exceeded").into_http());
-                    }
-                    eject(&state, addr, &e);
-                    Err(EndpointFailed { addr, source: e }.into())
-                }
-            }
-        })
+        EjectingFuture {
+            inner: self.inner.call(req),
+            state: self.state.clone(),
+            addr: self.addr,
+        }
     }
 }
 
-impl<S: Load> Load for Ejecting<S> {
-    type Metric = S::Metric;
-    fn load(&self) -> Self::Metric {
-        self.inner.load()
+pin_project! {
+    /// The future of [`Ejecting`]: the endpoint's answer; a transport error ejects it (and becomes
+    /// [`EndpointFailed`]), a success ends its failures. Nothing is allocated for it.
+    pub struct EjectingFuture<F> {
+        #[pin]
+        inner: F,
+        state: Arc<EjectState>,
+        addr: SocketAddr,
+    }
+}
+
+impl<F, E> Future for EjectingFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<Body>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        Poll::Ready(match std::task::ready!(this.inner.poll(cx)) {
+            Ok(resp) => {
+                this.state.succeeded(*this.addr);
+                Ok(resp)
+            }
+            Err(e) => {
+                let e: BoxError = e.into();
+                // tonic's channel enforces `grpc-timeout` itself and reports expiry as an error: that is the
+                // caller's deadline, not a broken endpoint.
+                if is_timeout(&*e) {
+                    return Poll::Ready(Ok(
+                        layer_status::deadline_exceeded("deadline exceeded").into_http()
+                    ));
+                }
+                eject(this.state, *this.addr, &e);
+                Err(EndpointFailed {
+                    addr: *this.addr,
+                    source: e,
+                }
+                .into())
+            }
+        })
     }
 }
 
@@ -175,16 +242,46 @@ mod tests {
 
     #[test]
     fn ejection_backoff_doubles_and_caps() {
-        let state = Mutex::new(EjectState::default());
+        let state = EjectState::default();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let mut seconds = Vec::new();
         for _ in 0..8 {
             let before = Instant::now();
             eject(&state, addr, &"refused");
-            let d = state.lock().unwrap().until.unwrap() - before;
+            let d = state.lock().until.unwrap() - before;
             seconds.push(d.as_secs_f64().round() as u64);
         }
         assert_eq!(seconds, [1, 2, 4, 8, 16, 30, 30, 30]);
+    }
+
+    #[test]
+    fn a_success_during_the_backoff_ends_the_failures_but_not_the_backoff() {
+        let state = EjectState::default();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(state.until(), None, "a new endpoint is in rotation");
+        eject(&state, addr, &"refused");
+        let until = state.until().expect("out for its backoff");
+        // A call sent before the ejection answers OK.
+        state.succeeded(addr);
+        assert_eq!(state.lock().failures, 0);
+        assert_eq!(
+            state.until(),
+            Some(until),
+            "still out until its backoff ends"
+        );
+        state.let_in();
+        assert_eq!(state.until(), None);
+        assert!(
+            !state.troubled.load(Ordering::Acquire),
+            "healthy again: no lock on the call path"
+        );
+        // Half-open after a failure: in rotation, but the next success is what ends the failures.
+        eject(&state, addr, &"refused");
+        state.let_in();
+        assert_eq!(state.until(), None);
+        assert!(state.troubled.load(Ordering::Acquire));
+        state.succeeded(addr);
+        assert!(!state.troubled.load(Ordering::Acquire));
     }
 
     use tower::ServiceExt;
@@ -208,7 +305,7 @@ mod tests {
         // The backoff (1 s) ends, nothing listens: out again, for 2 s, and no call was let through.
         let still_out = tokio::time::timeout(Duration::from_millis(1500), e.ready()).await;
         assert!(still_out.is_err());
-        assert_eq!(e.state.lock().unwrap().failures, 2);
+        assert_eq!(e.state.lock().failures, 2);
         // Something listens now: after the next backoff, calls go to it.
         let _listening = tokio::net::TcpListener::bind(addr).await.unwrap();
         let back = tokio::time::timeout(Duration::from_secs(5), e.ready()).await;

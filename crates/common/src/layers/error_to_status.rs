@@ -12,6 +12,7 @@ use std::{
 };
 
 use http::{Request, Response};
+use pin_project_lite::pin_project;
 use tonic::body::Body;
 use tower::{BoxError, Layer, Service};
 
@@ -85,13 +86,12 @@ impl<S> Layer<S> for ErrorToStatusLayer {
 
 impl<S> Service<Request<Body>> for ErrorToStatus<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
-    S::Future: Send + 'static,
+    S: Service<Request<Body>, Response = Response<Body>>,
     S::Error: Into<BoxError>,
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = ErrorToStatusFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // A failed balancer cannot recover; report it on the call instead of failing readiness.
@@ -102,19 +102,40 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            Ok(fut.await.unwrap_or_else(|e| {
-                let e: BoxError = e.into();
-                let mut resp = layer_status::unavailable(format!("transport: {e}")).into_http();
-                if never_sent(&*e) {
-                    resp.extensions_mut().insert(NeverSent {
-                        endpoint: failed_endpoint(&*e),
-                    });
-                }
-                resp
-            }))
-        })
+        ErrorToStatusFuture {
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`ErrorToStatus`]: the inner call's answer, or its error as an UNAVAILABLE answer
+    /// ([`NeverSent`] among its extensions when the call never left the client). Nothing is allocated for it.
+    pub struct ErrorToStatusFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F, E> Future for ErrorToStatusFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let answered = std::task::ready!(self.project().inner.poll(cx));
+        Poll::Ready(Ok(answered.unwrap_or_else(|e| {
+            let e: BoxError = e.into();
+            let mut resp = layer_status::unavailable(format!("transport: {e}")).into_http();
+            if never_sent(&*e) {
+                resp.extensions_mut().insert(NeverSent {
+                    endpoint: failed_endpoint(&*e),
+                });
+            }
+            resp
+        })))
     }
 }
 

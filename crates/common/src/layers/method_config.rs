@@ -8,11 +8,11 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{HeaderValue, Request};
+use http::Request;
 use tower::{Layer, Service};
 
 use crate::{
-    context::{GRPC_TIMEOUT, format_grpc_timeout, parse_grpc_timeout},
+    context::{GRPC_TIMEOUT, GRPC_TIMEOUT_NAME, grpc_timeout_value, parse_grpc_timeout},
     layers::WaitForReady,
     service_config::{LbPolicy, RetryPolicy, ServiceConfigs},
 };
@@ -81,10 +81,9 @@ where
                     .get(GRPC_TIMEOUT)
                     .and_then(|v| v.to_str().ok())
                     .and_then(parse_grpc_timeout);
-                if own.is_none_or(|own| limit < own)
-                    && let Ok(v) = HeaderValue::from_str(&format_grpc_timeout(limit))
-                {
-                    req.headers_mut().insert(GRPC_TIMEOUT, v);
+                if own.is_none_or(|own| limit < own) {
+                    req.headers_mut()
+                        .insert(GRPC_TIMEOUT_NAME, grpc_timeout_value(limit));
                 }
             }
             if policy.wait_for_ready == Some(true) {

@@ -15,6 +15,7 @@ use std::{
     task::{Context, Poll},
 };
 
+use futures::future::Either;
 use http::{Request, Response};
 use tokio::sync::watch;
 use tonic::body::Body;
@@ -65,7 +66,10 @@ where
 {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+    /// The balancer's own future when discovery lists instances (every call but the first few, nothing
+    /// allocated); boxed when the call waits for discovery or fails without an instance.
+    type Future =
+        Either<S::Future, Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         if self.endpoints.borrow().as_ref().is_some_and(Vec::is_empty) {
@@ -75,37 +79,32 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let none = |service: &str| {
-            Ok(
-                layer_status::unavailable(format!("no healthy instance of service {service:?}"))
-                    .into_http(),
-            )
-        };
+        let none = |service: &str| Ok(layer_status::no_instance(service).into_http());
         let answered = self.endpoints.borrow().as_ref().map(Vec::is_empty);
         let wait = self.wait_for_ready || req.extensions().get::<WaitForReady>().is_some();
         if wait && answered != Some(false) {
             let mut endpoints = self.endpoints.clone();
             let mut inner = self.inner.clone();
-            return Box::pin(async move {
+            return Either::Right(Box::pin(async move {
                 // Bounded by the call's deadline, which the client context layer outside enforces.
                 let _ = endpoints
                     .wait_for(|v| v.as_ref().is_some_and(|l| !l.is_empty()))
                     .await;
                 use tower::ServiceExt;
                 inner.ready().await?.call(req).await
-            });
+            }));
         }
         match answered {
             Some(true) => {
                 let r = none(&self.service);
-                Box::pin(async move { r })
+                Either::Right(Box::pin(async move { r }))
             }
-            Some(false) => Box::pin(self.inner.call(req)),
+            Some(false) => Either::Left(self.inner.call(req)),
             None => {
                 let mut endpoints = self.endpoints.clone();
                 let mut inner = self.inner.clone();
                 let service = self.service.clone();
-                Box::pin(async move {
+                Either::Right(Box::pin(async move {
                     let empty = endpoints
                         .wait_for(Option::is_some)
                         .await
@@ -116,7 +115,7 @@ where
                     }
                     use tower::ServiceExt;
                     inner.ready().await?.call(req).await
-                })
+                }))
             }
         }
     }

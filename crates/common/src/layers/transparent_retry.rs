@@ -27,7 +27,7 @@ use std::{
 
 use std::net::SocketAddr;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full};
 use prost::Message;
@@ -38,7 +38,7 @@ use tonic::body::Body;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
 use crate::{
-    context::{GRPC_TIMEOUT, format_grpc_timeout, parse_grpc_timeout},
+    context::{GRPC_TIMEOUT, GRPC_TIMEOUT_NAME, grpc_timeout_value, parse_grpc_timeout},
     error::layer_status,
     layers::{AttemptPolicy, NeverSent},
     retry::RetryBudget,
@@ -135,6 +135,28 @@ fn pushback(resp: &Response<Body>) -> Option<Option<Duration>> {
     Some(crate::retry::pushback_wait(v.as_bytes()))
 }
 
+/// The whole of a request's body, kept to be sent again: its one data frame as it came (a unary request's
+/// framed message, as tonic's client encodes it: nothing copied), or its data frames joined.
+async fn whole(mut body: Body) -> Result<Bytes, BoxError> {
+    let mut first = Bytes::new();
+    let mut joined: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        match &mut joined {
+            Some(joined) => joined.extend_from_slice(&data),
+            None if first.is_empty() => first = data,
+            None => {
+                let mut both = BytesMut::from(first.as_ref());
+                both.extend_from_slice(&data);
+                joined = Some(both);
+            }
+        }
+    }
+    Ok(joined.map_or(first, BytesMut::freeze))
+}
+
 impl<S> Service<Request<Body>> for TransparentRetry<S>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
@@ -182,10 +204,9 @@ where
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_grpc_timeout)
                 .map(|t| Instant::now() + t);
-            let message: Bytes = match body.collect().await {
-                Ok(b) => b.to_bytes(),
+            let message = match whole(body).await {
+                Ok(message) => message,
                 Err(e) => {
-                    let e: BoxError = e.into();
                     return Ok(layer_status::unavailable(format!("request body: {e}")).into_http());
                 }
             };
@@ -205,9 +226,7 @@ where
                     && let Some(d) = deadline
                 {
                     let left = d.saturating_duration_since(Instant::now());
-                    if let Ok(v) = HeaderValue::from_str(&format_grpc_timeout(left)) {
-                        h.insert(GRPC_TIMEOUT, v);
-                    }
+                    h.insert(GRPC_TIMEOUT_NAME, grpc_timeout_value(left));
                 }
                 r
             };
@@ -257,6 +276,24 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_body_of_one_frame_is_kept_as_it_came_and_one_of_several_is_joined() {
+        let one = Bytes::from_static(b"\0\0\0\0\x02hi");
+        let kept = whole(Body::new(Full::new(one.clone()))).await.unwrap();
+        assert_eq!(kept, one);
+        assert_eq!(kept.as_ptr(), one.as_ptr(), "not copied");
+        let frames = futures::stream::iter(["ab", "", "cd", "e"].map(|s| {
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(
+                s.as_bytes(),
+            )))
+        }));
+        let joined = whole(Body::new(http_body_util::StreamBody::new(frames)))
+            .await
+            .unwrap();
+        assert_eq!(joined, "abcde");
+        assert_eq!(whole(Body::empty()).await.unwrap(), "");
+    }
 
     #[test]
     fn a_call_is_sent_again_only_while_discovery_lists_another_instance_than_the_one_that_failed_it()

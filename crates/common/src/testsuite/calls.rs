@@ -10,6 +10,8 @@ use http_body_util::{BodyExt, Full};
 use tonic::{Code, body::Body};
 use tower::{Service, ServiceExt};
 
+use crate::{routing::Picker, service_config::LbPolicy};
+
 /// A unary gRPC request for `path` (`/keel.example.v1.Echo/Echo`) carrying `message`, with the headers grpc-go
 /// and ghz send (`content-type: application/grpc`, `te: trailers`, a 20 s `grpc-timeout`), framed as the gRPC
 /// wire format says: a zero compression flag, the length as 4 big-endian bytes, the message. Like every request
@@ -96,4 +98,28 @@ where
         }
     }
     Ok(())
+}
+
+/// Two endpoints (127.0.0.1:50051 and :50052) for a picker over handlers in process: [`balanced`].
+pub const ENDPOINTS: [SocketAddr; 2] = [
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 50051),
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 50052),
+];
+
+/// A channel's picker over [`ENDPOINTS`] by p2c (the default of [`crate::ClientFactory::channel`]), each
+/// endpoint a `handler()` in process behind the per-endpoint ejection a channel puts there. Must be called
+/// inside a Tokio runtime.
+pub fn balanced<S>(handler: impl Fn() -> S + Send + Sync + 'static) -> Picker<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Error: Into<tower::BoxError>,
+    S::Future: Send + 'static,
+{
+    let endpoints = tokio::sync::watch::channel(Some(ENDPOINTS.to_vec())).1;
+    Picker::new(
+        "echo",
+        endpoints,
+        std::sync::Arc::new(move |_| handler()),
+        LbPolicy::P2c,
+    )
 }

@@ -230,3 +230,45 @@ async fn a_call_whose_stream_is_refused_is_sent_to_another_instance() {
 async fn a_call_left_out_by_a_graceful_goaway_is_sent_to_another_instance() {
     a_call_not_processed_by_refuser_is_answered_by_the_other(true).await;
 }
+
+#[tokio::test]
+async fn a_key_whose_owner_refuses_connections_is_answered_by_the_next_instance_in_rendezvous_order()
+ {
+    let p = echo_process(&[]);
+    let live = p.addr().await;
+    // Nothing listens on port 1, still listed (an instance that crashed, or stopped accepting, before
+    // discovery drops it): a key it owns.
+    let refused: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let key = (0..)
+        .map(|i| format!("key{i}"))
+        .find(|k| keel_common::routing::owner(k, &[refused, live]) == Some(refused))
+        .unwrap();
+    let mut c = client(
+        live,
+        &[
+            (
+                "KEEL_CLIENT__STATIC_ENDPOINTS",
+                &format!("echo={refused}|{live}"),
+            ),
+            (
+                "KEEL_CLIENT__SERVICE_CONFIG__ECHO",
+                r#"{"loadBalancingConfig":[{"key_affinity":{}}]}"#,
+            ),
+        ],
+    );
+    let trace = unique("owner-refused");
+    let mut req = tonic::Request::new(EchoRequest {
+        message: "hi".into(),
+        ..Default::default()
+    });
+    keel_common::routing::set_routing_key(&mut req, &key);
+    req.metadata_mut()
+        .insert("x-trace-id", trace.parse().unwrap());
+    c.echo(req).await.expect("answered by the live instance");
+    eventually(
+        "the live instance's call log line",
+        Duration::from_secs(5),
+        || async { logged_peer(&p, &trace) },
+    )
+    .await;
+}

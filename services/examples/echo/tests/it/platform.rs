@@ -338,7 +338,7 @@ async fn sigterm_goes_not_serving_deregisters_drains_and_exits_zero() {
         [
             "shutdown: health NOT_SERVING",
             "deregistered from consul",
-            "shutdown: waiting one discovery interval",
+            "shutdown: waiting for clients to re-resolve",
             "shutdown: draining in-flight calls",
             "shutdown: done"
         ]
