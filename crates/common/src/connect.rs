@@ -1,6 +1,13 @@
 //! One endpoint's channel: a lazily connecting tonic channel per instance address (TLS when configured, TCP
 //! no-delay, HTTP/2 keepalive of `client.keepalive_interval`/`client.keepalive_timeout`, idle connections
-//! included), shared by the balanced and the keyed channels. A connection no call has used for
+//! included, and `TCP_USER_TIMEOUT` of `client.keepalive_timeout`), shared by the balanced and the keyed
+//! channels.
+//!
+//! `TCP_USER_TIMEOUT` (Linux, RFC 5482's local timeout) closes a connection whose sent bytes stay
+//! unacknowledged that long, as gRPC's own libraries do with their keepalive timeout (gRFC A18). Without it, a
+//! connection to a machine that was cut off stays in TCP's retransmission backoff, which doubles up to two
+//! minutes: once the network is back, calls on it wait for the next retransmission (often longer than their
+//! deadline) while a new connection would be answered at once. A connection no call has used for
 //! `client.idle_timeout` is closed (once its open streams end); the next call connects again.
 
 use std::{
@@ -11,6 +18,7 @@ use std::{
 };
 
 use http::{Request, Response};
+use hyper_util::client::legacy::connect::HttpConnector;
 use tonic::{body::Body, transport::Endpoint};
 use tower::{Service, ServiceExt, util::Oneshot};
 
@@ -32,6 +40,7 @@ pub(crate) struct Dial {
 pub(crate) struct Conn {
     shared: Arc<Mutex<Shared>>,
     endpoint: Endpoint,
+    tcp: HttpConnector,
 }
 
 struct Shared {
@@ -44,7 +53,7 @@ impl Conn {
         let mut s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         s.last_used = Instant::now();
         s.channel
-            .get_or_insert_with(|| self.endpoint.connect_lazy())
+            .get_or_insert_with(|| self.endpoint.connect_with_connector_lazy(self.tcp.clone()))
             .clone()
     }
 }
@@ -92,7 +101,6 @@ pub(crate) fn connect(addr: SocketAddr, dial: &Dial) -> Conn {
     }
     let endpoint = endpoint
         .connect_timeout(dial.connect_timeout)
-        .tcp_nodelay(true)
         .http2_keep_alive_interval(dial.keepalive_interval)
         .keep_alive_timeout(dial.keepalive_timeout)
         .keep_alive_while_idle(true);
@@ -103,7 +111,22 @@ pub(crate) fn connect(addr: SocketAddr, dial: &Dial) -> Conn {
     if !dial.idle_timeout.is_zero() {
         tokio::spawn(close_when_idle(Arc::downgrade(&shared), dial.idle_timeout));
     }
-    Conn { shared, endpoint }
+    Conn {
+        shared,
+        endpoint,
+        tcp: tcp_connector(dial),
+    }
+}
+
+/// How the TCP connection under each channel is made: what tonic's own connector does (no-delay, any URI
+/// scheme, as TLS is layered above it by the endpoint), and `TCP_USER_TIMEOUT` of the keepalive timeout (see
+/// the module docs). The connect timeout is the endpoint's.
+fn tcp_connector(dial: &Dial) -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_tcp_user_timeout(Some(dial.keepalive_timeout));
+    http
 }
 
 /// Whether `e` (or its cause) is tonic's `grpc-timeout` expiry: the caller's deadline, not a broken endpoint.
@@ -116,4 +139,33 @@ pub(crate) fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = err.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::Service;
+
+    #[tokio::test]
+    async fn a_dialled_connection_gives_up_on_unacknowledged_bytes_after_the_keepalive_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dial = Dial {
+            connect_timeout: Duration::from_secs(1),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_millis(7_500),
+            idle_timeout: Duration::ZERO,
+            tls: None,
+        };
+        let stream = tcp_connector(&dial)
+            .call(format!("http://{addr}").parse().unwrap())
+            .await
+            .unwrap();
+        let socket = socket2::SockRef::from(stream.inner());
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_millis(7_500))
+        );
+        assert!(socket.tcp_nodelay().unwrap());
+    }
 }

@@ -105,6 +105,14 @@ fn fresh_trace_id(digits: &mut [u8; uuid::fmt::Simple::LENGTH]) -> &mut str {
         .encode_lower(digits)
 }
 
+/// The call's timeout from its `grpc-timeout` header; `None` when it has none or it is malformed.
+pub(crate) fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    headers
+        .get(GRPC_TIMEOUT_NAME)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+}
+
 /// Parses a `grpc-timeout` header value; `None` if malformed.
 pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     // ASCII only: the unit is the last byte, so a multi-byte last character must not be split (found by

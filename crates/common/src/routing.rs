@@ -497,12 +497,8 @@ where
             .get::<LbPolicy>()
             .copied()
             .unwrap_or(self.default);
-        let deadline = req
-            .headers()
-            .get(crate::context::GRPC_TIMEOUT_NAME)
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::context::parse_grpc_timeout)
-            .map(|t| std::time::Instant::now() + t);
+        let deadline =
+            crate::context::grpc_timeout(req.headers()).map(|t| std::time::Instant::now() + t);
         let no_instance =
             |router: &Router<E>| Ok(layer_status::no_instance(&router.service).into_http());
         if self.router.endpoints.borrow().is_none() {

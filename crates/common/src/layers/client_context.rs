@@ -17,8 +17,8 @@ use tower::{Layer, Service};
 
 use crate::{
     context::{
-        GRPC_TIMEOUT, GRPC_TIMEOUT_NAME, RequestContext, TRACE_ID_HEADER, TRACE_ID_NAME, current,
-        grpc_timeout_value, new_trace_id_value, outgoing_timeout, parse_grpc_timeout,
+        GRPC_TIMEOUT_NAME, RequestContext, TRACE_ID_HEADER, TRACE_ID_NAME, current, grpc_timeout,
+        grpc_timeout_value, new_trace_id_value, outgoing_timeout,
     },
     error::layer_status,
     live::LiveDuration,
@@ -73,11 +73,7 @@ where
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let incoming = current();
-        let own = req
-            .headers()
-            .get(GRPC_TIMEOUT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout);
+        let own = grpc_timeout(req.headers());
         let timeout = outgoing_timeout(
             own,
             incoming.as_ref().and_then(RequestContext::remaining),

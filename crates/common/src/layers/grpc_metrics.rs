@@ -247,11 +247,7 @@ where
             layer,
             path: req.uri().path_and_query().cloned(),
             peer,
-            deadline_ms: req
-                .headers()
-                .get("grpc-timeout")
-                .and_then(|v| v.to_str().ok())
-                .and_then(crate::context::parse_grpc_timeout)
+            deadline_ms: crate::context::grpc_timeout(req.headers())
                 .map(|d| d.as_secs_f64() * 1000.0),
             trace_id: req
                 .extensions()

@@ -12,7 +12,7 @@ use http::Request;
 use tower::{Layer, Service};
 
 use crate::{
-    context::{GRPC_TIMEOUT, GRPC_TIMEOUT_NAME, grpc_timeout_value, parse_grpc_timeout},
+    context::{GRPC_TIMEOUT_NAME, grpc_timeout, grpc_timeout_value},
     layers::WaitForReady,
     service_config::{LbPolicy, RetryPolicy, ServiceConfigs},
 };
@@ -76,11 +76,7 @@ where
         }
         if let Some(policy) = config.policy(req.uri().path()) {
             if let Some(limit) = policy.timeout {
-                let own = req
-                    .headers()
-                    .get(GRPC_TIMEOUT)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(parse_grpc_timeout);
+                let own = grpc_timeout(req.headers());
                 if own.is_none_or(|own| limit < own) {
                     req.headers_mut()
                         .insert(GRPC_TIMEOUT_NAME, grpc_timeout_value(limit));

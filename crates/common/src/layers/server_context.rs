@@ -18,10 +18,7 @@ use tower::{Layer, Service};
 use tracing::{Instrument, instrument::Instrumented};
 
 use crate::{
-    context::{
-        CONTEXT, CallDeadline, GRPC_TIMEOUT, RequestContext, TRACE_ID_HEADER, new_trace_id,
-        parse_grpc_timeout,
-    },
+    context::{CONTEXT, CallDeadline, RequestContext, TRACE_ID_HEADER, grpc_timeout, new_trace_id},
     error::layer_status,
 };
 
@@ -83,11 +80,7 @@ where
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map(Arc::from)
             .unwrap_or_else(new_trace_id);
-        let timeout = req
-            .headers()
-            .get(GRPC_TIMEOUT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout);
+        let timeout = grpc_timeout(req.headers());
         let span = tracing::info_span!(
             "grpc.request",
             trace_id = &*trace_id,

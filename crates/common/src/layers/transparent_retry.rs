@@ -38,7 +38,7 @@ use tonic::body::Body;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
 use crate::{
-    context::{GRPC_TIMEOUT, GRPC_TIMEOUT_NAME, grpc_timeout_value, parse_grpc_timeout},
+    context::{GRPC_TIMEOUT_NAME, grpc_timeout, grpc_timeout_value},
     error::layer_status,
     layers::{AttemptPolicy, NeverSent},
     retry::RetryBudget,
@@ -198,12 +198,7 @@ where
                 budget.deposit();
             }
             let (parts, body) = req.into_parts();
-            let deadline = parts
-                .headers
-                .get(GRPC_TIMEOUT)
-                .and_then(|v| v.to_str().ok())
-                .and_then(parse_grpc_timeout)
-                .map(|t| Instant::now() + t);
+            let deadline = grpc_timeout(&parts.headers).map(|t| Instant::now() + t);
             let message = match whole(body).await {
                 Ok(message) => message,
                 Err(e) => {
