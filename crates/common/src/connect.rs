@@ -121,10 +121,16 @@ pub(crate) fn connect(addr: SocketAddr, dial: &Dial) -> Conn {
 /// How the TCP connection under each channel is made: what tonic's own connector does (no-delay, any URI
 /// scheme, as TLS is layered above it by the endpoint), and `TCP_USER_TIMEOUT` of the keepalive timeout (see
 /// the module docs). The connect timeout is the endpoint's.
+#[cfg_attr(
+    not(any(target_os = "android", target_os = "fuchsia", target_os = "linux")),
+    allow(unused_variables)
+)]
 fn tcp_connector(dial: &Dial) -> HttpConnector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
+    // The option is Linux's (hyper-util offers it there only); elsewhere the connector is tonic's own.
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
     http.set_tcp_user_timeout(Some(dial.keepalive_timeout));
     http
 }
@@ -146,6 +152,7 @@ mod tests {
     use super::*;
     use tower::Service;
 
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
     #[tokio::test]
     async fn a_dialled_connection_gives_up_on_unacknowledged_bytes_after_the_keepalive_timeout() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
