@@ -82,8 +82,8 @@ struct SpanFields(Rendered);
 
 /// What a visit collects: the event's message and the bridged `log` record's target apart, the rest rendered.
 ///
-/// Events reuse one per thread ([`SCRATCH`]), cleared between lines, so rendering a line allocates only the
-/// line itself once the buffers have grown to the lines this thread logs.
+/// Events reuse one per thread ([`SCRATCH`]), cleared between lines, so rendering a line allocates nothing
+/// once the buffers have grown to the lines this thread logs (the queues copy the line in).
 #[derive(Default)]
 struct Visitor {
     /// The message as a JSON string (quoted and escaped); empty when the event has none.
@@ -92,6 +92,8 @@ struct Visitor {
     fields: Rendered,
     /// Where a `Debug` or `Display` value is formatted before it is escaped.
     text: String,
+    /// The line, rendered.
+    line: Vec<u8>,
 }
 
 /// Where a visited field goes.
@@ -126,6 +128,7 @@ impl Visitor {
         if self.message.capacity() > SCRATCH_KEPT_BYTES
             || self.fields.json.capacity() > SCRATCH_KEPT_BYTES
             || self.text.capacity() > SCRATCH_KEPT_BYTES
+            || self.line.capacity() > SCRATCH_KEPT_BYTES
         {
             *self = Self::default();
             return;
@@ -135,6 +138,7 @@ impl Visitor {
         self.fields.members.clear();
         self.fields.json.clear();
         self.text.clear();
+        self.line.clear();
     }
 
     fn str(&mut self, field: &Field, value: &str) {
@@ -285,8 +289,9 @@ impl JsonLayer {
         let spans: SmallVec<[_; 4]> = scope.iter().map(|s| s.extensions()).collect();
         let span_fields = || spans.iter().filter_map(|e| e.get::<SpanFields>());
 
-        let mut line =
-            Vec::with_capacity(256 + visit.message.len() + visit.fields.json.len() + target.len());
+        let mut line = std::mem::take(&mut visit.line);
+        line.clear();
+        line.reserve(256 + visit.message.len() + visit.fields.json.len() + target.len());
         line.push(b'{');
         // A trace id the event names itself (the call log, logged after its request's span closed) is the
         // line's; otherwise the nearest span's.
@@ -338,29 +343,16 @@ impl JsonLayer {
         line.push(b'}');
         drop(spans);
 
-        let shipper = self
-            .shipper
-            .as_ref()
-            .filter(|_| !foreign && !meta.target().starts_with(SELF_TARGET));
         if let Some(stdout) = &self.stdout {
-            let mut out = match shipper {
-                // The shipper takes the line itself: stdout gets a copy.
-                Some(_) => {
-                    let mut out = Vec::with_capacity(line.len() + 1);
-                    out.extend_from_slice(&line);
-                    out
-                }
-                None => std::mem::take(&mut line),
-            };
-            out.push(b'\n');
-            stdout.offer(out);
+            stdout.offer(&line);
         }
-        if let Some(shipper) = shipper {
-            shipper.offer(super::kafka::Line {
-                json: line,
-                level: meta.level().as_str(),
-            });
+        if let Some(shipper) = &self.shipper
+            && !foreign
+            && !meta.target().starts_with(SELF_TARGET)
+        {
+            shipper.offer(&line, meta.level().as_str());
         }
+        visit.line = line;
     }
 }
 

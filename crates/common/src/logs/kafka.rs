@@ -16,7 +16,6 @@ use std::{
     time::Duration,
 };
 
-use flume::{Sender, TrySendError};
 use rdkafka::{
     ClientConfig, ClientContext,
     error::KafkaError,
@@ -32,18 +31,12 @@ use rdkafka::{
     message::{Header, OwnedHeaders},
 };
 
-use super::{LogSettings, ShipperStats, Worker, drain};
+use super::{LogSettings, ShipperStats, Worker, drain, queue::LineQueue};
 
 /// Header of a shipped line: its level (`TRACE` … `ERROR`).
 pub const HEADER_LEVEL: &str = "level";
 /// Header of a shipped line: the trace id of the call it belongs to, when it belongs to one.
 pub const HEADER_TRACE_ID: &str = "trace_id";
-
-/// One line for the shipper.
-pub(super) struct Line {
-    pub(super) json: Vec<u8>,
-    pub(super) level: &'static str,
-}
 
 pub(super) struct DeliveryContext {
     stats: Arc<ShipperStats>,
@@ -79,7 +72,7 @@ impl ProducerContext for DeliveryContext {
 
 /// The Kafka side: a bounded queue and the thread that owns the producer.
 pub(super) struct Shipper {
-    tx: Sender<Line>,
+    queue: LineQueue,
     stats: Arc<ShipperStats>,
     stderr_fallback: bool,
 }
@@ -128,9 +121,10 @@ impl Shipper {
             replication: settings.topic_replication,
             retention_ms: settings.retention.as_millis().to_string(),
         };
-        // flume's bounded queue grows as lines wait and holds no slot it has not used: std's `sync_channel`
-        // (and crossbeam's) allocate and touch every slot at once, ~720 KB of an idle process at 10,000 lines.
-        let (tx, rx) = flume::bounded(settings.buffer_lines);
+        // The lines themselves, copied one after another: nothing allocated per line nor before a line needs
+        // it (std's `sync_channel` allocated and touched every slot at once, ~720 KB of an idle process).
+        let queue = LineQueue::new(settings.buffer_lines);
+        let lines = queue.clone();
         let thread_stats = stats.clone();
         let key = instance.to_owned();
         let worker = Worker::spawn("log-shipper", move |stop| {
@@ -139,10 +133,10 @@ impl Shipper {
             // A librdkafka client of its own (threads, buffers, a connection): not kept past its one job.
             drop(admin);
             drain(
-                &rx,
+                &lines,
                 stop,
                 &mut &producer,
-                |producer, line| produce(producer, &topic, &key, &thread_stats, line),
+                |producer, line, level| produce(producer, &topic, &key, &thread_stats, line, level),
                 |producer| {
                     producer.poll(Duration::ZERO);
                 },
@@ -151,7 +145,7 @@ impl Shipper {
         })?;
         Ok((
             Self {
-                tx,
+                queue,
                 stats,
                 stderr_fallback,
             },
@@ -159,17 +153,15 @@ impl Shipper {
         ))
     }
 
-    /// Queues one line; a full queue drops it (counted, and on stderr when stdout is off).
-    pub(super) fn offer(&self, line: Line) {
-        match self.tx.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(line)) | Err(TrySendError::Disconnected(line)) => {
-                self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
-                if self.stderr_fallback {
-                    let mut err = std::io::stderr().lock();
-                    let _ = err.write_all(&line.json);
-                    let _ = err.write_all(b"\n");
-                }
+    /// Queues a copy of one JSON line (without its newline) at `level`; a full queue drops it (counted, and
+    /// on stderr when stdout is off).
+    pub(super) fn offer(&self, line: &[u8], level: &'static str) {
+        if !self.queue.push(line, level) {
+            self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+            if self.stderr_fallback {
+                let mut err = std::io::stderr().lock();
+                let _ = err.write_all(line);
+                let _ = err.write_all(b"\n");
             }
         }
     }
@@ -226,14 +218,15 @@ fn produce(
     topic: &str,
     key: &str,
     stats: &ShipperStats,
-    line: Line,
+    line: &[u8],
+    level: &str,
 ) {
     let mut headers = OwnedHeaders::new_with_capacity(2).insert(Header {
         key: HEADER_LEVEL,
-        value: Some(line.level),
+        value: Some(level),
     });
     // Read back on this thread, off the logging call's: borrowed from the line unless it was escaped.
-    if let Some(id) = super::json::trace_id_value(&line.json) {
+    if let Some(id) = super::json::trace_id_value(line) {
         headers = headers.insert(Header {
             key: HEADER_TRACE_ID,
             value: Some(id.as_ref()),
@@ -241,7 +234,7 @@ fn produce(
     }
     let record: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic)
         .key(key)
-        .payload(&line.json[..])
+        .payload(line)
         .headers(headers);
     if let Err((e, _)) = producer.send(record) {
         match e {
@@ -269,31 +262,35 @@ fn finish(producer: &BaseProducer<DeliveryContext>, stats: &ShipperStats) {
 mod tests {
     use super::*;
 
-    fn line(n: usize) -> Line {
-        Line {
-            json: format!(r#"{{"n":{n}}}"#).into_bytes(),
-            level: "INFO",
-        }
-    }
-
     #[test]
     fn a_full_queue_drops_new_lines_and_counts_them() {
-        let (tx, rx) = flume::bounded(3);
+        let queue = LineQueue::new(3);
         let stats = Arc::new(ShipperStats::default());
         let shipper = Shipper {
-            tx,
+            queue: queue.clone(),
             stats: stats.clone(),
             stderr_fallback: false,
         };
+        let line = |n: usize| format!(r#"{{"n":{n}}}"#);
         for n in 0..5 {
-            shipper.offer(line(n));
+            shipper.offer(line(n).as_bytes(), "INFO");
         }
         assert_eq!(stats.queue_full.load(Ordering::Relaxed), 2);
-        let kept: Vec<Vec<u8>> = rx.try_iter().map(|l| l.json).collect();
-        assert_eq!(kept, [line(0).json, line(1).json, line(2).json]);
+        let mut round = super::super::queue::Lines::default();
+        queue.take(&mut round);
+        let kept: Vec<(String, &str)> = round
+            .iter()
+            .map(|(l, level)| (String::from_utf8_lossy(l).into_owned(), level))
+            .collect();
+        let expected: Vec<(String, &str)> = (0..3).map(|n| (line(n), "INFO")).collect();
+        assert_eq!(kept, expected);
         // Room again once the shipper took them.
-        shipper.offer(line(5));
-        assert_eq!(rx.try_recv().map(|l| l.json).ok(), Some(line(5).json));
+        shipper.offer(line(5).as_bytes(), "WARN");
+        queue.take(&mut round);
+        assert_eq!(
+            round.iter().collect::<Vec<_>>(),
+            [(line(5).as_bytes(), "WARN")]
+        );
         assert_eq!(stats.queue_full.load(Ordering::Relaxed), 2);
     }
 }

@@ -15,6 +15,7 @@
 
 mod json;
 mod kafka;
+mod queue;
 mod stdout;
 
 use std::{
@@ -268,31 +269,26 @@ impl Telemetry {
 /// How often the writer threads (stdout, the Kafka shipper) take what has queued for them.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
-/// The loop of a writer thread: every [`DRAIN_INTERVAL`], hands each item queued in `rx` to `each`, then calls
-/// `round`, both with the thread's `sink`; returns once `stop` is set and the queue drained, or once every
-/// sender is gone.
+/// The loop of a writer thread: every [`DRAIN_INTERVAL`], takes what has queued in `queue` and hands each line
+/// and its level to `each`, then calls `round`, both with the thread's `sink`; returns once `stop` is set and
+/// the queue drained, or once the logging side is gone and its last lines handed on.
 ///
-/// Taking what has queued instead of blocking on the queue spares a logging call a sleeping receiver to wake
+/// Taking what has queued instead of waiting on the queue spares a logging call a sleeping writer to wake
 /// (a futex wake and a context switch per line, measured at ~10% of a busy process's CPU), and hands the
 /// writer its lines in batches.
-fn drain<T, S>(
-    rx: &flume::Receiver<T>,
+fn drain<S>(
+    queue: &queue::LineQueue,
     stop: &AtomicBool,
     sink: &mut S,
-    mut each: impl FnMut(&mut S, T),
+    mut each: impl FnMut(&mut S, &[u8], &'static str),
     mut round: impl FnMut(&mut S),
 ) {
+    let mut lines = queue::Lines::default();
     loop {
-        let stopping = stop.load(Ordering::Acquire);
-        loop {
-            match rx.try_recv() {
-                Ok(item) => each(sink, item),
-                Err(flume::TryRecvError::Empty) => break,
-                Err(flume::TryRecvError::Disconnected) => {
-                    round(sink);
-                    return;
-                }
-            }
+        let stopping = stop.load(Ordering::Acquire) || !queue.has_writers();
+        queue.take(&mut lines);
+        for (line, level) in lines.iter() {
+            each(sink, line, level);
         }
         round(sink);
         if stopping {

@@ -5,24 +5,22 @@
 //!
 //! tracing-appender's non-blocking writer did this job before; it wakes its thread for every line (a futex
 //! wake per logged call) and allocates its whole queue at start (~320 KB of an idle process at 10,000 lines).
-//! This one takes its queue every [`super::DRAIN_INTERVAL`], and flume's bounded queue holds only the slots
-//! lines wait in.
+//! This one takes its queue every [`super::DRAIN_INTERVAL`], and its queue ([`LineQueue`]) holds the lines
+//! themselves, copied into one buffer: no allocation per line, no slot allocated before a line needs it.
 
 use std::{
     io::Write,
     sync::{Arc, atomic::Ordering},
 };
 
-use flume::Sender;
-
-use super::{ShipperStats, Worker, drain};
+use super::{ShipperStats, Worker, drain, queue::LineQueue};
 
 /// Bytes the writer thread gathers before a `write(2)`; what a round took is written at its end anyway.
 const WRITE_BUFFER: usize = 64 * 1024;
 
 /// The logging side of the stdout writer: a bounded queue of lines.
 pub(super) struct Stdout {
-    tx: Sender<Vec<u8>>,
+    queue: LineQueue,
     stats: Arc<ShipperStats>,
 }
 
@@ -36,27 +34,29 @@ impl Stdout {
         buffer_lines: usize,
         stats: Arc<ShipperStats>,
     ) -> std::io::Result<(Self, Worker)> {
-        let (tx, rx) = flume::bounded::<Vec<u8>>(buffer_lines);
+        let queue = LineQueue::new(buffer_lines);
+        let lines = queue.clone();
         let worker = Worker::spawn("keel-stdout", move |stop| {
             let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, out);
             drain(
-                &rx,
+                &lines,
                 stop,
                 &mut out,
-                |out, line| {
-                    let _ = out.write_all(&line);
+                |out, line, _| {
+                    let _ = out.write_all(line);
+                    let _ = out.write_all(b"\n");
                 },
                 |out| {
                     let _ = out.flush();
                 },
             );
         })?;
-        Ok((Self { tx, stats }, worker))
+        Ok((Self { queue, stats }, worker))
     }
 
-    /// Queues `line`, which ends with its newline; a full queue drops it, counted.
-    pub(super) fn offer(&self, line: Vec<u8>) {
-        if self.tx.try_send(line).is_err() {
+    /// Queues a copy of `line` (one JSON line, without its newline); a full queue drops it, counted.
+    pub(super) fn offer(&self, line: &[u8]) {
+        if !self.queue.push(line, "") {
             self.stats.stdout_full.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -84,19 +84,21 @@ pub(super) mod tests {
 
     #[test]
     fn a_full_queue_drops_new_lines_and_counts_them() {
-        let (tx, rx) = flume::bounded(3);
+        let queue = LineQueue::new(3);
         let stats = Arc::new(ShipperStats::default());
         let stdout = Stdout {
-            tx,
+            queue: queue.clone(),
             stats: stats.clone(),
         };
         for n in 0..5 {
-            stdout.offer(format!("{n}\n").into_bytes());
+            stdout.offer(n.to_string().as_bytes());
         }
         assert_eq!(stats.stdout_full.load(Ordering::Relaxed), 2);
         assert_eq!(stats.dropped(), 2, "in the total of lines lost");
-        let kept: Vec<Vec<u8>> = rx.try_iter().collect();
-        assert_eq!(kept, [b"0\n".to_vec(), b"1\n".to_vec(), b"2\n".to_vec()]);
+        let mut round = super::super::queue::Lines::default();
+        queue.take(&mut round);
+        let kept: Vec<&[u8]> = round.iter().map(|(line, _)| line).collect();
+        assert_eq!(kept, [b"0", b"1", b"2"]);
     }
 
     #[test]
@@ -105,7 +107,7 @@ pub(super) mod tests {
         let buffer = Buffer::default();
         let (stdout, worker) = Stdout::start(buffer.clone(), 100, stats.clone()).unwrap();
         for n in 0..50 {
-            stdout.offer(format!("{n}\n").into_bytes());
+            stdout.offer(n.to_string().as_bytes());
         }
         worker.stop();
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
