@@ -289,8 +289,8 @@ impl JsonLayer {
         let spans: SmallVec<[_; 4]> = scope.iter().map(|s| s.extensions()).collect();
         let span_fields = || spans.iter().filter_map(|e| e.get::<SpanFields>());
 
+        // Empty: `Visitor::clear` emptied it, or the visitor is new.
         let mut line = std::mem::take(&mut visit.line);
-        line.clear();
         line.reserve(256 + visit.message.len() + visit.fields.json.len() + target.len());
         line.push(b'{');
         // A trace id the event names itself (the call log, logged after its request's span closed) is the
